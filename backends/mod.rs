@@ -1,0 +1,1 @@
+//! Leaser and SnapshotSink implementations.

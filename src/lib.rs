@@ -1,0 +1,29 @@
+//! A Rust implementation of LiteFS: a FUSE file system that replicates SQLite
+//! databases across a cluster by recording every transaction as an LTX file.
+//!
+//! # Layout
+//!
+//! - [`ltx`]: the LTX file format: checksums, encoder, streaming decoder (formats 1
+//!   and 3), compaction, and applying a file to a database file. Pure byte work on
+//!   `Read`/`Write`; no knowledge of nodes or networks.
+//! - [`config`]: the configuration schema (LiteFS 0.5 files, the seed-era flat form,
+//!   and this project's additions), `${VAR}` expansion and validation.
+//! - [`lease`], [`transport`], [`sink`]: the three seams. Each is a trait with a
+//!   `# Contract` section; implementations live outside `src/`.
+//! - [`backends`] (folder `backends/`): [`lease::Leaser`] and [`sink::SnapshotSink`]
+//!   implementations, and the one place that builds them from config.
+//! - [`transports`] (folder `transports/`): [`transport::Transport`] implementations.
+//! - [`cli`]: the command line (`litefs mount`, `litefs ltx ...`); the binary in
+//!   `src/main.rs` only calls into it.
+
+pub mod cli;
+pub mod config;
+pub mod lease;
+pub mod ltx;
+pub mod sink;
+pub mod transport;
+
+#[path = "../backends/mod.rs"]
+pub mod backends;
+#[path = "../transports/mod.rs"]
+pub mod transports;
