@@ -1,24 +1,38 @@
 //! The command line. Flags are accepted Go-style (`-config x`) as well as
 //! GNU-style (`--config x`), because LiteFS users type them the Go way.
+//!
+//! Exit status: 0 success; 1 a runtime failure; 2 a usage error or a config that does
+//! not load (the message on stderr names the file, line and key).
 
 mod ltx;
 
 use std::ffi::OsString;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tracing_subscriber::Layer;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
-/// Top-level command line of `litefs`.
+use crate::config::{Config, ConfigSource, LoadOptions, LogConfig, LogFormat};
+
+/// Exit status for a usage error or a config that does not load.
+pub const EXIT_CONFIG: u8 = 2;
+
+/// Top-level command line of `litefs`. Without a subcommand it behaves as
+/// `litefs mount` (the oldest README runs `litefs -config PATH`).
 #[derive(Debug, Parser)]
 #[command(
     name = "litefs",
     version,
-    about = "FUSE file system that replicates SQLite databases"
+    about = "FUSE file system that replicates SQLite databases",
+    args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
-    /// Path to the config file (bare `litefs -config PATH` means `litefs mount`).
-    #[arg(long, global = false)]
-    pub config: Option<std::path::PathBuf>,
+    /// Arguments of the implied `mount`.
+    #[command(flatten)]
+    pub mount: MountArgs,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -26,10 +40,39 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Mount the file system and run the node.
+    Mount(MountArgs),
     /// Print the version.
     Version,
     /// Work with LTX files.
     Ltx(ltx::LtxArgs),
+}
+
+/// Arguments of `litefs mount` (and of bare `litefs`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct MountArgs {
+    /// Config file. Default: the first of ./litefs.yml, ~/litefs.yml, /etc/litefs.yml,
+    /// else the embedded default (config/litefs.yml).
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Do not expand ${VAR} references in the config file.
+    #[arg(long)]
+    pub no_expand_env: bool,
+    /// Leave the file system mounted when litefs exits (for debugging).
+    #[arg(long)]
+    pub skip_unmount: bool,
+    /// Command to run once the node is ready, instead of the config's `exec`.
+    #[arg(last = true, value_name = "CMD")]
+    pub cmd: Vec<String>,
+}
+
+/// What `mount` needs besides the config.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MountOptions {
+    /// `-skip-unmount`.
+    pub skip_unmount: bool,
+    /// `-- CMD...`: replaces `exec` when not empty.
+    pub cmd: Vec<String>,
 }
 
 /// Rewrites Go-style long flags (`-config`, `-config=x`) into GNU style
@@ -75,10 +118,88 @@ pub fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some(Command::Ltx(args)) => ltx::run(args),
-        None => {
-            eprintln!("usage: litefs <command>; see litefs --help");
-            ExitCode::from(2)
+        Some(Command::Mount(args)) => run_mount(args),
+        None => run_mount(cli.mount),
+    }
+}
+
+/// `litefs mount`: load and validate the config, set up logging from it, then run.
+fn run_mount(args: MountArgs) -> ExitCode {
+    let opts = LoadOptions {
+        expand_env: !args.no_expand_env,
+        env: None,
+    };
+    // Logging starts before the config is read so that load-time warnings (unset
+    // variables) are seen; it is switched to the config's `log` settings right after.
+    let reload = init_logging(&LogConfig::default());
+    let (cfg, source) = match Config::find_and_load(args.config.as_deref(), opts) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("litefs: invalid configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
         }
+    };
+    if let Some(reload) = reload {
+        reload(&cfg.log);
+    }
+    match &source {
+        ConfigSource::File(path) => tracing::info!(path = %path.display(), "config file read"),
+        ConfigSource::Embedded => tracing::info!(
+            "no config file at ./litefs.yml, ~/litefs.yml or /etc/litefs.yml; using the embedded default (config/litefs.yml)"
+        ),
+    }
+    tracing::info!("{}", cfg.summary());
+    let opts = MountOptions {
+        skip_unmount: args.skip_unmount,
+        cmd: args.cmd,
+    };
+    match mount(cfg, opts) {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("litefs: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the node with a validated config until it stops; the exit code is the
+/// supervised command's when there is one.
+///
+/// # Errors
+/// Whatever stops the node.
+pub fn mount(cfg: Config, opts: MountOptions) -> anyhow::Result<ExitCode> {
+    // MERGE POINT: this build has no FUSE layer. When it is merged, replace the line
+    // below with its runner, e.g. `crate::fuse::run(cfg, opts)`.
+    let _ = (cfg, opts);
+    anyhow::bail!("mounting is not implemented in this build (the configuration is valid)")
+}
+
+type Reload = Box<dyn Fn(&LogConfig)>;
+
+/// Installs the global subscriber with `log`'s settings and returns a function that
+/// switches it to other settings. `RUST_LOG` overrides the level when set. Returns
+/// `None` if a subscriber was already installed (tests).
+fn init_logging(log: &LogConfig) -> Option<Reload> {
+    let (layer, handle) = tracing_subscriber::reload::Layer::new(log_layer(log));
+    tracing_subscriber::registry().with(layer).try_init().ok()?;
+    Some(Box::new(move |log: &LogConfig| {
+        // Failing to switch only keeps the previous format; not worth stopping for.
+        let _ = handle.reload(log_layer(log));
+    }))
+}
+
+type BoxedLayer = Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync>;
+
+fn log_layer(log: &LogConfig) -> BoxedLayer {
+    let default = if log.debug { "debug" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    match (log.format, log.timestamp) {
+        (LogFormat::Json, _) => fmt.json().with_filter(filter).boxed(),
+        (LogFormat::Text, true) => fmt.with_filter(filter).boxed(),
+        (LogFormat::Text, false) => fmt.without_time().with_filter(filter).boxed(),
     }
 }
 
@@ -93,6 +214,10 @@ mod tests {
             .collect()
     }
 
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(normalize_args(args.iter().map(OsString::from))).unwrap()
+    }
+
     #[test]
     fn go_style_long_flags_become_gnu_style() {
         assert_eq!(
@@ -104,5 +229,33 @@ mod tests {
             norm(&["litefs", "--config", "a"]),
             ["litefs", "--config", "a"]
         );
+    }
+
+    #[test]
+    fn mount_flags_parse_in_every_spelling() {
+        for args in [
+            &["litefs", "mount", "-config", "a.yml", "-no-expand-env", "-skip-unmount"][..],
+            &["litefs", "mount", "--config=a.yml", "--no-expand-env", "--skip-unmount"],
+        ] {
+            let Some(Command::Mount(m)) = parse(args).command else {
+                panic!("not mount: {args:?}");
+            };
+            assert_eq!(m.config, Some(PathBuf::from("a.yml")));
+            assert!(m.no_expand_env && m.skip_unmount);
+            assert!(m.cmd.is_empty());
+        }
+    }
+
+    #[test]
+    fn bare_litefs_is_mount_and_takes_a_command() {
+        let cli = parse(&["litefs", "-config", "a.yml", "--", "app", "-port", "80"]);
+        assert!(cli.command.is_none());
+        assert_eq!(cli.mount.config, Some(PathBuf::from("a.yml")));
+        assert_eq!(cli.mount.cmd, ["app", "-port", "80"]);
+
+        let Some(Command::Mount(m)) = parse(&["litefs", "mount", "--", "app"]).command else {
+            panic!("not mount");
+        };
+        assert_eq!(m.cmd, ["app"]);
     }
 }
