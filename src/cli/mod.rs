@@ -169,10 +169,30 @@ fn run_mount(args: MountArgs) -> ExitCode {
 /// # Errors
 /// Whatever stops the node.
 pub fn mount(cfg: Config, opts: MountOptions) -> anyhow::Result<ExitCode> {
-    // MERGE POINT: this build has no FUSE layer. When it is merged, replace the line
-    // below with its runner, e.g. `crate::fuse::run(cfg, opts)`.
-    let _ = (cfg, opts);
-    anyhow::bail!("mounting is not implemented in this build (the configuration is valid)")
+    use anyhow::Context;
+    if !opts.cmd.is_empty() || !cfg.exec.is_empty() {
+        tracing::warn!("exec is not supported by this build yet; the command is not started");
+    }
+    let store = crate::store::Store::open(crate::store::StoreOptions {
+        data_dir: cfg.data.dir.clone(),
+        retention: cfg.data.retention,
+        retention_monitor_interval: cfg.data.retention_monitor_interval,
+        node_id: 0,
+    })
+    .with_context(|| format!("opening the data directory {}", cfg.data.dir.display()))?;
+    let mut fuse_opts = crate::fuse::MountOptions::new(&cfg.fuse.dir, &cfg.data.dir);
+    fuse_opts.allow_other = cfg.fuse.allow_other;
+    fuse_opts.debug = cfg.fuse.debug;
+    fuse_opts.skip_unmount = opts.skip_unmount;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        let shutdown = crate::fuse::shutdown_signal().context("installing signal handlers")?;
+        crate::fuse::run(fuse_opts, store, shutdown).await?;
+        Ok(ExitCode::SUCCESS)
+    })
 }
 
 type Reload = Box<dyn Fn(&LogConfig)>;

@@ -28,6 +28,9 @@ pub struct MountOptions {
     pub allow_other: bool,
     /// Log every file-system operation that reaches litefs (`fuse.debug`).
     pub debug: bool,
+    /// Leave the file system mounted when litefs exits (`-skip-unmount`, for
+    /// debugging; the mount is then stale until `fusermount3 -u`).
+    pub skip_unmount: bool,
     /// Kernel request threads. More than one lets a commit's fsync run while other
     /// processes keep reading.
     pub threads: usize,
@@ -41,6 +44,7 @@ impl MountOptions {
             data_dir: data_dir.into(),
             allow_other: false,
             debug: false,
+            skip_unmount: false,
             threads: 4,
         }
     }
@@ -259,6 +263,12 @@ pub async fn run(
                 }
             }
         }
+    }
+    if opts.skip_unmount {
+        warn!(dir = %opts.fuse_dir.display(), "-skip-unmount: leaving the file system mounted");
+        store.close()?;
+        std::mem::forget(mount);
+        return Ok(());
     }
     let unmounted = tokio::task::spawn_blocking(move || mount.unmount(Duration::from_secs(5)))
         .await

@@ -3,7 +3,6 @@
 //! Replaced by `git merge store`; never part of the final branch.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -61,14 +60,7 @@ pub struct StoreOptions {
     pub node_id: u64,
 }
 
-/// Position stand-in.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Pos(u64, u64);
-impl fmt::Display for Pos {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:016x}/{:016x}", self.0, self.1)
-    }
-}
+pub use crate::ltx::Pos;
 
 /// Store.
 pub struct Store {

@@ -2,3 +2,5 @@
 
 mod cli_mount;
 mod config;
+mod fuse;
+mod support;
