@@ -1035,8 +1035,23 @@ fn yaml_error(e: &serde_yaml_ng::Error, text: &str, file: &str) -> ConfigError {
     ConfigError::Syntax {
         at,
         key: path,
-        message,
+        message: friendlier(message),
     }
+}
+
+/// Rewrites serde's wording into the config's terms: enum variants are values, structs
+/// are sections.
+fn friendlier(message: String) -> String {
+    if let Some(rest) = message.strip_prefix("unknown variant `")
+        && let Some((value, expected)) = rest.split_once('`')
+    {
+        let allowed: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+        return format!("unknown value '{value}' (expected one of: {})", allowed.join(", "));
+    }
+    if let Some(i) = message.find("expected struct ") {
+        return format!("{}expected a section of 'key: value' lines", &message[..i]);
+    }
+    message
 }
 
 #[cfg(test)]
