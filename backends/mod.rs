@@ -122,10 +122,15 @@ mod tests {
             let err = build_leaser(&cfg).unwrap_err();
             assert_eq!(
                 err.to_string(),
-                format!("lease.type: '{kind}' is not implemented in this build yet (available: static)")
+                format!(
+                    "lease.type: '{kind}' is not implemented in this build yet (available: static)"
+                )
             );
         }
-        assert_eq!(build_leaser(&LeaseConfig::default()).unwrap_err(), BuildError::MissingLeaseType);
+        assert_eq!(
+            build_leaser(&LeaseConfig::default()).unwrap_err(),
+            BuildError::MissingLeaseType
+        );
     }
 
     #[test]
@@ -135,11 +140,19 @@ mod tests {
             kind: Some(BackupType::S3),
             ..BackupConfig::default()
         };
-        assert!(matches!(build_sink(&s3), Err(BuildError::NotImplemented { kind: "s3", .. })));
+        assert!(matches!(
+            build_sink(&s3),
+            Err(BuildError::NotImplemented { kind: "s3", .. })
+        ));
         let cloud = BackupConfig {
             kind: Some(BackupType::LitefsCloud),
             ..BackupConfig::default()
         };
-        assert!(build_sink(&cloud).unwrap_err().to_string().contains("October 2024"));
+        assert!(
+            build_sink(&cloud)
+                .unwrap_err()
+                .to_string()
+                .contains("October 2024")
+        );
     }
 }

@@ -175,6 +175,12 @@ mod tests {
     async fn handoff_is_unsupported() {
         let leaser = StaticLeaser::new(info(), true);
         let err = leaser.acquire_existing("x").await.unwrap_err();
-        assert!(matches!(err, LeaseError::Unsupported { operation: "handoff", .. }));
+        assert!(matches!(
+            err,
+            LeaseError::Unsupported {
+                operation: "handoff",
+                ..
+            }
+        ));
     }
 }

@@ -201,7 +201,10 @@ mod tests {
             advertise_url: "http://node1:20202".into(),
         };
         let json = serde_json::to_string(&info).unwrap();
-        assert_eq!(json, r#"{"hostname":"node1","advertise-url":"http://node1:20202"}"#);
+        assert_eq!(
+            json,
+            r#"{"hostname":"node1","advertise-url":"http://node1:20202"}"#
+        );
         assert_eq!(serde_json::from_str::<PrimaryInfo>(&json).unwrap(), info);
     }
 

@@ -185,6 +185,9 @@ mod tests {
             max_txid: 0x1f,
         };
         assert_eq!(key.file_name(), "0000000000000001-000000000000001f.ltx");
-        assert_eq!(key.to_string(), "app.db/ltx/0/0000000000000001-000000000000001f.ltx");
+        assert_eq!(
+            key.to_string(),
+            "app.db/ltx/0/0000000000000001-000000000000001f.ltx"
+        );
     }
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use litefs::config::{
-    BackupType, Config, ConfigError, LeaseType, LoadOptions, LogFormat, EMBEDDED_DEFAULT,
+    BackupType, Config, ConfigError, EMBEDDED_DEFAULT, LeaseType, LoadOptions, LogFormat,
 };
 
 fn config_dir() -> PathBuf {
@@ -82,7 +82,10 @@ fn every_shipped_config_loads_and_validates() {
         "seed-flat.yml",
         "static-replica.yml",
     ] {
-        assert!(names.iter().any(|n| n == expected), "config/{expected} missing");
+        assert!(
+            names.iter().any(|n| n == expected),
+            "config/{expected} missing"
+        );
     }
     for name in &names {
         let cfg = example(name);
@@ -189,7 +192,10 @@ fn every_litefs_key_is_read() {
     assert_eq!(cfg.log.format, LogFormat::Json);
     assert!(cfg.log.timestamp && cfg.log.debug);
     assert!(!cfg.tracing.enabled);
-    assert_eq!(cfg.tracing.path.as_deref(), Some(Path::new("/var/log/litefs/trace.log")));
+    assert_eq!(
+        cfg.tracing.path.as_deref(),
+        Some(Path::new("/var/log/litefs/trace.log"))
+    );
     assert_eq!((cfg.tracing.max_size, cfg.tracing.max_count), (32, 4));
     assert!(!cfg.tracing.compress);
 }
@@ -200,8 +206,14 @@ fn fly_config_loads_unchanged_and_candidate_follows_the_region() {
     let text = std::fs::read_to_string(path).unwrap();
     let cfg = example("fly-litefs-0.5.yml");
     assert_eq!(cfg.lease.kind, Some(LeaseType::Consul));
-    assert_eq!(cfg.lease.advertise_url, "http://abc123.vm.shop.internal:20202");
-    assert_eq!(cfg.lease.consul.url, "https://:token@consul.fly.io/shop-xyz/");
+    assert_eq!(
+        cfg.lease.advertise_url,
+        "http://abc123.vm.shop.internal:20202"
+    );
+    assert_eq!(
+        cfg.lease.consul.url,
+        "https://:token@consul.fly.io/shop-xyz/"
+    );
     assert_eq!(cfg.lease.consul.key, "litefs/shop");
     assert!(cfg.lease.candidate, "FLY_REGION == PRIMARY_REGION");
     assert!(cfg.lease.promote);
@@ -217,7 +229,10 @@ fn fly_config_loads_unchanged_and_candidate_follows_the_region() {
     env.retain(|(k, _)| *k != "FLY_REGION");
     env.push(("FLY_REGION", "syd"));
     let replica = parse_with(&text, "fly.yml", &env).unwrap();
-    assert!(!replica.lease.candidate, "a node outside the primary region");
+    assert!(
+        !replica.lease.candidate,
+        "a node outside the primary region"
+    );
 }
 
 #[test]
@@ -232,7 +247,12 @@ lease:
   promote: ${ROLE != \"primary\"}
   advertise-url: \"http://${HOST}:20202\"
 ";
-    let cfg = parse_with(text, "x.yml", &[("APP", "shop"), ("HOST", "n1"), ("ROLE", "primary")]).unwrap();
+    let cfg = parse_with(
+        text,
+        "x.yml",
+        &[("APP", "shop"), ("HOST", "n1"), ("ROLE", "primary")],
+    )
+    .unwrap();
     assert_eq!(cfg.fuse.dir, Path::new("/mnt/shop"));
     assert_eq!(cfg.lease.hostname, "n1");
     assert_eq!(cfg.lease.advertise_url, "http://n1:20202");
@@ -279,10 +299,16 @@ fn no_expand_env_keeps_references_literally() {
 
 #[test]
 fn unknown_top_level_key_names_file_line_and_key() {
-    let e = err("# comment\n\nfuse:\n  dir: /litefs\nlease:\n  type: static\nexec-on-error: true\n");
+    let e =
+        err("# comment\n\nfuse:\n  dir: /litefs\nlease:\n  type: static\nexec-on-error: true\n");
     assert_eq!(line_and_key(&e), (Some(7), "exec-on-error".to_string()));
     let msg = e.to_string();
-    assert!(msg.starts_with("litefs.yml:7:1: unknown key 'exec-on-error' (expected one of: exit-on-error, "), "{msg}");
+    assert!(
+        msg.starts_with(
+            "litefs.yml:7:1: unknown key 'exec-on-error' (expected one of: exit-on-error, "
+        ),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -303,7 +329,10 @@ fuse:
   dir: /litefs
 ";
     let e = err(text);
-    assert_eq!(line_and_key(&e), (Some(11), "lease.consul.lok-delay".to_string()));
+    assert_eq!(
+        line_and_key(&e),
+        (Some(11), "lease.consul.lok-delay".to_string())
+    );
     assert_eq!(
         e.to_string(),
         "litefs.yml:11:5: unknown key 'lease.consul.lok-delay' (expected one of: url, key, ttl, lock-delay)"
@@ -317,7 +346,10 @@ fuse:
 
     // Inside a list of exec entries, and in flow style.
     let e = err("exec:\n  - cmd: a\n  - cmd: b\n    if-candidat: true\n");
-    assert_eq!(line_and_key(&e), (Some(4), "exec[1].if-candidat".to_string()));
+    assert_eq!(
+        line_and_key(&e),
+        (Some(4), "exec[1].if-candidat".to_string())
+    );
     let e = err("lease: {type: static}\nbackup: {type: file, path: /b, buckt: x}\n");
     assert_eq!(line_and_key(&e), (Some(2), "backup.buckt".to_string()));
 }
@@ -341,7 +373,11 @@ fn unknown_key_from_a_file_names_the_file() {
 fn wrong_values_name_key_and_line() {
     let e = err("lease:\n  type: zookeeper\n");
     assert_eq!(line_and_key(&e), (Some(2), "lease.type".to_string()));
-    assert!(e.to_string().contains("unknown value 'zookeeper' (expected one of: consul, static, etcd)"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("unknown value 'zookeeper' (expected one of: consul, static, etcd)"),
+        "{e}"
+    );
 
     let e = err("lease:\n  type: static\ndata:\n  retention: 10\n");
     assert_eq!(line_and_key(&e), (Some(4), "data.retention".to_string()));
@@ -367,7 +403,10 @@ backup:
     let e = err(text);
     assert_eq!(line_and_key(&e), (Some(4), "backup.type".to_string()));
     let msg = e.to_string();
-    assert!(msg.contains("LiteFS Cloud was shut down in October 2024"), "{msg}");
+    assert!(
+        msg.contains("LiteFS Cloud was shut down in October 2024"),
+        "{msg}"
+    );
     assert!(msg.contains("'file'") && msg.contains("'s3'"), "{msg}");
 
     let e = err("lease:\n  type: static\nbackup:\n  type: file\n  path: /b\n  auth-token: x\n");
@@ -379,24 +418,96 @@ fn semantic_errors_name_the_key_and_line() {
     let cases: &[(&str, usize, &str)] = &[
         ("fuse:\n  dir: /litefs\n", 0, "lease.type"),
         ("lease:\n  candidate: true\n", 1, "lease.type"),
-        ("lease:\n  type: static\n  candidate: false\n", 1, "lease.advertise-url"),
-        ("lease:\n  type: consul\n  consul:\n    key: k\n", 3, "lease.consul.url"),
-        ("lease:\n  type: consul\n  consul:\n    url: http://c:8500\n", 3, "lease.consul.key"),
-        ("lease:\n  type: consul\n  consul:\n    url: c:8500\n    key: k\n", 4, "lease.consul.url"),
-        ("lease:\n  type: etcd\n  etcd:\n    key: k\n", 3, "lease.etcd.endpoints"),
-        ("lease:\n  type: etcd\n  etcd:\n    endpoints: [http://e:2379]\n", 3, "lease.etcd.key"),
-        ("lease:\n  type: etcd\n  etcd:\n    endpoints: [a]\n    key: k\n    ttl: 1500ms\n", 6, "lease.etcd.ttl"),
-        ("lease:\n  type: static\nbackup:\n  type: s3\n  path: prefix\n", 3, "backup.bucket"),
-        ("lease:\n  type: static\nbackup:\n  type: file\n", 3, "backup.path"),
-        ("lease:\n  type: static\nbackup:\n  bucket: b\n", 4, "backup.bucket"),
-        ("lease:\n  type: static\nbackup:\n  type: s3\n  bucket: b\n  access-key-id: a\n", 3, "backup.secret-access-key"),
-        ("lease:\n  type: static\ndata:\n  retention: 0s\n", 4, "data.retention"),
-        ("lease:\n  type: static\n  reconnect-delay: 0s\n", 3, "lease.reconnect-delay"),
-        ("lease:\n  type: static\nbackup:\n  type: file\n  path: /b\n  sync-interval: 0s\n", 6, "backup.sync-interval"),
-        ("lease:\n  type: static\nfuse:\n  dir: /x\ndata:\n  dir: /x/data\n", 6, "data.dir"),
-        ("lease:\n  type: static\nhttp:\n  addr: localhost\n", 4, "http.addr"),
-        ("lease:\n  type: static\nproxy:\n  addr: \":8080\"\n  db: d\n", 3, "proxy.target"),
-        ("lease:\n  type: static\nexec:\n  - cmd: \"\"\n", 4, "exec[0].cmd"),
+        (
+            "lease:\n  type: static\n  candidate: false\n",
+            1,
+            "lease.advertise-url",
+        ),
+        (
+            "lease:\n  type: consul\n  consul:\n    key: k\n",
+            3,
+            "lease.consul.url",
+        ),
+        (
+            "lease:\n  type: consul\n  consul:\n    url: http://c:8500\n",
+            3,
+            "lease.consul.key",
+        ),
+        (
+            "lease:\n  type: consul\n  consul:\n    url: c:8500\n    key: k\n",
+            4,
+            "lease.consul.url",
+        ),
+        (
+            "lease:\n  type: etcd\n  etcd:\n    key: k\n",
+            3,
+            "lease.etcd.endpoints",
+        ),
+        (
+            "lease:\n  type: etcd\n  etcd:\n    endpoints: [http://e:2379]\n",
+            3,
+            "lease.etcd.key",
+        ),
+        (
+            "lease:\n  type: etcd\n  etcd:\n    endpoints: [a]\n    key: k\n    ttl: 1500ms\n",
+            6,
+            "lease.etcd.ttl",
+        ),
+        (
+            "lease:\n  type: static\nbackup:\n  type: s3\n  path: prefix\n",
+            3,
+            "backup.bucket",
+        ),
+        (
+            "lease:\n  type: static\nbackup:\n  type: file\n",
+            3,
+            "backup.path",
+        ),
+        (
+            "lease:\n  type: static\nbackup:\n  bucket: b\n",
+            4,
+            "backup.bucket",
+        ),
+        (
+            "lease:\n  type: static\nbackup:\n  type: s3\n  bucket: b\n  access-key-id: a\n",
+            3,
+            "backup.secret-access-key",
+        ),
+        (
+            "lease:\n  type: static\ndata:\n  retention: 0s\n",
+            4,
+            "data.retention",
+        ),
+        (
+            "lease:\n  type: static\n  reconnect-delay: 0s\n",
+            3,
+            "lease.reconnect-delay",
+        ),
+        (
+            "lease:\n  type: static\nbackup:\n  type: file\n  path: /b\n  sync-interval: 0s\n",
+            6,
+            "backup.sync-interval",
+        ),
+        (
+            "lease:\n  type: static\nfuse:\n  dir: /x\ndata:\n  dir: /x/data\n",
+            6,
+            "data.dir",
+        ),
+        (
+            "lease:\n  type: static\nhttp:\n  addr: localhost\n",
+            4,
+            "http.addr",
+        ),
+        (
+            "lease:\n  type: static\nproxy:\n  addr: \":8080\"\n  db: d\n",
+            3,
+            "proxy.target",
+        ),
+        (
+            "lease:\n  type: static\nexec:\n  - cmd: \"\"\n",
+            4,
+            "exec[0].cmd",
+        ),
     ];
     for (text, line, key) in cases {
         let e = err(text);
@@ -406,14 +517,22 @@ fn semantic_errors_name_the_key_and_line() {
         assert!(matches!(e, ConfigError::Invalid { .. }), "{e:?}");
     }
     // The message says what is allowed.
-    assert!(err("fuse:\n  dir: /x\n").to_string().contains("one of consul, static, etcd"));
+    assert!(
+        err("fuse:\n  dir: /x\n")
+            .to_string()
+            .contains("one of consul, static, etcd")
+    );
 }
 
 #[test]
 fn seed_flat_form_maps_onto_modern_sections() {
     let cfg = example("seed-flat.yml");
     assert_eq!(cfg.fuse.dir, Path::new("/path/to/mnt"));
-    assert_eq!(cfg.data.dir, Path::new("/path/to/.mnt"), "old LiteFS's hidden sibling");
+    assert_eq!(
+        cfg.data.dir,
+        Path::new("/path/to/.mnt"),
+        "old LiteFS's hidden sibling"
+    );
     assert_eq!(cfg.http.addr, ":20202");
     assert_eq!(cfg.lease.kind, Some(LeaseType::Consul));
     assert_eq!(cfg.lease.consul.url, "http://localhost:8500");
@@ -455,10 +574,14 @@ consul:
     assert_eq!(cfg.lease.consul.ttl, Duration::from_secs(20));
     assert_eq!(cfg.lease.consul.lock_delay, Duration::from_secs(5));
 
-    let cfg = parse("mount-dir: /m\nstatic:\n  primary: false\n  advertise-url: http://p:20202\n").unwrap();
+    let cfg = parse("mount-dir: /m\nstatic:\n  primary: false\n  advertise-url: http://p:20202\n")
+        .unwrap();
     assert_eq!(cfg.lease.kind, Some(LeaseType::Static));
     assert!(!cfg.lease.candidate);
-    assert_eq!(cfg.lease.hostname, "p", "a static replica names the primary's host");
+    assert_eq!(
+        cfg.lease.hostname, "p",
+        "a static replica names the primary's host"
+    );
 }
 
 #[test]
