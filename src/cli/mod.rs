@@ -11,8 +11,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tracing_subscriber::Layer;
-use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::{Config, ConfigSource, LoadOptions, LogConfig, LogFormat};
@@ -129,19 +127,20 @@ fn run_mount(args: MountArgs) -> ExitCode {
         expand_env: !args.no_expand_env,
         env: None,
     };
-    // Logging starts before the config is read so that load-time warnings (unset
-    // variables) are seen; it is switched to the config's `log` settings right after.
-    let reload = init_logging(&LogConfig::default());
-    let (cfg, source) = match Config::find_and_load(args.config.as_deref(), opts) {
+    // The config decides the log format, so loading logs (unset variables) through a
+    // temporary text subscriber; the real one is installed from the loaded config.
+    let loaded = tracing::subscriber::with_default(log_subscriber(&LogConfig::default()), || {
+        Config::find_and_load(args.config.as_deref(), opts)
+    });
+    let (cfg, source) = match loaded {
         Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("litefs: invalid configuration: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if let Some(reload) = reload {
-        reload(&cfg.log);
-    }
+    // Fails only if a subscriber is already installed (embedding); keep that one.
+    let _ = log_subscriber(&cfg.log).try_init();
     match &source {
         ConfigSource::File(path) => tracing::info!(path = %path.display(), "config file read"),
         ConfigSource::Embedded => tracing::info!(
@@ -195,31 +194,19 @@ pub fn mount(cfg: Config, opts: MountOptions) -> anyhow::Result<ExitCode> {
     })
 }
 
-type Reload = Box<dyn Fn(&LogConfig)>;
-
-/// Installs the global subscriber with `log`'s settings and returns a function that
-/// switches it to other settings. `RUST_LOG` overrides the level when set. Returns
-/// `None` if a subscriber was already installed (tests).
-fn init_logging(log: &LogConfig) -> Option<Reload> {
-    let (layer, handle) = tracing_subscriber::reload::Layer::new(log_layer(log));
-    tracing_subscriber::registry().with(layer).try_init().ok()?;
-    Some(Box::new(move |log: &LogConfig| {
-        // Failing to switch only keeps the previous format; not worth stopping for.
-        let _ = handle.reload(log_layer(log));
-    }))
-}
-
-type BoxedLayer = Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync>;
-
-fn log_layer(log: &LogConfig) -> BoxedLayer {
+/// A subscriber writing to stderr with `log`'s settings; `RUST_LOG` overrides the
+/// level when set.
+fn log_subscriber(log: &LogConfig) -> Box<dyn tracing::Subscriber + Send + Sync> {
     let default = if log.debug { "debug" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
     match (log.format, log.timestamp) {
-        (LogFormat::Json, _) => fmt.json().with_filter(filter).boxed(),
-        (LogFormat::Text, true) => fmt.with_filter(filter).boxed(),
-        (LogFormat::Text, false) => fmt.without_time().with_filter(filter).boxed(),
+        (LogFormat::Json, _) => Box::new(builder.json().finish()),
+        (LogFormat::Text, true) => Box::new(builder.finish()),
+        (LogFormat::Text, false) => Box::new(builder.without_time().finish()),
     }
 }
 
@@ -254,8 +241,21 @@ mod tests {
     #[test]
     fn mount_flags_parse_in_every_spelling() {
         for args in [
-            &["litefs", "mount", "-config", "a.yml", "-no-expand-env", "-skip-unmount"][..],
-            &["litefs", "mount", "--config=a.yml", "--no-expand-env", "--skip-unmount"],
+            &[
+                "litefs",
+                "mount",
+                "-config",
+                "a.yml",
+                "-no-expand-env",
+                "-skip-unmount",
+            ][..],
+            &[
+                "litefs",
+                "mount",
+                "--config=a.yml",
+                "--no-expand-env",
+                "--skip-unmount",
+            ],
         ] {
             let Some(Command::Mount(m)) = parse(args).command else {
                 panic!("not mount: {args:?}");

@@ -15,8 +15,9 @@ use serde::de::{self, Deserializer, Visitor};
 /// # Errors
 /// A message naming the text and showing the expected form.
 pub fn parse(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("invalid duration '{s}' ({e}); write it like \"10s\", \"1m\" or \"500ms\""))
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        format!("invalid duration '{s}' ({e}); write it like \"10s\", \"1m\" or \"500ms\"")
+    })
 }
 
 struct DurationVisitor;

@@ -41,12 +41,6 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    /// No `-config` was given and none of the standard paths holds a file.
-    #[error("no config file found (looked at {})", .searched.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
-    NotFound {
-        /// The paths looked at, in order.
-        searched: Vec<PathBuf>,
-    },
     /// A key that the schema does not know (usually a typo).
     #[error("{at}: unknown key '{key}' (expected one of: {})", .expected.join(", "))]
     UnknownKey {
@@ -89,7 +83,7 @@ impl ConfigError {
         match self {
             ConfigError::UnknownKey { key, .. } | ConfigError::Invalid { key, .. } => Some(key),
             ConfigError::Syntax { key, .. } => key.as_deref(),
-            ConfigError::Read { .. } | ConfigError::NotFound { .. } => None,
+            ConfigError::Read { .. } => None,
         }
     }
 
@@ -99,7 +93,7 @@ impl ConfigError {
             ConfigError::UnknownKey { at, .. }
             | ConfigError::Syntax { at, .. }
             | ConfigError::Invalid { at, .. } => Some(at),
-            ConfigError::Read { .. } | ConfigError::NotFound { .. } => None,
+            ConfigError::Read { .. } => None,
         }
     }
 }

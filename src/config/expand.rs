@@ -68,7 +68,11 @@ fn shell_name(s: &str) -> (Option<&str>, usize) {
         return (Some(&s[..1]), 1);
     }
     let n = b.iter().take_while(|c| is_word(**c)).count();
-    if n == 0 { (None, 0) } else { (Some(&s[..n]), n) }
+    if n == 0 {
+        (None, 0)
+    } else {
+        (Some(&s[..n]), n)
+    }
 }
 
 fn is_special(c: u8) -> bool {
@@ -150,7 +154,10 @@ mod tests {
     fn plain_references() {
         let vars = [("APP", "shop"), ("HOST", "n1")];
         assert_eq!(run("key: litefs/${APP}", &vars).text, "key: litefs/shop");
-        assert_eq!(run("url: http://$HOST:20202", &vars).text, "url: http://n1:20202");
+        assert_eq!(
+            run("url: http://$HOST:20202", &vars).text,
+            "url: http://n1:20202"
+        );
         assert_eq!(run("${ APP }", &vars).text, "shop");
     }
 

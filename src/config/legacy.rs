@@ -82,7 +82,9 @@ impl Legacy {
             if written(modern) {
                 return Err(ValidationError::new(
                     flat,
-                    format!("the seed-era key '{flat}' and '{modern}' are both set; keep only '{modern}'"),
+                    format!(
+                        "the seed-era key '{flat}' and '{modern}' are both set; keep only '{modern}'"
+                    ),
                 ));
             }
             Ok(())
@@ -112,7 +114,10 @@ impl Legacy {
                 cfg.data.retention = d;
             }
             if let Some(d) = r.monitor_interval {
-                set("retention.monitor-interval", "data.retention-monitor-interval")?;
+                set(
+                    "retention.monitor-interval",
+                    "data.retention-monitor-interval",
+                )?;
                 cfg.data.retention_monitor_interval = d;
             }
         }
@@ -123,7 +128,14 @@ impl Legacy {
             ));
         }
         if self.consul.is_some() || self.static_.is_some() {
-            set(if self.consul.is_some() { "consul" } else { "static" }, "lease.type")?;
+            set(
+                if self.consul.is_some() {
+                    "consul"
+                } else {
+                    "static"
+                },
+                "lease.type",
+            )?;
         }
         if let Some(c) = self.consul {
             cfg.lease.kind = Some(LeaseType::Consul);
@@ -181,7 +193,10 @@ mod tests {
 
     #[test]
     fn hidden_sibling_matches_old_litefs() {
-        assert_eq!(hidden_sibling(Path::new("/path/to/mnt")), Path::new("/path/to/.mnt"));
+        assert_eq!(
+            hidden_sibling(Path::new("/path/to/mnt")),
+            Path::new("/path/to/.mnt")
+        );
         assert_eq!(hidden_sibling(Path::new("/litefs")), Path::new("/.litefs"));
     }
 }

@@ -79,7 +79,9 @@ fn key_of_line(raw: &str) -> Option<(usize, String)> {
         let end = rest[1..].find(q)? + 1;
         (&rest[1..end], &rest[end + 1..])
     } else {
-        let colon = rest.find(": ").or_else(|| rest.strip_suffix(':').map(|s| s.len()))?;
+        let colon = rest
+            .find(": ")
+            .or_else(|| rest.strip_suffix(':').map(|s| s.len()))?;
         (rest[..colon].trim_end(), &rest[colon..])
     };
     if !after.trim_start().starts_with(':') || key.is_empty() {
@@ -111,10 +113,19 @@ exec:
 
     #[test]
     fn finds_nested_keys() {
-        assert_eq!(locate(TEXT, "fuse.dir"), Some(Position { line: 3, column: 3 }));
-        assert_eq!(locate(TEXT, "lease.consul.url"), Some(Position { line: 8, column: 5 }));
+        assert_eq!(
+            locate(TEXT, "fuse.dir"),
+            Some(Position { line: 3, column: 3 })
+        );
+        assert_eq!(
+            locate(TEXT, "lease.consul.url"),
+            Some(Position { line: 8, column: 5 })
+        );
         assert_eq!(locate(TEXT, "lease.type").map(|p| p.line), Some(5));
-        assert_eq!(locate(TEXT, "exec[0].if-candidate").map(|p| p.line), Some(12));
+        assert_eq!(
+            locate(TEXT, "exec[0].if-candidate").map(|p| p.line),
+            Some(12)
+        );
         assert_eq!(locate(TEXT, "quoted").map(|p| p.line), Some(14));
     }
 
@@ -122,7 +133,10 @@ exec:
     fn missing_keys() {
         assert_eq!(locate(TEXT, "lease.url"), None);
         assert_eq!(locate(TEXT, "consul"), None, "nested key is not top-level");
-        assert_eq!(locate_nearest(TEXT, "lease.consul.ttl").map(|p| p.line), Some(7));
+        assert_eq!(
+            locate_nearest(TEXT, "lease.consul.ttl").map(|p| p.line),
+            Some(7)
+        );
         assert_eq!(locate_nearest(TEXT, "backup.type"), None);
     }
 }

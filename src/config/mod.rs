@@ -170,11 +170,12 @@ impl HttpConfig {
     /// # Errors
     /// A message when the address has no numeric port.
     pub fn port(&self) -> Result<u16, String> {
-        let port = self
-            .addr
-            .rsplit_once(':')
-            .map(|(_, p)| p)
-            .ok_or_else(|| format!("'{}' has no port; write it like \":20202\" or \"127.0.0.1:20202\"", self.addr))?;
+        let port = self.addr.rsplit_once(':').map(|(_, p)| p).ok_or_else(|| {
+            format!(
+                "'{}' has no port; write it like \":20202\" or \"127.0.0.1:20202\"",
+                self.addr
+            )
+        })?;
         port.parse()
             .map_err(|_| format!("'{}' has an invalid port '{port}'", self.addr))
     }
@@ -564,13 +565,16 @@ impl fmt::Display for ConfigSource {
     }
 }
 
+/// Reads one environment variable; `None` when it is not set.
+pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
 /// How to read a config.
 #[derive(Clone, Copy)]
 pub struct LoadOptions<'a> {
     /// Expand `${VAR}` (LiteFS's default; `-no-expand-env` turns it off).
     pub expand_env: bool,
     /// Reads a variable; `None` means the process environment.
-    pub env: Option<&'a dyn Fn(&str) -> Option<String>>,
+    pub env: Option<EnvLookup<'a>>,
 }
 
 impl Default for LoadOptions<'_> {
@@ -739,7 +743,10 @@ impl Config {
 
         for (i, e) in self.exec.iter().enumerate() {
             if e.cmd.trim().is_empty() {
-                return err(&format!("exec[{i}].cmd"), "is empty; give the command to run".into());
+                return err(
+                    &format!("exec[{i}].cmd"),
+                    "is empty; give the command to run".into(),
+                );
             }
         }
 
@@ -770,7 +777,10 @@ impl Config {
             );
         }
         positive("data.retention", self.data.retention)?;
-        positive("data.retention-monitor-interval", self.data.retention_monitor_interval)?;
+        positive(
+            "data.retention-monitor-interval",
+            self.data.retention_monitor_interval,
+        )?;
 
         if let Err(m) = self.http.port() {
             return err("http.addr", m);
@@ -778,10 +788,16 @@ impl Config {
 
         if self.proxy.addr.is_some() {
             if self.proxy.target.as_deref().unwrap_or("").is_empty() {
-                return err("proxy.target", "is required when proxy.addr is set: the application's host:port".into());
+                return err(
+                    "proxy.target",
+                    "is required when proxy.addr is set: the application's host:port".into(),
+                );
             }
             if self.proxy.db.as_deref().unwrap_or("").is_empty() {
-                return err("proxy.db", "is required when proxy.addr is set: the database that tracks TXIDs".into());
+                return err(
+                    "proxy.db",
+                    "is required when proxy.addr is set: the database that tracks TXIDs".into(),
+                );
             }
             positive("proxy.max-lag", self.proxy.max_lag)?;
         }
@@ -803,7 +819,10 @@ impl Config {
             ));
         }
         if l.reconnect_delay.is_zero() {
-            return err("lease.reconnect-delay", "must be a positive duration, like \"1s\"");
+            return err(
+                "lease.reconnect-delay",
+                "must be a positive duration, like \"1s\"",
+            );
         }
         match kind {
             LeaseType::Static => {
@@ -816,7 +835,10 @@ impl Config {
             }
             LeaseType::Consul => {
                 if l.consul.url.is_empty() {
-                    return err("lease.consul.url", "is required for a consul lease, e.g. http://127.0.0.1:8500");
+                    return err(
+                        "lease.consul.url",
+                        "is required for a consul lease, e.g. http://127.0.0.1:8500",
+                    );
                 }
                 if !is_http_url(&l.consul.url) {
                     return Err(ValidationError::new(
@@ -825,21 +847,38 @@ impl Config {
                     ));
                 }
                 if l.consul.key.is_empty() {
-                    return err("lease.consul.key", "is required for a consul lease, e.g. litefs/my-app");
+                    return err(
+                        "lease.consul.key",
+                        "is required for a consul lease, e.g. litefs/my-app",
+                    );
                 }
                 if l.consul.ttl.is_zero() {
-                    return err("lease.consul.ttl", "must be a positive duration, like \"10s\"");
+                    return err(
+                        "lease.consul.ttl",
+                        "must be a positive duration, like \"10s\"",
+                    );
                 }
             }
             LeaseType::Etcd => {
-                if l.etcd.endpoints.is_empty() || l.etcd.endpoints.iter().any(|e| e.trim().is_empty()) {
-                    return err("lease.etcd.endpoints", "needs at least one etcd URL, e.g. [http://127.0.0.1:2379]");
+                if l.etcd.endpoints.is_empty()
+                    || l.etcd.endpoints.iter().any(|e| e.trim().is_empty())
+                {
+                    return err(
+                        "lease.etcd.endpoints",
+                        "needs at least one etcd URL, e.g. [http://127.0.0.1:2379]",
+                    );
                 }
                 if l.etcd.key.is_empty() {
-                    return err("lease.etcd.key", "is required for an etcd lease, e.g. litefs/my-app");
+                    return err(
+                        "lease.etcd.key",
+                        "is required for an etcd lease, e.g. litefs/my-app",
+                    );
                 }
                 if l.etcd.ttl < Duration::from_secs(1) || l.etcd.ttl.subsec_nanos() != 0 {
-                    return err("lease.etcd.ttl", "must be a whole number of seconds, at least \"1s\" (etcd leases count in seconds)");
+                    return err(
+                        "lease.etcd.ttl",
+                        "must be a whole number of seconds, at least \"1s\" (etcd leases count in seconds)",
+                    );
                 }
             }
         }
@@ -873,7 +912,10 @@ impl Config {
             }
             BackupType::File => {
                 if b.path.as_deref().unwrap_or("").is_empty() {
-                    return err("backup.path", "is required for a file backup: the directory to write to");
+                    return err(
+                        "backup.path",
+                        "is required for a file backup: the directory to write to",
+                    );
                 }
             }
             BackupType::S3 => {
@@ -886,7 +928,10 @@ impl Config {
                     } else {
                         "backup.access-key-id"
                     };
-                    return err(missing, "is required when the other half of the S3 credentials is set");
+                    return err(
+                        missing,
+                        "is required when the other half of the S3 credentials is set",
+                    );
                 }
                 if let Some(ep) = &b.endpoint
                     && !is_http_url(ep)
@@ -904,7 +949,10 @@ impl Config {
             ("backup.auth-token", b.auth_token.is_some()),
         ] {
             if present {
-                return err(key, "belongs to LiteFS Cloud, which was shut down in October 2024; remove it");
+                return err(
+                    key,
+                    "belongs to LiteFS Cloud, which was shut down in October 2024; remove it",
+                );
             }
         }
         for (key, d) in [
@@ -995,8 +1043,15 @@ fn yaml_error(e: &serde_yaml_ng::Error, text: &str, file: &str) -> ConfigError {
     }
     // serde_yaml_ng prefixes the path of the value being read: "lease.consul: ...".
     let (path, message) = match message.split_once(": ") {
-        Some((p, m)) if !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.[]?".contains(c)) => {
-            (Some(p.trim_start_matches('.').to_string()).filter(|p| !p.is_empty()), m.to_string())
+        Some((p, m))
+            if !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.[]?".contains(c)) =>
+        {
+            (
+                Some(p.trim_start_matches('.').to_string()).filter(|p| !p.is_empty()),
+                m.to_string(),
+            )
         }
         _ => (None, message),
     };
@@ -1035,8 +1090,26 @@ fn yaml_error(e: &serde_yaml_ng::Error, text: &str, file: &str) -> ConfigError {
     ConfigError::Syntax {
         at,
         key: path,
-        message,
+        message: friendlier(message),
     }
+}
+
+/// Rewrites serde's wording into the config's terms: enum variants are values, structs
+/// are sections.
+fn friendlier(message: String) -> String {
+    if let Some(rest) = message.strip_prefix("unknown variant `")
+        && let Some((value, expected)) = rest.split_once('`')
+    {
+        let allowed: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+        return format!(
+            "unknown value '{value}' (expected one of: {})",
+            allowed.join(", ")
+        );
+    }
+    if let Some(i) = message.find("expected struct ") {
+        return format!("{}expected a section of 'key: value' lines", &message[..i]);
+    }
+    message
 }
 
 #[cfg(test)]
