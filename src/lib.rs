@@ -21,6 +21,7 @@ pub mod config;
 pub mod lease;
 pub mod ltx;
 pub mod sink;
+pub mod store;
 pub mod transport;
 
 #[path = "../backends/mod.rs"]
