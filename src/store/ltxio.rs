@@ -2,7 +2,7 @@
 //! durably (temp file, fsync, rename, directory fsync).
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 

@@ -183,13 +183,19 @@ fn be32(b: &[u8], off: usize) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::PathBuf;
+    use std::path::Path;
 
     fn fixture(name: &str) -> File {
-        let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/testdata/litefs-wal-reader")
-            .join(name)
-            .join("wal");
+        // `../shared/testdata` from the repository root; a worktree nested deeper finds
+        // it in the nearest ancestor that has it.
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let testdata = root
+            .ancestors()
+            .skip(1)
+            .map(|d| d.join("shared/testdata"))
+            .find(|p| p.is_dir())
+            .unwrap_or_else(|| root.join("../shared/testdata"));
+        let p = testdata.join("litefs-wal-reader").join(name).join("wal");
         File::open(p).unwrap()
     }
 
