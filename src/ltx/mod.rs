@@ -5,7 +5,9 @@
 //! implements it on `Read`/`Write` without knowing about nodes or networks.
 //! Every integer on disk is big-endian.
 
+mod apply;
 mod checksum;
+mod compactor;
 mod decoder;
 mod encoder;
 mod error;
@@ -13,9 +15,11 @@ mod error;
 use std::fmt;
 use std::str::FromStr;
 
+pub use apply::{apply_file, database_page_size};
 pub use checksum::{
     RollingChecksum, crc64, database_checksum, lock_pgno, page_checksum, page_checksums,
 };
+pub use compactor::compact;
 pub use decoder::{Decoder, FrameInfo, verify, verify_path};
 pub use encoder::Encoder;
 pub use error::{LtxError, ResultExt};
