@@ -688,14 +688,20 @@ impl Shared {
             return Err(Errno::EACCES);
         }
         let (dbname, kind) = parse_mount_name(name).ok_or(Errno::EPERM)?;
+        let mut flags = flags;
         let db = match kind {
             FileKind::Database => match self.store.db(dbname) {
                 Some(_) if flags & libc::O_EXCL != 0 => return Err(Errno::EEXIST),
                 Some(db) => db,
-                None => self.store.create_db(dbname).map_err(|e| {
-                    error!(db = dbname, error = %e, "create_db failed; answering EIO");
-                    Errno::EIO
-                })?,
+                None => {
+                    let db = self.store.create_db(dbname).map_err(|e| {
+                        error!(db = dbname, error = %e, "create_db failed; answering EIO");
+                        Errno::EIO
+                    })?;
+                    // The store created the (empty) file: O_EXCL was honoured above.
+                    flags &= !libc::O_EXCL;
+                    db
+                }
             },
             _ => self.db(dbname)?,
         };

@@ -369,7 +369,9 @@ fn unescape_mountinfo(s: &str) -> String {
 }
 
 fn is_ours(m: &MountEntry) -> bool {
-    m.fstype == format!("fuse.{FS_NAME}") && m.source == FS_NAME
+    // Mounted directly by root the type is plain `fuse`; through fusermount3 it
+    // carries the subtype.
+    m.source == FS_NAME && (m.fstype == "fuse" || m.fstype == format!("fuse.{FS_NAME}"))
 }
 
 /// Processes with an open file, a working directory or a root under `dir`.
@@ -403,6 +405,15 @@ fn prepare_mount_point(dir: &Path) -> Result<(), MountError> {
     let shown = dir.display().to_string();
     match std::fs::metadata(dir) {
         Ok(m) if m.is_dir() => match mount_at(dir).map_err(io_err("read mountinfo", dir))? {
+            // The kernel answers stat() of a dead FUSE mount from its attribute cache
+            // for a while; opendir always asks the server.
+            Some(entry)
+                if entry.fstype.starts_with("fuse")
+                    && std::fs::read_dir(dir)
+                        .is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN)) =>
+            {
+                clear_stale_mount(dir, Some(entry))
+            }
             Some(entry) => Err(MountError::AlreadyMounted {
                 dir: shown,
                 fstype: entry.fstype,
@@ -417,34 +428,41 @@ fn prepare_mount_point(dir: &Path) -> Result<(), MountError> {
         }
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
             let entry = mount_at(dir).map_err(io_err("read mountinfo", dir))?;
-            let why = match &entry {
-                Some(m) if !is_ours(m) => Some(format!(
-                    "it is a {} mount from {}, not litefs",
-                    m.fstype, m.source
-                )),
-                None => Some("it is not listed in /proc/self/mountinfo".to_string()),
-                Some(_) => {
-                    let users = users_of(dir);
-                    (!users.is_empty()).then(|| format!("processes {users:?} still use it"))
-                }
-            };
-            if let Some(why) = why {
-                return Err(MountError::StaleMount { dir: shown, why });
-            }
-            warn!(
-                dir = shown,
-                "found a stale litefs mount left by a crash and unused; unmounting it lazily"
-            );
-            lazy_unmount(dir).map_err(|e| MountError::StaleMount {
-                dir: shown.clone(),
-                why: format!("`fusermount3 -uz` failed: {e}"),
-            })?;
-            match std::fs::metadata(dir) {
-                Ok(m) if m.is_dir() => Ok(()),
-                Ok(_) => Err(MountError::NotADirectory { dir: shown }),
-                Err(e) => Err(io_err("stat mount point", dir)(e)),
-            }
+            clear_stale_mount(dir, entry)
         }
+        Err(e) => Err(io_err("stat mount point", dir)(e)),
+    }
+}
+
+/// A dead FUSE mount is at `dir`: unmount it lazily when it is ours and unused,
+/// otherwise explain what to do.
+fn clear_stale_mount(dir: &Path, entry: Option<MountEntry>) -> Result<(), MountError> {
+    let shown = dir.display().to_string();
+    let why = match &entry {
+        Some(m) if !is_ours(m) => Some(format!(
+            "it is a {} mount from {}, not litefs",
+            m.fstype, m.source
+        )),
+        None => Some("it is not listed in /proc/self/mountinfo".to_string()),
+        Some(_) => {
+            let users = users_of(dir);
+            (!users.is_empty()).then(|| format!("processes {users:?} still use it"))
+        }
+    };
+    if let Some(why) = why {
+        return Err(MountError::StaleMount { dir: shown, why });
+    }
+    warn!(
+        dir = shown,
+        "found a stale litefs mount left by a crash and unused; unmounting it lazily"
+    );
+    lazy_unmount(dir).map_err(|e| MountError::StaleMount {
+        dir: shown.clone(),
+        why: format!("`fusermount3 -uz` failed: {e}"),
+    })?;
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(MountError::NotADirectory { dir: shown }),
         Err(e) => Err(io_err("stat mount point", dir)(e)),
     }
 }

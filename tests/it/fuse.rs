@@ -32,10 +32,8 @@ fn integrity(c: &Connection) -> String {
 
 /// Creates, inserts, updates, deletes, indexes, stores overflowing blobs and vacuums.
 fn workload(c: &Connection) {
-    c.execute_batch(
-        "CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT, n INTEGER, blob BLOB);",
-    )
-    .unwrap();
+    c.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT, n INTEGER, blob BLOB);")
+        .unwrap();
     for batch in 0..5 {
         let tx = c.unchecked_transaction().unwrap();
         for i in 0..40 {
@@ -48,8 +46,11 @@ fn workload(c: &Connection) {
         }
         tx.commit().unwrap();
     }
-    c.execute("UPDATE t SET name = name || '-updated' WHERE id % 2 = 0", [])
-        .unwrap();
+    c.execute(
+        "UPDATE t SET name = name || '-updated' WHERE id % 2 = 0",
+        [],
+    )
+    .unwrap();
     c.execute("DELETE FROM t WHERE id % 5 = 0", []).unwrap();
     c.execute_batch("CREATE INDEX t_name ON t (name);").unwrap();
     // Blobs larger than any page size: overflow page chains.
@@ -63,8 +64,11 @@ fn workload(c: &Connection) {
     }
     c.execute("DELETE FROM t WHERE id = 1001", []).unwrap();
     c.execute_batch("VACUUM;").unwrap();
-    c.execute("INSERT INTO t (id, name, n) VALUES (5000, 'after vacuum', 1)", [])
-        .unwrap();
+    c.execute(
+        "INSERT INTO t (id, name, n) VALUES (5000, 'after vacuum', 1)",
+        [],
+    )
+    .unwrap();
 }
 
 fn checkpoint(c: &Connection) {
@@ -81,10 +85,21 @@ fn assert_chain_reproduces(node: &Node, db: &str) {
     let files = node.ltx_files(db);
     let (replayed, pos) = replay_chain(&files);
     let actual = fs::read(node.data_db(db)).unwrap();
-    assert_eq!(replayed.len(), actual.len(), "{db}: size differs from replayed chain");
-    assert!(replayed == actual, "{db}: content differs from replayed chain");
+    assert_eq!(
+        replayed.len(),
+        actual.len(),
+        "{db}: size differs from replayed chain"
+    );
+    assert!(
+        replayed == actual,
+        "{db}: content differs from replayed chain"
+    );
     let shown = fs::read_to_string(node.path(&format!("{db}-pos"))).unwrap();
-    assert_eq!(shown, format!("{pos}\n"), "{db}-pos is not the last LTX position");
+    assert_eq!(
+        shown,
+        format!("{pos}\n"),
+        "{db}-pos is not the last LTX position"
+    );
 }
 
 #[test]
@@ -122,7 +137,9 @@ fn data_survives_a_remount() {
     node.restart();
     for mode in ["delete", "wal"] {
         let c = Connection::open(node.path(&format!("{mode}.db"))).unwrap();
-        let n: i64 = c.query_row("SELECT sum(x) FROM t", [], |r| r.get(0)).unwrap();
+        let n: i64 = c
+            .query_row("SELECT sum(x) FROM t", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(n, 6, "{mode}");
         assert_eq!(integrity(&c), "ok");
     }
@@ -134,7 +151,11 @@ fn ls_shows_databases_side_files_and_pos_but_no_primary_on_a_primary() {
     let c = open(&node.path("app.db"), "wal", 4096);
     c.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
         .unwrap();
-    let out = Command::new("ls").arg("-a").arg(&node.mnt).output().unwrap();
+    let out = Command::new("ls")
+        .arg("-a")
+        .arg(&node.mnt)
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let names: Vec<String> = String::from_utf8(out.stdout)
         .unwrap()
@@ -142,7 +163,10 @@ fn ls_shows_databases_side_files_and_pos_but_no_primary_on_a_primary() {
         .map(str::to_string)
         .collect();
     for want in ["app.db", "app.db-wal", "app.db-shm", "app.db-pos"] {
-        assert!(names.iter().any(|n| n == want), "{want} missing in {names:?}");
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing in {names:?}"
+        );
     }
     assert!(!names.iter().any(|n| n == ".primary"), "{names:?}");
     assert!(!node.path(".primary").exists());
@@ -229,7 +253,9 @@ fn cp_out_of_the_mount_and_sqlite3_backup_into_it() {
     assert!(o.status.success(), "{o:?}");
     let b = Connection::open(node.path("backup.db")).unwrap();
     assert_eq!(integrity(&b), "ok");
-    let m: i64 = b.query_row("SELECT count(*) FROM t", [], |r| r.get(0)).unwrap();
+    let m: i64 = b
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(m, n);
     drop(b);
     assert_chain_reproduces(&node, "backup.db");
@@ -323,9 +349,12 @@ fn rollbacks_savepoints_and_failed_transactions_produce_no_ltx() {
         assert!(!before.is_empty(), "{name}: commits produced no LTX");
         // Explicit rollback of a transaction that wrote pages.
         c.execute_batch(
-            "BEGIN; INSERT INTO t SELECT value FROM generate_series(100, 2000); ROLLBACK;",
+            "BEGIN;
+             WITH RECURSIVE s(i) AS (SELECT 100 UNION ALL SELECT i + 1 FROM s WHERE i < 2000)
+             INSERT INTO t SELECT i FROM s;
+             ROLLBACK;",
         )
-        .ok();
+        .unwrap();
         c.execute_batch("BEGIN; INSERT INTO t VALUES (2); ROLLBACK;")
             .unwrap();
         // A savepoint rolled back inside a transaction that is rolled back too.
@@ -338,7 +367,9 @@ fn rollbacks_savepoints_and_failed_transactions_produce_no_ltx() {
         assert!(c.execute_batch("INSERT INTO t VALUES (4), (1);").is_err());
         c.execute_batch("ROLLBACK;").unwrap();
         assert_eq!(node.ltx_files(&name), before, "{name}");
-        let n: i64 = c.query_row("SELECT count(*) FROM t", [], |r| r.get(0)).unwrap();
+        let n: i64 = c
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(n, 1);
         checkpoint(&c);
         drop(c);
@@ -419,13 +450,21 @@ fn concurrency(node: &Node, mode: &str, seconds: f64) {
     let readers: Vec<_> = (0..4).map(|_| spawn(READER_PY, &["100000"])).collect();
     let w = writer.wait_with_output().unwrap();
     let wout = String::from_utf8_lossy(&w.stdout).into_owned();
-    assert!(w.status.success(), "{mode} writer: {wout} {}", String::from_utf8_lossy(&w.stderr));
+    assert!(
+        w.status.success(),
+        "{mode} writer: {wout} {}",
+        String::from_utf8_lossy(&w.stderr)
+    );
     let commits: u64 = wout.trim().trim_start_matches("commits=").parse().unwrap();
     assert!(commits > 20, "{mode}: only {commits} commits");
     for r in readers {
         let o = r.wait_with_output().unwrap();
         let out = String::from_utf8_lossy(&o.stdout);
-        assert!(o.status.success(), "{mode} reader: {out} {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "{mode} reader: {out} {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         assert!(out.starts_with("ok="), "{mode} reader: {out}");
         let ok: u64 = out
             .trim()
@@ -532,15 +571,23 @@ fn kill_9_mid_workload_loses_no_acknowledged_commit() {
             .query_row("SELECT max(id) FROM acked", [], |r| r.get(0))
             .unwrap();
         let last = *acked.last().unwrap();
-        assert!(max >= last, "{mode}: acknowledged commit {last} missing (max {max})");
-        let n: i64 = c.query_row("SELECT count(*) FROM acked", [], |r| r.get(0)).unwrap();
+        assert!(
+            max >= last,
+            "{mode}: acknowledged commit {last} missing (max {max})"
+        );
+        let n: i64 = c
+            .query_row("SELECT count(*) FROM acked", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(n, max, "{mode}: rows missing");
         checkpoint(&c);
         drop(c);
         let files = super::support::ltx_files(&p.data, "crash.db");
         let (replayed, _) = replay_chain(&files);
         let actual = fs::read(p.data.join("dbs/crash.db/database")).unwrap();
-        assert!(replayed == actual, "{mode}: chain does not reproduce the database");
+        assert!(
+            replayed == actual,
+            "{mode}: chain does not reproduce the database"
+        );
     }
 }
 
@@ -557,7 +604,12 @@ fn a_stale_mount_still_in_use_is_reported_with_the_fix() {
         .spawn()
         .unwrap();
     let mut line = [0u8; 5];
-    holder.stdout.as_mut().unwrap().read_exact(&mut line).unwrap();
+    holder
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut line)
+        .unwrap();
     p.signal(libc::SIGKILL);
     let out = Command::new(env!("CARGO_BIN_EXE_litefs"))
         .args(["mount", "-config"])
@@ -567,7 +619,10 @@ fn a_stale_mount_still_in_use_is_reported_with_the_fix() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("stale FUSE mount"), "{err}");
-    assert!(err.contains(&format!("fusermount3 -u {}", p.mnt.display())), "{err}");
+    assert!(
+        err.contains(&format!("fusermount3 -u {}", p.mnt.display())),
+        "{err}"
+    );
     assert!(err.contains(&holder.id().to_string()), "{err}");
     holder.kill().unwrap();
     holder.wait().unwrap();

@@ -139,7 +139,8 @@ pub fn replay_chain(files: &[PathBuf]) -> (Vec<u8>, Pos) {
         );
         if pos.txid.0 > 0 {
             assert_eq!(
-                h.pre_apply_checksum, pos.post_apply_checksum,
+                h.pre_apply_checksum,
+                pos.post_apply_checksum,
                 "pre-apply checksum of {} does not match the previous file",
                 path.display()
             );
@@ -240,7 +241,14 @@ impl Process {
             .unwrap();
         self.child = Some(child);
         let mnt = self.mnt.clone();
-        let ok = wait_until(Duration::from_secs(10), || is_mounted(&mnt));
+        // A stale mount from a crash is listed too: wait for one that answers, and
+        // for the process to still be running.
+        let child = self.child.as_mut().unwrap();
+        let ok = wait_until(Duration::from_secs(10), || {
+            is_mounted(&mnt)
+                && std::fs::metadata(&mnt).is_ok()
+                && matches!(child.try_wait(), Ok(None))
+        });
         assert!(ok, "litefs did not mount; log:\n{}", self.log_text());
     }
 
