@@ -15,7 +15,7 @@ use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
     ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs,
-    ReplyWrite, Request, TimeOrNow, WriteFlags,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use tracing::{debug, error, info, warn};
 
@@ -420,6 +420,22 @@ impl Shared {
         if let Some(t) = lock(&self.locks).get_mut(&key) {
             t.release_owner(owner);
         }
+    }
+
+    /// The WAL was fsynced while a writer holds the WRITE lock: with
+    /// `synchronous=FULL` that is the commit's durability point, before SQLite reports
+    /// success. Capturing here rather than only at the lock release means a failed
+    /// capture (or litefs dying in it) fails the commit, because SQLite ignores errors
+    /// from unlocking and would otherwise acknowledge a commit that has no LTX file.
+    fn wal_synced(&self, db: &Db) -> Result<(), Errno> {
+        let writing = lock(&self.locks)
+            .get(&(db.name().to_string(), FileKind::Shm))
+            .and_then(|t| t.write_holder(SHM_WRITE))
+            .is_some();
+        if writing {
+            hook_errno("wal_write_lock_released", db, db.wal_write_lock_released())?;
+        }
+        Ok(())
     }
 
     fn flush_handle(&self, h: &Handle) -> Result<(), Errno> {
@@ -1138,6 +1154,9 @@ impl fuser::Filesystem for LiteFs {
                     file.sync_all()
                 };
                 r.map_err(|e| io_errno("fsync", &db.path(*kind), e))?;
+                if *kind == FileKind::Wal {
+                    s.wal_synced(db)?;
+                }
             }
             s.flush_handle(&h)
         });
@@ -1186,6 +1205,57 @@ impl fuser::Filesystem for LiteFs {
             ),
             Err(e) => reply.error(io_errno("statfs", &self.shared.data_dir, e)),
         }
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // SQLite syncs the directory after creating a journal or WAL so the file
+        // survives a power cut; the mount's one directory stands for every database
+        // directory of the data dir.
+        let mut dirs = vec![self.shared.data_dir.join("dbs")];
+        dirs.extend(
+            self.shared
+                .store
+                .databases()
+                .iter()
+                .filter_map(|db| db.path(FileKind::Database).parent().map(Path::to_path_buf)),
+        );
+        for dir in dirs {
+            let r = File::open(&dir).and_then(|d| {
+                if datasync {
+                    d.sync_data()
+                } else {
+                    d.sync_all()
+                }
+            });
+            if let Err(e) = r {
+                return reply.error(io_errno("fsyncdir", &dir, e));
+            }
+        }
+        reply.ok();
+    }
+
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
+        // ENOSYS tells the kernel once and for all that there are no extended
+        // attributes, so it stops asking (it does on every write otherwise).
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::ENOSYS);
     }
 
     fn fallocate(

@@ -241,12 +241,13 @@ impl Process {
             .unwrap();
         self.child = Some(child);
         let mnt = self.mnt.clone();
-        // A stale mount from a crash is listed too: wait for one that answers, and
-        // for the process to still be running.
+        // A stale mount from a crash is listed too, and stat() of it may be answered
+        // from the kernel's cache: wait until opendir (always sent to the server)
+        // works, with the process still running.
         let child = self.child.as_mut().unwrap();
         let ok = wait_until(Duration::from_secs(10), || {
             is_mounted(&mnt)
-                && std::fs::metadata(&mnt).is_ok()
+                && std::fs::read_dir(&mnt).is_ok()
                 && matches!(child.try_wait(), Ok(None))
         });
         assert!(ok, "litefs did not mount; log:\n{}", self.log_text());
