@@ -101,24 +101,39 @@ fn invalid_values_and_missing_files_exit_2() {
 }
 
 #[test]
-fn valid_config_is_accepted_and_mount_says_it_is_not_in_this_build() {
+fn valid_config_is_accepted_and_mounted_until_sigterm() {
     let d = dirs();
-    std::fs::write(d.cwd.path().join("good.yml"), GOOD).unwrap();
-    let out = litefs(
-        &["mount", "-config", "good.yml", "--", "sleep", "1"],
-        d.cwd.path(),
-        d.home.path(),
-    );
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let base = d.cwd.path().join("node");
+    let cfg = GOOD.replace("/tmp/litefs-cli-test", &base.display().to_string());
+    std::fs::write(d.cwd.path().join("good.yml"), cfg).unwrap();
+    let log = d.cwd.path().join("stderr.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_litefs"))
+        .args(["mount", "-config", "good.yml"])
+        .current_dir(d.cwd.path())
+        .env("HOME", d.home.path())
+        .env("ROLE", "primary")
+        .env_remove("RUST_LOG")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mnt = base.join("mnt");
+    let mounted = crate::support::wait_until(std::time::Duration::from_secs(10), || {
+        crate::support::is_mounted(&mnt)
+    });
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert!(mounted, "{err}");
+    assert!(status.success(), "{status:?}: {err}");
     assert!(
-        err.contains("primary (static lease); fuse.dir /tmp/litefs-cli-test/mnt"),
+        err.contains(&format!(
+            "primary (static lease); fuse.dir {}",
+            mnt.display()
+        )),
         "{err}"
     );
-    assert!(
-        err.contains("mounting is not implemented in this build"),
-        "{err}"
-    );
+    assert!(!crate::support::is_mounted(&mnt), "{err}");
 }
 
 #[test]
@@ -152,8 +167,13 @@ fn config_search_order_then_embedded_default() {
         stderr(&out)
     );
 
-    // Without ./litefs.yml, ~/litefs.yml is used.
+    // Without ./litefs.yml, ~/litefs.yml is used. Its fuse.dir is a regular file, so
+    // the mount fails right after the config is read.
     std::fs::remove_file(d.cwd.path().join("litefs.yml")).unwrap();
+    let not_a_dir = d.home.path().join("not-a-dir");
+    std::fs::write(&not_a_dir, b"").unwrap();
+    let home_cfg = GOOD.replace("/tmp/litefs-cli-test/mnt", &not_a_dir.display().to_string());
+    std::fs::write(d.home.path().join("litefs.yml"), home_cfg).unwrap();
     let out = litefs(&["mount"], d.cwd.path(), d.home.path());
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
@@ -161,15 +181,39 @@ fn config_search_order_then_embedded_default() {
         err.contains(&format!("{}", d.home.path().join("litefs.yml").display())),
         "{err}"
     );
+    assert!(err.contains("is not a directory"), "{err}");
 
     // With neither (and no /etc/litefs.yml), the embedded default is used and said so.
+    // It really mounts /litefs: stop it with SIGTERM once it has said which config
+    // it uses.
     if Path::new("/etc/litefs.yml").exists() {
         return;
     }
     std::fs::remove_file(d.home.path().join("litefs.yml")).unwrap();
-    let out = litefs(&[], d.cwd.path(), d.home.path());
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let created: Vec<&Path> = [Path::new("/litefs"), Path::new("/var/lib/litefs")]
+        .into_iter()
+        .filter(|p| !p.exists())
+        .collect();
+    let log = d.cwd.path().join("stderr.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_litefs"))
+        .current_dir(d.cwd.path())
+        .env("HOME", d.home.path())
+        .env_remove("RUST_LOG")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let said = crate::support::wait_until(std::time::Duration::from_secs(10), || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("fuse.dir /litefs"))
+    });
+    // Give it the moment to mount, so SIGTERM exercises the clean shutdown.
+    crate::support::wait_until(std::time::Duration::from_secs(5), || {
+        crate::support::is_mounted(Path::new("/litefs"))
+    });
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait().unwrap();
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert!(said, "{err}");
     assert!(
         err.contains("using the embedded default (config/litefs.yml)"),
         "{err}"
@@ -178,6 +222,11 @@ fn config_search_order_then_embedded_default() {
         err.contains("fuse.dir /litefs; data.dir /var/lib/litefs"),
         "{err}"
     );
+    assert!(!crate::support::is_mounted(Path::new("/litefs")), "{err}");
+    // Leave the machine as it was.
+    for p in created {
+        let _ = std::fs::remove_dir_all(p);
+    }
 }
 
 #[test]
