@@ -1371,3 +1371,44 @@ fn statvfs(path: &Path) -> io::Result<libc::statvfs> {
     // SAFETY: statvfs returned 0, so the struct is initialised.
     Ok(unsafe { st.assume_init() })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(db: &str, kind: FileKind) -> Node {
+        Node::File {
+            db: db.to_string(),
+            kind,
+        }
+    }
+
+    #[test]
+    fn inode_numbers_are_stable_per_name_and_fresh_after_removal() {
+        let mut i = Inodes::default();
+        let a = i.ino_for("a.db", file("a.db", FileKind::Database));
+        let wal = i.ino_for("a.db-wal", file("a.db", FileKind::Wal));
+        assert!(a > ROOT && wal > ROOT && a != wal);
+        assert_eq!(i.ino_for("a.db", file("a.db", FileKind::Database)), a);
+        // A journal deleted and created again is a different file to the kernel.
+        let j1 = i.ino_for("a.db-journal", file("a.db", FileKind::Journal));
+        i.forget_name("a.db-journal");
+        let j2 = i.ino_for("a.db-journal", file("a.db", FileKind::Journal));
+        assert_ne!(j1, j2);
+        // The old number still resolves for handles that are open on it.
+        assert_eq!(i.by_ino.get(&j1), Some(&file("a.db", FileKind::Journal)));
+    }
+
+    #[test]
+    fn mount_names_round_trip_through_the_store_parser() {
+        for kind in [
+            FileKind::Database,
+            FileKind::Journal,
+            FileKind::Wal,
+            FileKind::Shm,
+        ] {
+            let name = mount_name("app.db", kind);
+            assert_eq!(parse_mount_name(&name), Some(("app.db", kind)));
+        }
+    }
+}

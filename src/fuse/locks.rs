@@ -152,11 +152,6 @@ impl LockTable {
             .map(|l| l.kind)
     }
 
-    /// Whether the owner holds any lock at all in this table.
-    pub fn owner_has_locks(&self, owner: u64) -> bool {
-        self.locks.iter().any(|l| l.owner == owner)
-    }
-
     /// Every held lock, sorted by owner then start.
     pub fn locks(&self) -> &[HeldLock] {
         &self.locks
@@ -341,9 +336,8 @@ mod tests {
         t.lock(1, 1, 120, 120, Write).unwrap();
         t.lock(1, 1, 128, 128, Read).unwrap();
         t.lock(2, 2, 128, 128, Read).unwrap();
-        assert!(t.owner_has_locks(1));
         t.release_owner(1);
-        assert!(!t.owner_has_locks(1));
+        assert!(ranges(&t, 1).is_empty());
         assert_eq!(t.write_holder(120), None);
         assert_eq!(ranges(&t, 2), vec![(128, 128, Read)]);
         t.lock(3, 3, 120, 120, Write).unwrap();

@@ -14,6 +14,12 @@
 //! frames into the database before their LTX file exists (CKPT is refused while
 //! another owner holds WRITE).
 //!
+//! A WAL commit is captured at the first of: an fsync of the WAL while an owner holds
+//! WRITE (`synchronous=FULL`: the commit's durability point, before SQLite reports
+//! success), or the release of WRITE (every mode). SQLite ignores errors from
+//! unlocking, so capturing only at the release could acknowledge a commit whose
+//! capture failed or was cut short by a crash; a failed fsync fails the commit.
+//!
 //! # Kernel options, and why
 //!
 //! - `FUSE_POSIX_LOCKS` (required): the kernel forwards `fcntl` locks to us instead of

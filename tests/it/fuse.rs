@@ -630,3 +630,36 @@ fn a_stale_mount_still_in_use_is_reported_with_the_fix() {
     p.spawn();
     assert!(p.path("held.db").exists());
 }
+
+#[test]
+fn sigterm_while_a_process_keeps_a_file_open_reports_busy_and_detaches() {
+    let mut p = Process::start();
+    let c = open(&p.path("busy.db"), "delete", 4096);
+    c.execute_batch("CREATE TABLE t (x);").unwrap();
+    drop(c);
+    let mut holder = Command::new("python3")
+        .arg("-c")
+        .arg("import sys,time; f=open(sys.argv[1],'rb'); print('open', flush=True); time.sleep(60)")
+        .arg(p.path("busy.db"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = [0u8; 5];
+    holder
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut line)
+        .unwrap();
+    let status = p.signal(libc::SIGTERM);
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let log = p.log_text();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("device or resource busy"), "{log}");
+    assert!(
+        log.contains(&format!("fusermount3 -u {}", p.mnt.display())),
+        "{log}"
+    );
+    assert!(!is_mounted(&p.mnt), "the busy mount was not detached");
+}
