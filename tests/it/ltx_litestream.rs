@@ -1,0 +1,1 @@
+//! Litestream 0.5.17 reads what we write.
