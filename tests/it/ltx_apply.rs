@@ -42,7 +42,11 @@ fn ltx(dir: &Path, txid: u64, before: &[u8], after: &[u8], pgnos: &[u32], flags:
         commit: (after.len() / PS) as u32,
         min_txid: TxId(txid),
         max_txid: TxId(txid),
-        pre_apply_checksum: if snapshot || no_checksum { Checksum(0) } else { sum(before) },
+        pre_apply_checksum: if snapshot || no_checksum {
+            Checksum(0)
+        } else {
+            sum(before)
+        },
         ..Header::default()
     };
     let path = dir.join(format!("{txid:016x}-{txid:016x}.ltx"));
@@ -56,7 +60,13 @@ fn ltx(dir: &Path, txid: u64, before: &[u8], after: &[u8], pgnos: &[u32], flags:
 }
 
 fn open_rw(path: &Path) -> File {
-    OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).unwrap()
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .unwrap()
 }
 
 struct Chain {
@@ -110,13 +120,25 @@ fn apply_chain_with_and_without_checksums() {
     }
 }
 
-fn assert_refused(db_path: &Path, current: Option<Pos>, file: &Path, check: impl Fn(&LtxError) -> bool) {
+fn assert_refused(
+    db_path: &Path,
+    current: Option<Pos>,
+    file: &Path,
+    check: impl Fn(&LtxError) -> bool,
+) {
     let before = fs::read(db_path).unwrap();
     let db = open_rw(db_path);
     let err = apply_file(&db, current, file).unwrap_err();
     assert!(check(err.root()), "unexpected error: {err}");
-    assert!(err.to_string().contains(&file.display().to_string()), "{err}");
-    assert_eq!(fs::read(db_path).unwrap(), before, "database changed by a refused apply");
+    assert!(
+        err.to_string().contains(&file.display().to_string()),
+        "{err}"
+    );
+    assert_eq!(
+        fs::read(db_path).unwrap(),
+        before,
+        "database changed by a refused apply"
+    );
 }
 
 #[test]
@@ -152,7 +174,9 @@ fn refused_files_leave_the_database_untouched() {
         });
         // Truncated file.
         fs::write(&bad, &fs::read(&c.files[1]).unwrap()[..150]).unwrap();
-        assert_refused(&db_path, Some(at1), &bad, |e| matches!(e, LtxError::Truncated { .. }));
+        assert_refused(&db_path, Some(at1), &bad, |e| {
+            matches!(e, LtxError::Truncated { .. })
+        });
     }
 }
 
@@ -170,7 +194,13 @@ fn checksum_mismatches_are_refused() {
     other[PS + 7] = b'?';
     fs::write(&db_path, &other).unwrap();
     assert_refused(&db_path, None, &c.files[1], |e| {
-        matches!(e, LtxError::ChecksumMismatch { what: "pre-apply (database)", .. })
+        matches!(
+            e,
+            LtxError::ChecksumMismatch {
+                what: "pre-apply (database)",
+                ..
+            }
+        )
     });
     let other_pos = Pos {
         post_apply_checksum: sum(&other),
@@ -195,17 +225,32 @@ fn checksum_mismatches_are_refused() {
     enc.encode_page(2, &[b'x'; PS]).unwrap();
     enc.finish(Checksum(CHECKSUM_FLAG | 1234)).unwrap();
     assert_refused(&db_path, Some(at1), &lying, |e| {
-        matches!(e, LtxError::ChecksumMismatch { what: "post-apply", .. })
+        matches!(
+            e,
+            LtxError::ChecksumMismatch {
+                what: "post-apply",
+                ..
+            }
+        )
     });
 
     // Growing the database without the new pages.
-    let header = Header { commit: 5, ..header };
+    let header = Header {
+        commit: 5,
+        ..header
+    };
     let sparse = c.dir.join("sparse.ltx");
     let mut enc = Encoder::new(File::create(&sparse).unwrap(), &header).unwrap();
     enc.encode_page(4, &[b'x'; PS]).unwrap();
     enc.finish(Checksum(CHECKSUM_FLAG | 1)).unwrap();
     assert_refused(&db_path, Some(at1), &sparse, |e| {
-        matches!(e, LtxError::MissingPage { expected: 5, found: 0 })
+        matches!(
+            e,
+            LtxError::MissingPage {
+                expected: 5,
+                found: 0
+            }
+        )
     });
 }
 
@@ -216,18 +261,32 @@ fn cli_apply_refuses_gaps_and_leaves_dbfile_untouched() {
     // Absent database, chain with a gap: still absent afterwards.
     let out = litefs(args!["ltx", "apply", "-o", db, c.files[0], c.files[2]]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("gap"), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("gap"),
+        "{}",
+        text(&out)
+    );
     assert!(!db.exists());
     // Existing database at state 2; a failing chain leaves it as it was.
     fs::write(&db, &c.states[1]).unwrap();
-    let out = litefs(args!["ltx", "apply", "-o", db, c.files[0], c.files[1], c.files[3]]);
+    let out = litefs(args![
+        "ltx", "apply", "-o", db, c.files[0], c.files[1], c.files[3]
+    ]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert_eq!(fs::read(&db).unwrap(), c.states[1]);
     // No temporary files left behind.
-    let names: Vec<_> = fs::read_dir(&c.dir).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert!(names.iter().all(|n| !n.to_string_lossy().contains(".tmp-")), "{names:?}");
+    let names: Vec<_> = fs::read_dir(&c.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        names.iter().all(|n| !n.to_string_lossy().contains(".tmp-")),
+        "{names:?}"
+    );
     // The whole chain works.
-    let out = litefs(args!["ltx", "apply", "-o", db, c.files[0], c.files[1], c.files[2], c.files[3]]);
+    let out = litefs(args![
+        "ltx", "apply", "-o", db, c.files[0], c.files[1], c.files[2], c.files[3]
+    ]);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(fs::read(&db).unwrap(), c.states[3]);
 }
@@ -250,7 +309,11 @@ fn compaction_equals_applying_in_order() {
         }
         // Applying the compacted file gives the same database as the chain.
         let db_path = c.dir.join("db");
-        let start = if first == 0 { Vec::new() } else { c.states[0].clone() };
+        let start = if first == 0 {
+            Vec::new()
+        } else {
+            c.states[0].clone()
+        };
         fs::write(&db_path, &start).unwrap();
         let pos = Pos {
             txid: TxId(first as u64),
@@ -258,7 +321,11 @@ fn compaction_equals_applying_in_order() {
         };
         let db = open_rw(&db_path);
         let new = apply_file(&db, Some(pos), &out_path).unwrap();
-        assert_eq!(fs::read(&db_path).unwrap(), c.states[3], "flags {flags} first {first}");
+        assert_eq!(
+            fs::read(&db_path).unwrap(),
+            c.states[3],
+            "flags {flags} first {first}"
+        );
         assert_eq!(new.post_apply_checksum, sum(&c.states[3]));
     }
 }

@@ -73,8 +73,12 @@ fn applying_l0_chain_reproduces_every_litestream_state() {
     for n in 1..=files.len() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("db");
-        let mut cmd: Vec<&std::ffi::OsStr> =
-            vec!["ltx".as_ref(), "apply".as_ref(), "-o".as_ref(), db.as_os_str()];
+        let mut cmd: Vec<&std::ffi::OsStr> = vec![
+            "ltx".as_ref(),
+            "apply".as_ref(),
+            "-o".as_ref(),
+            db.as_os_str(),
+        ];
         cmd.extend(files[..n].iter().map(|p| p.as_os_str()));
         let out = litefs(&cmd);
         assert!(out.status.success(), "n={n}: {}", text(&out));
@@ -85,7 +89,10 @@ fn applying_l0_chain_reproduces_every_litestream_state() {
         // The printed position carries the recomputed database checksum.
         let sum = database_checksum(fs::File::open(&db).unwrap(), 4096).unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(stdout.contains(&format!("{}/{sum}", TxId(n as u64))), "{stdout}");
+        assert!(
+            stdout.contains(&format!("{}/{sum}", TxId(n as u64))),
+            "{stdout}"
+        );
     }
     // Applying one file at a time onto the growing database gives the same result.
     let dir = tempfile::tempdir().unwrap();
@@ -126,7 +133,14 @@ fn litefs_format1_file() {
     assert_eq!(dec.format(), Format::V1);
     let h = dec.header().clone();
     assert_eq!(
-        (h.flags, h.page_size, h.commit, h.min_txid, h.max_txid, h.timestamp),
+        (
+            h.flags,
+            h.page_size,
+            h.commit,
+            h.min_txid,
+            h.max_txid,
+            h.timestamp
+        ),
         (0, 4096, 10, TxId(0xd), TxId(0xd), 0)
     );
     assert_eq!(h.pre_apply_checksum, Checksum(0x9c74a15b4e4f246c));
@@ -154,7 +168,12 @@ fn litefs_format1_file() {
     let out = litefs(args!["ltx", "dump", path]);
     assert!(out.status.success(), "{}", text(&out));
     let dump = String::from_utf8(out.stdout).unwrap();
-    for needle in ["9c74a15b4e4f246c", "fe3831a381c602b9", "9496a29358326fb5", "(3 pages)"] {
+    for needle in [
+        "9c74a15b4e4f246c",
+        "fe3831a381c602b9",
+        "9496a29358326fb5",
+        "(3 pages)",
+    ] {
         assert!(dump.contains(needle), "{needle} missing from:\n{dump}");
     }
 }
@@ -177,8 +196,14 @@ fn verify_names_each_bad_file_on_one_line() {
     let stderr = String::from_utf8(out.stderr).unwrap();
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 2, "{stderr}");
-    assert!(lines[0].starts_with(&format!("{}: ", bad.display())), "{stderr}");
+    assert!(
+        lines[0].starts_with(&format!("{}: ", bad.display())),
+        "{stderr}"
+    );
     assert!(lines[0].contains("checksum mismatch"), "{stderr}");
-    assert!(lines[1].starts_with(&format!("{}: ", short.display())), "{stderr}");
+    assert!(
+        lines[1].starts_with(&format!("{}: ", short.display())),
+        "{stderr}"
+    );
     assert!(lines[1].contains("truncated"), "{stderr}");
 }
