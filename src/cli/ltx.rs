@@ -42,6 +42,10 @@ enum LtxCommand {
     },
     /// Apply LTX files in order to a database file (created if absent). Refuses a
     /// gap or a mismatch and then leaves the database untouched.
+    ///
+    /// An absent or empty DBFILE is at TXID 0. An existing one has no recorded
+    /// TXID, so its first file must be a snapshot, or carry checksums with a
+    /// pre-apply checksum equal to DBFILE's current checksum.
     Apply {
         /// Database file to update.
         #[arg(short = 'o', value_name = "DBFILE")]
@@ -50,7 +54,8 @@ enum LtxCommand {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
-    /// Write a snapshot LTX file (TXID 1) of a database file.
+    /// Write a snapshot LTX file (TXID 1) of a database file. Only the database
+    /// file is read: checkpoint a WAL-mode database first.
     EncodeDb {
         /// Write no database checksums (header flag 0x2), as Litestream does; the
         /// only kind `litestream restore` accepts.

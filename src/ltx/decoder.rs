@@ -108,23 +108,15 @@ fn be32(b: &[u8]) -> u32 {
     u32::from_be_bytes([b[0], b[1], b[2], b[3]])
 }
 
-/// Decides the format from the header and the bytes after it.
-///
-/// Rule: header flag 0x1 exists only in format 1. Otherwise the first page header
-/// is examined: format 3 frames carry flags 0x0001 followed by a plausible
-/// compressed size (1..=LZ4 bound of the page size), or flags 0 followed by the
-/// LZ4 frame magic (early format 3); an empty format-3 page block is the 6-byte
-/// terminator, a 0 varint and the u64 1. Anything else is format 1, whose frames
-/// start with a raw page. A format-1 page whose first 6 bytes mimic a format-3
-/// frame is misdetected (the file then fails verification); decode such a file
-/// with [`Decoder::with_format`].
+/// Decides the format from the header and the bytes after it; the rule is
+/// documented on [`Decoder::new`].
 fn detect(header: &Header, peek: &[u8]) -> Format {
-    if header.flags & HEADER_FLAG_COMPRESS_LZ4 != 0 || peek.len() < 6 {
-        return if peek.len() < 6 && header.flags & HEADER_FLAG_COMPRESS_LZ4 == 0 {
-            Format::V3
-        } else {
-            Format::V1
-        };
+    if header.flags & HEADER_FLAG_COMPRESS_LZ4 != 0 {
+        return Format::V1;
+    }
+    if peek.len() < 6 {
+        // Too short for either format; the decoder reports the truncation.
+        return Format::V3;
     }
     let pgno = be32(&peek[0..4]);
     let flags = u16::from_be_bytes([peek[4], peek[5]]);
@@ -159,9 +151,15 @@ fn lz4_error(e: &io::Error) -> bool {
 }
 
 impl<R: Read> Decoder<R> {
-    /// Reads and validates the header, detecting format 1 vs 3 (see the rule on
-    /// [`Format`] detection in the module source: flag 0x1, else the shape of the
-    /// first page header).
+    /// Reads and validates the header, detecting format 1 vs 3 from the bytes
+    /// alone (the file length is not needed): header flag 0x1 exists only in
+    /// format 1; otherwise the first page header decides. Format-3 frames carry
+    /// flags 0x0001 and a plausible compressed size (1..=LZ4 bound of the page
+    /// size), or flags 0 and the LZ4 frame magic (early format 3); an empty
+    /// format-3 page block is the 6-byte terminator, a 0 varint and the u64 1.
+    /// Anything else is format 1, whose frames start with a raw page. A format-1
+    /// page whose first 6 bytes mimic a format-3 frame would be misdetected (the
+    /// file then fails verification; use [`Decoder::with_format`]).
     ///
     /// # Errors
     /// Truncated or invalid header, or I/O.
