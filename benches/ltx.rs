@@ -26,7 +26,14 @@ fn database() -> Vec<u8> {
         x
     };
     let words: [&[u8]; 8] = [
-        b"alpha ", b"order-", b"customer ", b"2024-01-", b"status=ok ", b"name:", b"id ", b"\x00\x01",
+        b"alpha ",
+        b"order-",
+        b"customer ",
+        b"2024-01-",
+        b"status=ok ",
+        b"name:",
+        b"id ",
+        b"\x00\x01",
     ];
     let mut db = vec![0u8; DB_BYTES];
     for page in db.chunks_mut(PAGE_SIZE) {
@@ -103,7 +110,9 @@ fn main() {
     g.bench_function("checksum", |b| {
         b.iter(|| database_checksum(black_box(&db[..]), PAGE_SIZE as u32).expect("checksum"))
     });
-    g.bench_function("decode-verify", |b| b.iter(|| decode_verify(black_box(&file))));
+    g.bench_function("decode-verify", |b| {
+        b.iter(|| decode_verify(black_box(&file)))
+    });
     let mut buf = Vec::with_capacity(file.len() + (1 << 20));
     g.bench_function("encode", |b| {
         b.iter(|| {
@@ -118,9 +127,17 @@ fn main() {
     let mb = db.len() as f64 / 1e6;
     let base = time(10, || copy.copy_from_slice(&db));
     let rows = [
-        ("checksum", time(5, || database_checksum(&db[..], PAGE_SIZE as u32).expect("checksum"))),
+        (
+            "checksum",
+            time(5, || {
+                database_checksum(&db[..], PAGE_SIZE as u32).expect("checksum")
+            }),
+        ),
         ("decode+verify", time(3, || decode_verify(&file))),
-        ("encode", time(2, || encode(&db, Vec::with_capacity(file.len())))),
+        (
+            "encode",
+            time(2, || encode(&db, Vec::with_capacity(file.len()))),
+        ),
     ];
     println!("{:<14} {:>10} {:>14}", "", "MB/s", "x memcpy time");
     println!("{:<14} {:>10.0} {:>14.2}", "memcpy", mb / base, 1.0);

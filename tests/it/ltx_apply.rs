@@ -329,3 +329,43 @@ fn compaction_equals_applying_in_order() {
         assert_eq!(new.post_apply_checksum, sum(&c.states[3]));
     }
 }
+
+#[test]
+fn cli_encode_db_with_checksums_round_trips() {
+    for ps in [1024, 65536] {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src.db");
+        crate::ltx_support::sqlite(
+            &src,
+            &format!(
+                "PRAGMA page_size={ps}; CREATE TABLE t(x); \
+                 INSERT INTO t SELECT randomblob(3000) FROM (SELECT 1 UNION SELECT 2 UNION SELECT 3);"
+            ),
+        );
+        let out = litefs(args!["ltx", "checksum", src]);
+        assert!(out.status.success(), "{}", text(&out));
+        let db_sum = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+        assert_eq!(
+            db_sum,
+            database_checksum(File::open(&src).unwrap(), ps)
+                .unwrap()
+                .to_string()
+        );
+
+        let snap = dir.path().join("snap.ltx");
+        let out = litefs(args!["ltx", "encode-db", "-o", snap, src]);
+        assert!(out.status.success(), "{}", text(&out));
+        let (header, trailer) = litefs::ltx::verify_path(&snap).unwrap();
+        assert_eq!(header.page_size, ps);
+        assert!(!header.no_checksum());
+        assert_eq!(trailer.post_apply_checksum.to_string(), db_sum);
+
+        let restored = dir.path().join("restored.db");
+        let out = litefs(args!["ltx", "apply", "-o", restored, snap]);
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(
+            fs::read(&restored).unwrap() == fs::read(&src).unwrap(),
+            "page size {ps}"
+        );
+    }
+}
