@@ -4,8 +4,8 @@ use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
 
 use litefs::ltx::{
-    CHECKSUM_FLAG, Checksum, Decoder, Encoder, HEADER_FLAG_NO_CHECKSUM, Header, LtxError, Pos,
-    TxId, apply_file, compact, database_checksum,
+    ApplyCheck, CHECKSUM_FLAG, Checksum, Decoder, Encoder, HEADER_FLAG_NO_CHECKSUM, Header,
+    LtxError, Pos, TxId, apply_file, apply_file_with, compact, database_checksum,
 };
 
 use crate::args;
@@ -102,7 +102,12 @@ fn chain(flags: u32) -> Chain {
 
 #[test]
 fn apply_chain_with_and_without_checksums() {
-    for flags in [0, HEADER_FLAG_NO_CHECKSUM] {
+    for (flags, check) in [
+        (0, ApplyCheck::Full),
+        (HEADER_FLAG_NO_CHECKSUM, ApplyCheck::Full),
+        (0, ApplyCheck::Incremental),
+        (HEADER_FLAG_NO_CHECKSUM, ApplyCheck::Incremental),
+    ] {
         let c = chain(flags);
         let db_path = c.dir.join("db");
         let db = open_rw(&db_path);
@@ -111,7 +116,7 @@ fn apply_chain_with_and_without_checksums() {
             post_apply_checksum: Checksum(CHECKSUM_FLAG),
         });
         for (i, file) in c.files.iter().enumerate() {
-            let new = apply_file(&db, pos, file).unwrap();
+            let new = apply_file_with(&db, pos, file, check).unwrap();
             assert_eq!(fs::read(&db_path).unwrap(), c.states[i], "state {}", i + 1);
             assert_eq!(new.txid, TxId(i as u64 + 1));
             assert_eq!(new.post_apply_checksum, sum(&c.states[i]));
