@@ -3,4 +3,9 @@
 mod cli_mount;
 mod config;
 mod fuse;
+mod ltx_apply;
+mod ltx_litestream;
+mod ltx_props;
+mod ltx_support;
+mod ltx_testdata;
 mod support;
