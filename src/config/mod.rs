@@ -1080,6 +1080,24 @@ fn yaml_error(e: &serde_yaml_ng::Error, text: &str, file: &str) -> ConfigError {
             .collect();
         return ConfigError::UnknownKey { at, key, expected };
     }
+    if let Some(rest) = message.strip_prefix("duplicate field `")
+        && let Some((field, _)) = rest.split_once('`')
+    {
+        let key = match &path {
+            Some(p) => format!("{p}.{field}"),
+            None => field.to_string(),
+        };
+        // serde points at the mapping; the second occurrence is the one to remove.
+        if let Some(p) = locate::locate_all(text, &key).get(1) {
+            at.line = Some(p.line);
+            at.column = Some(p.column);
+        }
+        return ConfigError::Syntax {
+            at,
+            key: Some(key),
+            message: "is set twice; keep one".to_string(),
+        };
+    }
     if let Some(p) = &path
         && let Some(pos) = locate::locate(text, p)
         && at.line.is_none()
