@@ -2,16 +2,19 @@
 //! them from config.
 //!
 //! - [`static_lease`]: [`StaticLeaser`], `lease.type: static`.
-//! - Consul and etcd leasers, and the object_store archive, come with their issues;
-//!   until then [`build_leaser`] and [`build_sink`] say so instead of pretending.
+//! - [`object_store_sink`]: [`ObjectStoreSink`], `backup.type: file | s3`.
+//! - Consul and etcd leasers come with their issue; until then [`build_leaser`] says
+//!   so instead of pretending.
 //!
 //! Nothing outside this module names a concrete backend: the node holds
 //! `Arc<dyn Leaser>` and `Arc<dyn SnapshotSink>`.
 
+pub mod object_store_sink;
 pub mod static_lease;
 
 use std::sync::Arc;
 
+pub use object_store_sink::ObjectStoreSink;
 pub use static_lease::{StaticLease, StaticLeaser};
 
 use crate::config::{BackupConfig, BackupType, LeaseConfig, LeaseType};
@@ -33,6 +36,15 @@ pub enum BuildError {
         kind: &'static str,
         /// What this build offers.
         available: &'static str,
+    },
+    /// The backend could not be set up (directory not creatable, client not
+    /// configurable).
+    #[error("{key}: {message}")]
+    Backend {
+        /// Config key the problem is about.
+        key: &'static str,
+        /// What failed.
+        message: String,
     },
     /// The config asks for something that cannot be built.
     #[error("{key}: {message}")]
@@ -70,21 +82,32 @@ pub fn build_leaser(cfg: &LeaseConfig) -> Result<Arc<dyn Leaser>, BuildError> {
 /// Builds the archive `backup.type` names; `Ok(None)` when no backup is configured.
 ///
 /// # Errors
-/// [`BuildError::NotImplemented`] for file and s3 (the archive is not in this build
-/// yet); [`BuildError::Invalid`] for `litefs-cloud`.
+/// [`BuildError::Backend`] if the directory or client cannot be set up;
+/// [`BuildError::Invalid`] for `litefs-cloud` or a missing `path`/`bucket` (a
+/// validated config has them).
 pub fn build_sink(cfg: &BackupConfig) -> Result<Option<Arc<dyn SnapshotSink>>, BuildError> {
     match cfg.kind {
         None => Ok(None),
-        Some(BackupType::File) => Err(BuildError::NotImplemented {
-            key: "backup.type",
-            kind: "file",
-            available: "none",
-        }),
-        Some(BackupType::S3) => Err(BuildError::NotImplemented {
-            key: "backup.type",
-            kind: "s3",
-            available: "none",
-        }),
+        Some(BackupType::File) => {
+            let Some(path) = cfg.path.as_deref().filter(|p| !p.is_empty()) else {
+                return Err(BuildError::Invalid {
+                    key: "backup.path",
+                    message: "is required for a file backup".to_string(),
+                });
+            };
+            Ok(Some(Arc::new(ObjectStoreSink::local(
+                std::path::Path::new(path),
+            )?)))
+        }
+        Some(BackupType::S3) => {
+            if cfg.bucket.as_deref().unwrap_or("").is_empty() {
+                return Err(BuildError::Invalid {
+                    key: "backup.bucket",
+                    message: "is required for an s3 backup".to_string(),
+                });
+            }
+            Ok(Some(Arc::new(ObjectStoreSink::s3(cfg)?)))
+        }
         Some(BackupType::LitefsCloud) => Err(BuildError::Invalid {
             key: "backup.type",
             message: "LiteFS Cloud was shut down in October 2024; use file or s3".to_string(),
@@ -133,16 +156,32 @@ mod tests {
         );
     }
 
-    #[test]
-    fn sinks() {
+    #[tokio::test]
+    async fn sinks() {
         assert!(build_sink(&BackupConfig::default()).unwrap().is_none());
+
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("archive");
+        let file = BackupConfig {
+            kind: Some(BackupType::File),
+            path: Some(archive.display().to_string()),
+            ..BackupConfig::default()
+        };
+        let sink = build_sink(&file).unwrap().unwrap();
+        assert_eq!(sink.type_name(), "file");
+        assert!(archive.is_dir(), "the directory is created");
+        assert!(sink.databases().await.unwrap().is_empty());
+
         let s3 = BackupConfig {
             kind: Some(BackupType::S3),
             ..BackupConfig::default()
         };
         assert!(matches!(
             build_sink(&s3),
-            Err(BuildError::NotImplemented { kind: "s3", .. })
+            Err(BuildError::Invalid {
+                key: "backup.bucket",
+                ..
+            })
         ));
         let cloud = BackupConfig {
             kind: Some(BackupType::LitefsCloud),

@@ -96,7 +96,8 @@ pub trait SnapshotSink: Debug + Send + Sync + 'static {
     /// [`SinkError::Store`] if the listing fails.
     async fn list(&self, db: &str, level: u8) -> Result<Vec<LtxObject>, SinkError>;
 
-    /// Names of the databases that have at least one file, sorted.
+    /// Names of the databases in the archive, sorted. A database whose files were all
+    /// deleted may still be listed by a store with real directories.
     ///
     /// # Errors
     /// [`SinkError::Store`] if the listing fails.

@@ -7,6 +7,7 @@
 mod ltx;
 
 use std::ffi::OsString;
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -156,7 +157,6 @@ fn run_mount(args: MountArgs) -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             tracing::error!("{e:#}");
-            eprintln!("litefs: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -202,6 +202,7 @@ fn log_subscriber(log: &LogConfig) -> Box<dyn tracing::Subscriber + Send + Sync>
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(filter);
     match (log.format, log.timestamp) {
         (LogFormat::Json, _) => Box::new(builder.json().finish()),

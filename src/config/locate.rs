@@ -18,9 +18,16 @@ pub struct Position {
 /// Returns the position of the key at `path` (keys joined by `.`; sequence indexes such
 /// as `exec[1]` are ignored), or `None` if it is not written in the text.
 pub fn locate(text: &str, path: &str) -> Option<Position> {
+    locate_all(text, path).into_iter().next()
+}
+
+/// Every position where the key at `path` is written, in file order (more than one
+/// when a key is duplicated).
+pub fn locate_all(text: &str, path: &str) -> Vec<Position> {
     let want = split_path(path);
+    let mut found = Vec::new();
     if want.is_empty() {
-        return None;
+        return found;
     }
     // Open mappings: (indentation of their keys, key).
     let mut stack: Vec<(usize, String)> = Vec::new();
@@ -33,13 +40,13 @@ pub fn locate(text: &str, path: &str) -> Option<Position> {
         }
         stack.push((indent, key));
         if stack.len() == want.len() && stack.iter().zip(&want).all(|((_, k), w)| k == w) {
-            return Some(Position {
+            found.push(Position {
                 line: n + 1,
                 column: indent + 1,
             });
         }
     }
-    None
+    found
 }
 
 /// Like [`locate`], but falls back to the nearest written ancestor: a missing
@@ -127,6 +134,11 @@ exec:
             Some(12)
         );
         assert_eq!(locate(TEXT, "quoted").map(|p| p.line), Some(14));
+        let cmds: Vec<usize> = locate_all(TEXT, "exec.cmd")
+            .iter()
+            .map(|p| p.line)
+            .collect();
+        assert_eq!(cmds, [11, 13]);
     }
 
     #[test]

@@ -605,3 +605,18 @@ fn exec_string_and_list_forms() {
     let e = err("lease: {type: static}\nexec: 42\n");
     assert_eq!(line_and_key(&e).1, "exec");
 }
+
+#[test]
+fn yaml_syntax_errors_name_the_line() {
+    let e = err("lease:\n  type: static\n  hostname: a\n hostname: b\n");
+    let at = e.location().unwrap();
+    assert_eq!(at.file, "litefs.yml");
+    assert_eq!(at.line, Some(4), "{e}");
+    assert!(matches!(e, ConfigError::Syntax { .. }), "{e:?}");
+
+    let e = err("lease:\n  type: static\n  type: consul\n");
+    assert_eq!(
+        e.to_string(),
+        "litefs.yml:3:3: lease.type: is set twice; keep one"
+    );
+}
