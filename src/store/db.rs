@@ -10,11 +10,11 @@ use std::sync::{Mutex, MutexGuard};
 
 use tracing::{debug, info, warn};
 
-use crate::ltx::{self, Checksum, Header, Pos, RollingChecksum, TxId, CHECKSUM_FLAG};
+use crate::ltx::{self, CHECKSUM_FLAG, Checksum, Header, Pos, RollingChecksum, TxId};
 
 use super::ltxio::{self, PendingLtx};
 use super::wal::{self, WalChecksum, WalHeader, WalTxn};
-use super::{journal, FileKind, StoreError};
+use super::{FileKind, StoreError, journal};
 
 /// Page size used for a commit-0 LTX of a database that never had a header.
 const DEFAULT_PAGE_SIZE: u32 = 4096;
@@ -154,10 +154,14 @@ impl Db {
     fn usable(&self) -> Result<MutexGuard<'_, DbState>, StoreError> {
         let st = self.lock();
         if st.deleted {
-            return Err(StoreError::Deleted { db: self.name.clone() });
+            return Err(StoreError::Deleted {
+                db: self.name.clone(),
+            });
         }
         if st.closed {
-            return Err(StoreError::Closed { db: self.name.clone() });
+            return Err(StoreError::Closed {
+                db: self.name.clone(),
+            });
         }
         Ok(st)
     }
@@ -214,7 +218,10 @@ impl Db {
     /// offset 0 is the PERSIST-mode commit point: the transaction is captured first.
     pub fn journal_write(&self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
         let mut st = self.usable()?;
-        if offset == 0 && data.len() >= journal::HEADER_LEN && data[..journal::HEADER_LEN].iter().all(|b| *b == 0) {
+        if offset == 0
+            && data.len() >= journal::HEADER_LEN
+            && data[..journal::HEADER_LEN].iter().all(|b| *b == 0)
+        {
             debug!(db = %self.name, "journal header zeroed: end of transaction");
             self.capture_database(&mut st)?;
         }
@@ -293,7 +300,9 @@ impl Db {
         let jpath = self.path(FileKind::Journal);
         match File::open(&jpath) {
             Ok(j) => {
-                if journal::has_valid_header(&j).map_err(|e| StoreError::io(&self.name, "read journal", &jpath, e))? {
+                if journal::has_valid_header(&j)
+                    .map_err(|e| StoreError::io(&self.name, "read journal", &jpath, e))?
+                {
                     return Ok(());
                 }
             }
@@ -315,7 +324,11 @@ impl Db {
             max_txid: txid,
             timestamp: ltxio::now_ms(),
             // A snapshot (TXID 1) carries no pre-apply checksum.
-            pre_apply_checksum: if txid.0 == 1 { Checksum(0) } else { st.pos.post_apply_checksum },
+            pre_apply_checksum: if txid.0 == 1 {
+                Checksum(0)
+            } else {
+                st.pos.post_apply_checksum
+            },
             wal_offset: 0,
             wal_size: 0,
             wal_salt1: 0,
@@ -329,7 +342,8 @@ impl Db {
     /// rolled-back transaction (pages restored) produces no LTX.
     pub(crate) fn capture_database(&self, st: &mut DbState) -> Result<(), StoreError> {
         let path = self.path(FileKind::Database);
-        let f = File::open(&path).map_err(|e| StoreError::io(&self.name, "open database", &path, e))?;
+        let f =
+            File::open(&path).map_err(|e| StoreError::io(&self.name, "open database", &path, e))?;
         let len = f
             .metadata()
             .map_err(|e| StoreError::io(&self.name, "stat database", &path, e))?
@@ -340,7 +354,10 @@ impl Db {
             let hdr = read_db_header(&self.name, &f, &path)?;
             let ps = parse_page_size(&hdr).ok_or_else(|| StoreError::InvalidDatabaseHeader {
                 db: self.name.clone(),
-                reason: format!("page size field {:02x}{:02x} is not a power of two in 512..=65536", hdr[16], hdr[17]),
+                reason: format!(
+                    "page size field {:02x}{:02x} is not a power of two in 512..=65536",
+                    hdr[16], hdr[17]
+                ),
             })?;
             (ps, commit_size(&self.name, &hdr, len, ps))
         };
@@ -364,7 +381,8 @@ impl Db {
 
         let header = self.next_header(st, ps, commit);
         let ltx_dir = self.ltx_dir();
-        let mut pending = PendingLtx::create(&ltx_dir, &header).map_err(|e| e.into_store_error(&self.name))?;
+        let mut pending =
+            PendingLtx::create(&ltx_dir, &header).map_err(|e| e.into_store_error(&self.name))?;
         let mut buf = vec![0u8; ps as usize];
         let mut changes = Vec::new();
         for pgno in candidates {
@@ -401,7 +419,9 @@ impl Db {
             return Err(StoreError::io(&self.name, "fsync database", &path, e));
         }
         let post = post_apply(&cap);
-        let dst = pending.commit(post).map_err(|e| e.into_store_error(&self.name))?;
+        let dst = pending
+            .commit(post)
+            .map_err(|e| e.into_store_error(&self.name))?;
         self.apply_capture(st, cap, header.max_txid, post);
         st.dirty.clear();
         st.all_dirty = false;
@@ -411,9 +431,20 @@ impl Db {
 
     /// Works out the new rolling checksum from the in-memory page checksums: XOR out the
     /// old checksum of each changed or truncated page, XOR in the new one.
-    fn plan(&self, st: &DbState, same_ps: bool, ps: u32, commit: u32, changes: Vec<(u32, Checksum)>) -> Capture {
+    fn plan(
+        &self,
+        st: &DbState,
+        same_ps: bool,
+        ps: u32,
+        commit: u32,
+        changes: Vec<(u32, Checksum)>,
+    ) -> Capture {
         let old_commit = if same_ps { st.commit } else { 0 };
-        let mut rolling = if same_ps { st.rolling } else { RollingChecksum::new() };
+        let mut rolling = if same_ps {
+            st.rolling
+        } else {
+            RollingChecksum::new()
+        };
         let lock = ltx::lock_pgno(ps);
         for &(pgno, c) in &changes {
             if pgno <= old_commit {
@@ -463,10 +494,13 @@ impl Db {
             Err(e) => return Err(StoreError::io(&self.name, "open wal", &path, e)),
         };
         if st.wal_unsynced {
-            f.sync_all().map_err(|e| StoreError::io(&self.name, "fsync wal", &path, e))?;
+            f.sync_all()
+                .map_err(|e| StoreError::io(&self.name, "fsync wal", &path, e))?;
             st.wal_unsynced = false;
         }
-        let Some(h) = wal::read_header(&f).map_err(|e| StoreError::io(&self.name, "read wal header", &path, e))? else {
+        let Some(h) = wal::read_header(&f)
+            .map_err(|e| StoreError::io(&self.name, "read wal header", &path, e))?
+        else {
             return Ok(());
         };
         if let Some(ps) = st.page_size
@@ -475,14 +509,18 @@ impl Db {
         {
             return Err(StoreError::InvalidWal {
                 db: self.name.clone(),
-                reason: format!("WAL page size {} differs from the database's {ps}", h.page_size),
+                reason: format!(
+                    "WAL page size {} differs from the database's {ps}",
+                    h.page_size
+                ),
             });
         }
         let (start, seed) = match st.wal {
             Some(c) if c.salt1 == h.salt1 && c.salt2 == h.salt2 => (c.offset, c.checksum),
             _ => (wal::HEADER_SIZE, h.checksum),
         };
-        let txns = wal::scan(&f, &h, start, seed).map_err(|e| StoreError::io(&self.name, "read wal", &path, e))?;
+        let txns = wal::scan(&f, &h, start, seed)
+            .map_err(|e| StoreError::io(&self.name, "read wal", &path, e))?;
         st.wal = Some(WalCursor {
             salt1: h.salt1,
             salt2: h.salt2,
@@ -501,7 +539,13 @@ impl Db {
         Ok(())
     }
 
-    fn capture_wal_txn(&self, st: &mut DbState, wal_file: &File, h: &WalHeader, txn: &WalTxn) -> Result<(), StoreError> {
+    fn capture_wal_txn(
+        &self,
+        st: &mut DbState,
+        wal_file: &File,
+        h: &WalHeader,
+        txn: &WalTxn,
+    ) -> Result<(), StoreError> {
         let ps = h.page_size;
         let commit = txn.commit;
         let same_ps = st.page_size == Some(ps) || st.commit == 0;
@@ -530,7 +574,8 @@ impl Db {
         let wal_path = self.path(FileKind::Wal);
         let db_path = self.path(FileKind::Database);
         let mut db_file: Option<File> = None;
-        let mut pending = PendingLtx::create(&self.ltx_dir(), &header).map_err(|e| e.into_store_error(&self.name))?;
+        let mut pending = PendingLtx::create(&self.ltx_dir(), &header)
+            .map_err(|e| e.into_store_error(&self.name))?;
         let mut buf = vec![0u8; ps as usize];
         let mut changes = Vec::new();
         for (pgno, src) in sources {
@@ -561,7 +606,9 @@ impl Db {
         }
         let cap = self.plan(st, same_ps, ps, commit, changes);
         let post = post_apply(&cap);
-        pending.commit(post).map_err(|e| e.into_store_error(&self.name))?;
+        pending
+            .commit(post)
+            .map_err(|e| e.into_store_error(&self.name))?;
         self.apply_capture(st, cap, header.max_txid, post);
         debug!(db = %self.name, pos = %st.pos, wal_offset = txn.offset, "captured WAL transaction");
         Ok(())
@@ -572,13 +619,18 @@ impl Db {
     pub(crate) fn delete(&self) -> Result<Pos, StoreError> {
         let mut st = self.lock();
         if st.deleted {
-            return Err(StoreError::Deleted { db: self.name.clone() });
+            return Err(StoreError::Deleted {
+                db: self.name.clone(),
+            });
         }
         if st.pos.txid.0 > 0 {
             let header = self.next_header(&st, st.page_size.unwrap_or(DEFAULT_PAGE_SIZE), 0);
-            let pending = PendingLtx::create(&self.ltx_dir(), &header).map_err(|e| e.into_store_error(&self.name))?;
+            let pending = PendingLtx::create(&self.ltx_dir(), &header)
+                .map_err(|e| e.into_store_error(&self.name))?;
             let post = Checksum(CHECKSUM_FLAG);
-            pending.commit(post).map_err(|e| e.into_store_error(&self.name))?;
+            pending
+                .commit(post)
+                .map_err(|e| e.into_store_error(&self.name))?;
             st.pos = Pos {
                 txid: header.max_txid,
                 post_apply_checksum: post,
@@ -589,10 +641,16 @@ impl Db {
         st.checksums = Vec::new();
         st.rolling = RollingChecksum::new();
         st.dirty.clear();
-        for kind in [FileKind::Database, FileKind::Journal, FileKind::Wal, FileKind::Shm] {
+        for kind in [
+            FileKind::Database,
+            FileKind::Journal,
+            FileKind::Wal,
+            FileKind::Shm,
+        ] {
             remove_if_exists(&self.name, &self.path(kind))?;
         }
-        ltxio::fsync_dir(&self.dir).map_err(|e| StoreError::io(&self.name, "fsync dir", &self.dir, e))?;
+        ltxio::fsync_dir(&self.dir)
+            .map_err(|e| StoreError::io(&self.name, "fsync dir", &self.dir, e))?;
         info!(db = %self.name, pos = %st.pos, "database deleted");
         Ok(st.pos)
     }
@@ -604,11 +662,14 @@ impl Db {
     /// [`StoreError::ChecksumMismatch`] naming both checksums when they differ.
     pub fn verify(&self) -> Result<(), StoreError> {
         let st = self.lock();
-        let Some(ps) = st.page_size else { return Ok(()) };
+        let Some(ps) = st.page_size else {
+            return Ok(());
+        };
         let wal_txns = match st.wal {
             Some(c) => {
                 let path = self.path(FileKind::Wal);
-                let f = File::open(&path).map_err(|e| StoreError::io(&self.name, "open wal", &path, e))?;
+                let f = File::open(&path)
+                    .map_err(|e| StoreError::io(&self.name, "open wal", &path, e))?;
                 let h = wal::read_header(&f)
                     .map_err(|e| StoreError::io(&self.name, "read wal", &path, e))?
                     .filter(|h| h.salt1 == c.salt1 && h.salt2 == c.salt2);
@@ -616,7 +677,8 @@ impl Db {
                     Some(h) => {
                         let txns = wal::scan(&f, &h, wal::HEADER_SIZE, h.checksum)
                             .map_err(|e| StoreError::io(&self.name, "read wal", &path, e))?;
-                        let txns: Vec<WalTxn> = txns.into_iter().filter(|t| t.end <= c.offset).collect();
+                        let txns: Vec<WalTxn> =
+                            txns.into_iter().filter(|t| t.end <= c.offset).collect();
                         Some((f, txns))
                     }
                     None => None,
@@ -624,12 +686,21 @@ impl Db {
             }
             None => None,
         };
-        let logical = logical_checksums(&self.name, &self.path(FileKind::Database), ps, wal_txns.as_ref().map(|(f, t)| (f, t.as_slice())))?;
+        let logical = logical_checksums(
+            &self.name,
+            &self.path(FileKind::Database),
+            ps,
+            wal_txns.as_ref().map(|(f, t)| (f, t.as_slice())),
+        )?;
         let mut rolling = RollingChecksum::new();
         for c in logical.checksums.iter().take(st.commit as usize) {
             rolling.toggle(*c);
         }
-        let got = if st.commit == 0 { Checksum(CHECKSUM_FLAG) } else { rolling.value() };
+        let got = if st.commit == 0 {
+            Checksum(CHECKSUM_FLAG)
+        } else {
+            rolling.value()
+        };
         if got != st.pos.post_apply_checksum && st.pos.txid.0 > 0 {
             return Err(StoreError::ChecksumMismatch {
                 db: self.name.clone(),
@@ -643,15 +714,28 @@ impl Db {
 }
 
 fn post_apply(cap: &Capture) -> Checksum {
-    if cap.commit == 0 { Checksum(CHECKSUM_FLAG) } else { cap.rolling.value() }
+    if cap.commit == 0 {
+        Checksum(CHECKSUM_FLAG)
+    } else {
+        cap.rolling.value()
+    }
 }
 
-fn read_db_page(db: &str, file: &mut Option<File>, path: &Path, pgno: u32, buf: &mut [u8]) -> Result<(), StoreError> {
+fn read_db_page(
+    db: &str,
+    file: &mut Option<File>,
+    path: &Path,
+    pgno: u32,
+    buf: &mut [u8],
+) -> Result<(), StoreError> {
     if file.is_none() {
         *file = Some(File::open(path).map_err(|e| StoreError::io(db, "open database", path, e))?);
     }
-    let Some(f) = file.as_ref() else { unreachable!() };
-    read_page_or_zeros(f, u64::from(pgno - 1) * buf.len() as u64, buf).map_err(|e| StoreError::io(db, "read page", path, e))
+    let Some(f) = file.as_ref() else {
+        unreachable!()
+    };
+    read_page_or_zeros(f, u64::from(pgno - 1) * buf.len() as u64, buf)
+        .map_err(|e| StoreError::io(db, "read page", path, e))
 }
 
 /// Reads a page; the part beyond the end of the file reads as zeros (SQLite's view).
@@ -704,7 +788,12 @@ pub(crate) fn commit_size(db: &str, hdr: &[u8; 100], file_len: u64, ps: u32) -> 
     let in_header = be(28);
     if in_header != 0 && be(92) == be(24) {
         if in_header > file_pages {
-            warn!(db, in_header, file_pages, "header claims more pages than the file holds; using the file size");
+            warn!(
+                db,
+                in_header,
+                file_pages,
+                "header claims more pages than the file holds; using the file size"
+            );
             return file_pages;
         }
         in_header
@@ -729,9 +818,17 @@ pub(crate) struct Logical {
     pub commit: u32,
 }
 
-pub(crate) fn logical_checksums(db: &str, path: &Path, ps: u32, wal: Option<(&File, &[WalTxn])>) -> Result<Logical, StoreError> {
+pub(crate) fn logical_checksums(
+    db: &str,
+    path: &Path,
+    ps: u32,
+    wal: Option<(&File, &[WalTxn])>,
+) -> Result<Logical, StoreError> {
     let f = File::open(path).map_err(|e| StoreError::io(db, "open database", path, e))?;
-    let len = f.metadata().map_err(|e| StoreError::io(db, "stat database", path, e))?.len();
+    let len = f
+        .metadata()
+        .map_err(|e| StoreError::io(db, "stat database", path, e))?
+        .len();
     let mut sums = ltx::page_checksums(io::BufReader::with_capacity(1 << 20, &f), ps)
         .map_err(|e| StoreError::io(db, "checksum database", path, e))?;
     let mut commit = if len == 0 {
@@ -757,7 +854,8 @@ pub(crate) fn logical_checksums(db: &str, path: &Path, ps: u32, wal: Option<(&Fi
                 if pgno == lock || pgno > txn.commit {
                     continue;
                 }
-                wf.read_exact_at(&mut buf, off).map_err(|e| StoreError::io(db, "read wal frame", path, e))?;
+                wf.read_exact_at(&mut buf, off)
+                    .map_err(|e| StoreError::io(db, "read wal frame", path, e))?;
                 sums[pgno as usize - 1] = ltx::page_checksum(pgno, &buf);
             }
             commit = txn.commit;
@@ -766,9 +864,15 @@ pub(crate) fn logical_checksums(db: &str, path: &Path, ps: u32, wal: Option<(&Fi
     if (sums.len() as u32) < commit {
         return Err(StoreError::InvalidDatabaseHeader {
             db: db.to_string(),
-            reason: format!("database holds {} pages, fewer than its size {commit}", sums.len()),
+            reason: format!(
+                "database holds {} pages, fewer than its size {commit}",
+                sums.len()
+            ),
         });
     }
     sums.truncate(commit as usize);
-    Ok(Logical { checksums: sums, commit })
+    Ok(Logical {
+        checksums: sums,
+        commit,
+    })
 }

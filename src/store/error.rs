@@ -49,7 +49,9 @@ pub enum StoreError {
         database: Checksum,
     },
     /// The LTX history says the database exists, but its file is missing.
-    #[error("database {db:?}: database file {path} is missing but LTX files up to TXID {txid} exist")]
+    #[error(
+        "database {db:?}: database file {path} is missing but LTX files up to TXID {txid} exist"
+    )]
     MissingDatabase {
         /// Database name.
         db: String,
@@ -101,7 +103,12 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    pub(crate) fn io(db: &str, op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+    pub(crate) fn io(
+        db: &str,
+        op: &'static str,
+        path: impl Into<PathBuf>,
+        source: io::Error,
+    ) -> Self {
         StoreError::Io {
             db: db.to_string(),
             op,

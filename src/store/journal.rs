@@ -114,7 +114,10 @@ pub fn rollback(journal: &File, db: &File) -> io::Result<Option<Rollback>> {
             journal.read_exact_at(&mut rec, off)?;
             let pgno = be32(&rec, 0);
             let page = &rec[4..4 + ps as usize];
-            if pgno == 0 || pgno == lock_pgno || be32(&rec, 4 + ps as usize) != record_checksum(hdr.nonce, page) {
+            if pgno == 0
+                || pgno == lock_pgno
+                || be32(&rec, 4 + ps as usize) != record_checksum(hdr.nonce, page)
+            {
                 break 'segments;
             }
             if pgno <= first.db_size {
@@ -192,7 +195,13 @@ mod tests {
         let db = file_with(&new);
         let j = file_with(&journal(ps, 2, 7, &[(2, old[ps as usize..].to_vec())]));
         let r = rollback(&j, &db).unwrap().unwrap();
-        assert_eq!(r, Rollback { pages_restored: 1, db_size: 2 });
+        assert_eq!(
+            r,
+            Rollback {
+                pages_restored: 1,
+                db_size: 2
+            }
+        );
         assert_eq!(read_all(&db), old);
     }
 
@@ -202,7 +211,12 @@ mod tests {
         let old = vec![1u8; 3 * ps as usize];
         let new = vec![2u8; 3 * ps as usize];
         let db = file_with(&new);
-        let mut j = journal(ps, 3, 9, &[(1, old[..512].to_vec()), (3, old[1024..].to_vec())]);
+        let mut j = journal(
+            ps,
+            3,
+            9,
+            &[(1, old[..512].to_vec()), (3, old[1024..].to_vec())],
+        );
         // Corrupt the checksum of the second record.
         let last = j.len() - 1;
         j[last] ^= 0xFF;

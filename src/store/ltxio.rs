@@ -82,14 +82,19 @@ pub fn verify(db: &str, path: &Path) -> Result<(Header, Trailer), StoreError> {
 pub fn rewrite_pages(db_name: &str, db: &File, path: &Path) -> Result<Header, StoreError> {
     let (header, _) = verify(db_name, path)?;
     let f = File::open(path).map_err(|e| StoreError::io(db_name, "open ltx", path, e))?;
-    let mut dec = Decoder::new(io::BufReader::new(f)).map_err(|e| StoreError::ltx(db_name, path, e))?;
+    let mut dec =
+        Decoder::new(io::BufReader::new(f)).map_err(|e| StoreError::ltx(db_name, path, e))?;
     let ps = u64::from(header.page_size);
     let mut buf = vec![0u8; header.page_size as usize];
-    while let Some(pgno) = dec.next_page(&mut buf).map_err(|e| StoreError::ltx(db_name, path, e))? {
+    while let Some(pgno) = dec
+        .next_page(&mut buf)
+        .map_err(|e| StoreError::ltx(db_name, path, e))?
+    {
         db.write_all_at(&buf, u64::from(pgno - 1) * ps)
             .map_err(|e| StoreError::io(db_name, "write page", path, e))?;
     }
-    dec.finish().map_err(|e| StoreError::ltx(db_name, path, e))?;
+    dec.finish()
+        .map_err(|e| StoreError::ltx(db_name, path, e))?;
     db.set_len(u64::from(header.commit) * ps)
         .and_then(|()| db.sync_all())
         .map_err(|e| StoreError::io(db_name, "truncate database", path, e))?;
@@ -141,13 +146,21 @@ impl PendingLtx {
     /// Finishes the file with `post_apply` and makes it durable under its final name:
     /// fsync, rename, fsync of the directory. Returns the final path.
     pub fn commit(self, post_apply: Checksum) -> Result<PathBuf, LtxWriteError> {
-        let PendingLtx { tmp, dir, header, enc } = self;
+        let PendingLtx {
+            tmp,
+            dir,
+            header,
+            enc,
+        } = self;
         let result = (|| {
-            let (w, _trailer) = enc.finish(post_apply).map_err(|e| LtxWriteError::Ltx(tmp.clone(), e))?;
+            let (w, _trailer) = enc
+                .finish(post_apply)
+                .map_err(|e| LtxWriteError::Ltx(tmp.clone(), e))?;
             let f = w
                 .into_inner()
                 .map_err(|e| LtxWriteError::Io("write ltx", tmp.clone(), e.into_error()))?;
-            f.sync_all().map_err(|e| LtxWriteError::Io("fsync ltx", tmp.clone(), e))?;
+            f.sync_all()
+                .map_err(|e| LtxWriteError::Io("fsync ltx", tmp.clone(), e))?;
             let dst = dir.join(ltx::format_filename(header.min_txid, header.max_txid));
             fs::rename(&tmp, &dst).map_err(|e| LtxWriteError::Io("rename ltx", dst.clone(), e))?;
             fsync_dir(&dir).map_err(|e| LtxWriteError::Io("fsync ltx dir", dir.clone(), e))?;

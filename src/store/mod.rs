@@ -158,7 +158,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("data_dir", &self.opts.data_dir).finish_non_exhaustive()
+        f.debug_struct("Store")
+            .field("data_dir", &self.opts.data_dir)
+            .finish_non_exhaustive()
     }
 }
 
@@ -173,15 +175,26 @@ impl Store {
     /// database and its LTX history disagree; I/O and LTX errors naming the file.
     pub fn open(opts: StoreOptions) -> Result<Arc<Store>, StoreError> {
         let dbs_dir = opts.data_dir.join("dbs");
-        fs::create_dir_all(&dbs_dir).map_err(|e| StoreError::io("", "create data dir", &dbs_dir, e))?;
+        fs::create_dir_all(&dbs_dir)
+            .map_err(|e| StoreError::io("", "create data dir", &dbs_dir, e))?;
         let mut inner = Inner::default();
         let mut names = Vec::new();
-        for entry in fs::read_dir(&dbs_dir).map_err(|e| StoreError::io("", "list data dir", &dbs_dir, e))? {
+        for entry in
+            fs::read_dir(&dbs_dir).map_err(|e| StoreError::io("", "list data dir", &dbs_dir, e))?
+        {
             let entry = entry.map_err(|e| StoreError::io("", "list data dir", &dbs_dir, e))?;
             let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
             match entry.file_name().into_string() {
-                Ok(name) if is_dir && parse_mount_name(&name) == Some((name.as_str(), FileKind::Database)) => names.push(name),
-                Ok(name) => warn!(entry = name, "ignoring unexpected entry in the data directory"),
+                Ok(name)
+                    if is_dir
+                        && parse_mount_name(&name) == Some((name.as_str(), FileKind::Database)) =>
+                {
+                    names.push(name)
+                }
+                Ok(name) => warn!(
+                    entry = name,
+                    "ignoring unexpected entry in the data directory"
+                ),
                 Err(name) => warn!(entry = ?name, "ignoring non-UTF-8 entry in the data directory"),
             }
         }
@@ -191,7 +204,10 @@ impl Store {
             match recovery::recover(&name, &dir, opts.node_id)? {
                 Recovered::Live(db, needs_snapshot) => {
                     if needs_snapshot {
-                        info!(db = name, "database has no LTX history: capturing it as TXID 1");
+                        info!(
+                            db = name,
+                            "database has no LTX history: capturing it as TXID 1"
+                        );
                         let mut st = db.lock();
                         db.capture_database(&mut st)?;
                     }
@@ -236,27 +252,41 @@ impl Store {
 
     /// Deleted databases whose commit-0 LTX file is still kept, with their last position.
     pub fn deleted_databases(&self) -> Vec<(String, Pos)> {
-        self.inner().tombstones.iter().map(|(n, p)| (n.clone(), *p)).collect()
+        self.inner()
+            .tombstones
+            .iter()
+            .map(|(n, p)| (n.clone(), *p))
+            .collect()
     }
 
     /// Creates the database (directory, `ltx/`, empty database file) if absent and returns
     /// it. A name that was deleted continues its TXID sequence.
     pub fn create_db(&self, name: &str) -> Result<Arc<Db>, StoreError> {
         if parse_mount_name(name) != Some((name, FileKind::Database)) {
-            return Err(StoreError::InvalidName { name: name.to_string() });
+            return Err(StoreError::InvalidName {
+                name: name.to_string(),
+            });
         }
         let mut inner = self.inner();
         if inner.closed {
-            return Err(StoreError::Closed { db: name.to_string() });
+            return Err(StoreError::Closed {
+                db: name.to_string(),
+            });
         }
         if let Some(db) = inner.dbs.get(name) {
             return Ok(db.clone());
         }
         let dir = self.dbs_dir.join(name);
         let ltx_dir = dir.join("ltx");
-        fs::create_dir_all(&ltx_dir).map_err(|e| StoreError::io(name, "create db dir", &ltx_dir, e))?;
+        fs::create_dir_all(&ltx_dir)
+            .map_err(|e| StoreError::io(name, "create db dir", &ltx_dir, e))?;
         let pos = inner.tombstones.remove(name).unwrap_or_default();
-        let db = Db::new(name.to_string(), dir.clone(), self.opts.node_id, db::DbState::empty(pos));
+        let db = Db::new(
+            name.to_string(),
+            dir.clone(),
+            self.opts.node_id,
+            db::DbState::empty(pos),
+        );
         let path = db.path(FileKind::Database);
         fs::OpenOptions::new()
             .write(true)
@@ -278,11 +308,18 @@ impl Store {
     /// Handles held by others fail with [`StoreError::Deleted`] afterwards.
     pub fn delete_db(&self, name: &str) -> Result<(), StoreError> {
         let mut inner = self.inner();
-        let db = inner.dbs.get(name).cloned().ok_or_else(|| StoreError::NotFound { name: name.to_string() })?;
+        let db = inner
+            .dbs
+            .get(name)
+            .cloned()
+            .ok_or_else(|| StoreError::NotFound {
+                name: name.to_string(),
+            })?;
         let pos = db.delete()?;
         inner.dbs.remove(name);
         if pos.txid.0 == 0 {
-            fs::remove_dir_all(db.dir()).map_err(|e| StoreError::io(name, "remove db dir", db.dir(), e))?;
+            fs::remove_dir_all(db.dir())
+                .map_err(|e| StoreError::io(name, "remove db dir", db.dir(), e))?;
         } else {
             inner.tombstones.insert(name.to_string(), pos);
         }
@@ -293,7 +330,12 @@ impl Store {
     /// (position and page checksums), so the next open needs no re-hash. Every hook fails
     /// afterwards.
     pub fn close(&self) -> Result<(), StoreError> {
-        if let Some(r) = self.retention.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(r) = self
+            .retention
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
             drop(r.stop);
             if r.thread.join().is_err() {
                 error!("retention thread panicked");
@@ -319,8 +361,9 @@ impl Store {
                 database: stamp(FileKind::Database)?,
                 wal: stamp(FileKind::Wal)?,
             };
-            rec.write(db.dir())
-                .map_err(|e| StoreError::io(db.name(), "write clean-shutdown record", db.dir(), e))?;
+            rec.write(db.dir()).map_err(|e| {
+                StoreError::io(db.name(), "write clean-shutdown record", db.dir(), e)
+            })?;
         }
         info!(databases = inner.dbs.len(), "store closed");
         Ok(())
@@ -336,11 +379,17 @@ impl Store {
     /// directory of a deleted database once its commit-0 file is that old. Returns the
     /// number of LTX files removed.
     pub fn retention_pass(&self, now: SystemTime) -> Result<usize, StoreError> {
-        let cutoff = now.checked_sub(self.opts.retention).unwrap_or(SystemTime::UNIX_EPOCH);
+        let cutoff = now
+            .checked_sub(self.opts.retention)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
         let (live, deleted): (Vec<_>, Vec<_>) = {
             let inner = self.inner();
             (
-                inner.dbs.values().map(|d| (d.name().to_string(), d.ltx_dir())).collect(),
+                inner
+                    .dbs
+                    .values()
+                    .map(|d| (d.name().to_string(), d.ltx_dir()))
+                    .collect(),
                 inner.tombstones.keys().cloned().collect(),
             )
         };
@@ -351,9 +400,11 @@ impl Store {
         for name in deleted {
             let dir = self.dbs_dir.join(&name);
             removed += prune(&name, &dir.join("ltx"), cutoff)?;
-            let files = ltxio::list(&dir.join("ltx")).map_err(|e| StoreError::io(&name, "list ltx", &dir, e))?;
+            let files = ltxio::list(&dir.join("ltx"))
+                .map_err(|e| StoreError::io(&name, "list ltx", &dir, e))?;
             let expired = match files.last() {
-                Some(f) => older_than(&f.path, cutoff).map_err(|e| StoreError::io(&name, "stat ltx", &f.path, e))?,
+                Some(f) => older_than(&f.path, cutoff)
+                    .map_err(|e| StoreError::io(&name, "stat ltx", &f.path, e))?,
                 None => true,
             };
             if expired {
@@ -361,7 +412,8 @@ impl Store {
                 // Re-check under the lock: create_db may have revived the name meanwhile.
                 if inner.tombstones.remove(&name).is_some() {
                     removed += files.len();
-                    fs::remove_dir_all(&dir).map_err(|e| StoreError::io(&name, "remove db dir", &dir, e))?;
+                    fs::remove_dir_all(&dir)
+                        .map_err(|e| StoreError::io(&name, "remove db dir", &dir, e))?;
                     info!(db = name, "removed deleted database after retention");
                 }
             }
@@ -373,23 +425,30 @@ impl Store {
         let (tx, rx) = mpsc::channel::<()>();
         let weak: Weak<Store> = Arc::downgrade(self);
         let interval = self.opts.retention_monitor_interval;
-        let spawned = std::thread::Builder::new().name("litefs-retention".into()).spawn(move || {
-            loop {
-                match rx.recv_timeout(interval) {
-                    Err(RecvTimeoutError::Timeout) => {}
-                    _ => return,
+        let spawned = std::thread::Builder::new()
+            .name("litefs-retention".into())
+            .spawn(move || {
+                loop {
+                    match rx.recv_timeout(interval) {
+                        Err(RecvTimeoutError::Timeout) => {}
+                        _ => return,
+                    }
+                    let Some(store) = weak.upgrade() else { return };
+                    match store.retention_pass(SystemTime::now()) {
+                        Ok(0) => {}
+                        Ok(n) => info!(files = n, "retention removed LTX files"),
+                        Err(e) => warn!(error = %e, "retention pass failed"),
+                    }
                 }
-                let Some(store) = weak.upgrade() else { return };
-                match store.retention_pass(SystemTime::now()) {
-                    Ok(0) => {}
-                    Ok(n) => info!(files = n, "retention removed LTX files"),
-                    Err(e) => warn!(error = %e, "retention pass failed"),
-                }
-            }
-        });
+            });
         match spawned {
-            Ok(thread) => *self.retention.lock().unwrap_or_else(|p| p.into_inner()) = Some(Retention { stop: tx, thread }),
-            Err(e) => error!(error = %e, "cannot start the retention thread; old LTX files will not be removed"),
+            Ok(thread) => {
+                *self.retention.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(Retention { stop: tx, thread })
+            }
+            Err(e) => {
+                error!(error = %e, "cannot start the retention thread; old LTX files will not be removed")
+            }
         }
     }
 }
@@ -408,7 +467,9 @@ fn prune(db: &str, dir: &Path, cutoff: SystemTime) -> Result<usize, StoreError> 
     let mut removed = 0;
     if let Some((_, older)) = files.split_last() {
         for f in older {
-            if older_than(&f.path, cutoff).map_err(|e| StoreError::io(db, "stat ltx", &f.path, e))? {
+            if older_than(&f.path, cutoff)
+                .map_err(|e| StoreError::io(db, "stat ltx", &f.path, e))?
+            {
                 match fs::remove_file(&f.path) {
                     Ok(()) => removed += 1,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -426,10 +487,22 @@ mod tests {
 
     #[test]
     fn mount_names() {
-        assert_eq!(parse_mount_name("app.db"), Some(("app.db", FileKind::Database)));
-        assert_eq!(parse_mount_name("app.db-journal"), Some(("app.db", FileKind::Journal)));
-        assert_eq!(parse_mount_name("app.db-wal"), Some(("app.db", FileKind::Wal)));
-        assert_eq!(parse_mount_name("app.db-shm"), Some(("app.db", FileKind::Shm)));
+        assert_eq!(
+            parse_mount_name("app.db"),
+            Some(("app.db", FileKind::Database))
+        );
+        assert_eq!(
+            parse_mount_name("app.db-journal"),
+            Some(("app.db", FileKind::Journal))
+        );
+        assert_eq!(
+            parse_mount_name("app.db-wal"),
+            Some(("app.db", FileKind::Wal))
+        );
+        assert_eq!(
+            parse_mount_name("app.db-shm"),
+            Some(("app.db", FileKind::Shm))
+        );
         assert_eq!(parse_mount_name("app.db-pos"), None);
         assert_eq!(parse_mount_name("app.db-lock"), None);
         assert_eq!(parse_mount_name(".primary"), None);

@@ -127,7 +127,11 @@ impl CleanRecord {
     /// Writes the record durably into `dir` (temp file, fsync, rename, directory fsync).
     pub fn write(&self, dir: &Path) -> io::Result<()> {
         let tmp = dir.join(format!("{FILE_NAME}.tmp"));
-        let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
         f.write_all(&self.encode())?;
         f.sync_all()?;
         fs::rename(&tmp, dir.join(FILE_NAME))?;

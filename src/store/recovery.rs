@@ -1,11 +1,11 @@
 //! Start-up recovery of one database directory.
 //!
 //! Order: a hot journal is rolled back; the WAL is cut back to the last captured commit
-//! (frames past the last LTX file's WAL range were never acknowledged to a client); the
-//! last LTX file is written into the database again (idempotent; this redoes a
-//! transaction whose LTX became durable before the crash, which the journal rollback
-//! just undid); then the database checksum is rebuilt and must equal the last LTX file's
-//! post-apply checksum. A clean-shutdown record whose files are untouched replaces all of
+//! (frames past the last LTX file's WAL range were never acknowledged to a client); after
+//! a hot-journal rollback the last LTX file is written into the database again
+//! (idempotent; this redoes a transaction whose LTX became durable before the crash,
+//! which the rollback just undid); then the database checksum is rebuilt and must equal
+//! the last LTX file's post-apply checksum. A clean-shutdown record whose files are untouched replaces all of
 //! that (no hashing at all).
 
 use std::fs::{self, File, OpenOptions};
@@ -14,13 +14,13 @@ use std::path::Path;
 
 use tracing::{info, warn};
 
-use crate::ltx::{Checksum, Header, Pos, RollingChecksum, CHECKSUM_FLAG};
+use crate::ltx::{CHECKSUM_FLAG, Checksum, Header, Pos, RollingChecksum};
 
 use super::db::{self, Db, DbState, WalCursor};
 use super::ltxio;
 use super::record::{CleanRecord, Stamp};
 use super::wal::{self, WalTxn};
-use super::{journal, FileKind, StoreError};
+use super::{FileKind, StoreError, journal};
 
 /// Outcome of recovering one database directory.
 pub(crate) enum Recovered {
@@ -64,14 +64,24 @@ pub(crate) fn recover(name: &str, dir: &Path, node_id: u64) -> Result<Recovered,
         None => None,
     };
     let record = CleanRecord::take(dir).map_err(io_err(name, "read clean-shutdown record", dir))?;
-    let scratch = Db::new(name.to_string(), dir.to_path_buf(), node_id, DbState::empty(Pos::default()));
+    let scratch = Db::new(
+        name.to_string(),
+        dir.to_path_buf(),
+        node_id,
+        DbState::empty(Pos::default()),
+    );
     let db_path = scratch.path(FileKind::Database);
     let db_exists = db_path.exists();
 
     match &last {
         Some((h, pos)) if h.commit == 0 => {
             // Deleted (possibly a crash in the middle of deleting): finish the deletion.
-            for kind in [FileKind::Database, FileKind::Journal, FileKind::Wal, FileKind::Shm] {
+            for kind in [
+                FileKind::Database,
+                FileKind::Journal,
+                FileKind::Wal,
+                FileKind::Shm,
+            ] {
                 remove_if_exists(name, &scratch.path(kind))?;
             }
             return Ok(Recovered::Tombstone(*pos));
@@ -91,21 +101,36 @@ pub(crate) fn recover(name: &str, dir: &Path, node_id: u64) -> Result<Recovered,
     if let Some(rec) = record {
         if let Some(st) = from_record(&scratch, rec, last_pos)? {
             info!(db = name, pos = %st.pos, "opened from clean-shutdown record");
-            return Ok(Recovered::Live(Db::new(name.to_string(), dir.to_path_buf(), node_id, st), false));
+            return Ok(Recovered::Live(
+                Db::new(name.to_string(), dir.to_path_buf(), node_id, st),
+                false,
+            ));
         }
-        warn!(db = name, "clean-shutdown record does not match the files; rebuilding checksums");
+        warn!(
+            db = name,
+            "clean-shutdown record does not match the files; rebuilding checksums"
+        );
     }
 
     // 1. Hot journal.
     let jpath = scratch.path(FileKind::Journal);
+    let mut rolled_back = false;
     if jpath.exists() {
         let j = File::open(&jpath).map_err(io_err(name, "open journal", &jpath))?;
         let dbf = OpenOptions::new()
             .write(true)
             .open(&db_path)
             .map_err(io_err(name, "open database", &db_path))?;
-        if let Some(r) = journal::rollback(&j, &dbf).map_err(io_err(name, "roll back journal", &jpath))? {
-            info!(db = name, pages = r.pages_restored, size = r.db_size, "rolled back hot journal");
+        if let Some(r) =
+            journal::rollback(&j, &dbf).map_err(io_err(name, "roll back journal", &jpath))?
+        {
+            info!(
+                db = name,
+                pages = r.pages_restored,
+                size = r.db_size,
+                "rolled back hot journal"
+            );
+            rolled_back = true;
         }
         remove_if_exists(name, &jpath)?;
     }
@@ -123,13 +148,16 @@ pub(crate) fn recover(name: &str, dir: &Path, node_id: u64) -> Result<Recovered,
             .map_err(io_err(name, "open wal", &wpath))?;
         let wh = wal::read_header(&wf).map_err(io_err(name, "read wal", &wpath))?;
         let keep_end = match (&last, &wh) {
-            (Some((h, _)), Some(wh)) if h.wal_offset > 0 && (h.wal_salt1, h.wal_salt2) == (wh.salt1, wh.salt2) => {
+            (Some((h, _)), Some(wh))
+                if h.wal_offset > 0 && (h.wal_salt1, h.wal_salt2) == (wh.salt1, wh.salt2) =>
+            {
                 (h.wal_offset + h.wal_size) as u64
             }
             _ => 0,
         };
         if let Some(wh) = wh.filter(|_| keep_end > 0) {
-            let txns = wal::scan(&wf, &wh, wal::HEADER_SIZE, wh.checksum).map_err(io_err(name, "read wal", &wpath))?;
+            let txns = wal::scan(&wf, &wh, wal::HEADER_SIZE, wh.checksum)
+                .map_err(io_err(name, "read wal", &wpath))?;
             kept = txns.into_iter().filter(|t| t.end <= keep_end).collect();
             if let Some(t) = kept.last() {
                 cursor = Some(WalCursor {
@@ -140,12 +168,21 @@ pub(crate) fn recover(name: &str, dir: &Path, node_id: u64) -> Result<Recovered,
                 });
             }
         }
-        let len = wf.metadata().map_err(io_err(name, "stat wal", &wpath))?.len();
+        let len = wf
+            .metadata()
+            .map_err(io_err(name, "stat wal", &wpath))?
+            .len();
         match cursor {
             Some(c) => {
                 if len > c.offset {
-                    info!(db = name, from = len, to = c.offset, "truncating WAL to its last captured commit");
-                    wf.set_len(c.offset).map_err(io_err(name, "truncate wal", &wpath))?;
+                    info!(
+                        db = name,
+                        from = len,
+                        to = c.offset,
+                        "truncating WAL to its last captured commit"
+                    );
+                    wf.set_len(c.offset)
+                        .map_err(io_err(name, "truncate wal", &wpath))?;
                     wf.sync_all().map_err(io_err(name, "fsync wal", &wpath))?;
                     remove_if_exists(name, &scratch.path(FileKind::Shm))?;
                 }
@@ -153,7 +190,11 @@ pub(crate) fn recover(name: &str, dir: &Path, node_id: u64) -> Result<Recovered,
             }
             None => {
                 if len > 0 {
-                    info!(db = name, bytes = len, "removing WAL without captured commits");
+                    info!(
+                        db = name,
+                        bytes = len,
+                        "removing WAL without captured commits"
+                    );
                 }
                 drop(wf);
                 remove_if_exists(name, &wpath)?;
@@ -162,8 +203,14 @@ pub(crate) fn recover(name: &str, dir: &Path, node_id: u64) -> Result<Recovered,
         }
     }
 
-    // 3. Redo the last transaction (its pages are in the WAL when frames were kept).
-    if kept.is_empty()
+    // 3. Redo the last transaction. Only needed after a hot-journal rollback: the crash
+    //    may have come after its LTX file became durable but before the journal was
+    //    removed, and the rollback just undid it. Otherwise the database already holds it
+    //    (pages are fsynced before the LTX is written; WAL frames are in the WAL), and
+    //    rewriting its pages unconditionally would hide a corruption of exactly those
+    //    pages from the comparison below.
+    if rolled_back
+        && kept.is_empty()
         && let Some(f) = files.last()
     {
         let dbf = OpenOptions::new()
@@ -175,19 +222,29 @@ pub(crate) fn recover(name: &str, dir: &Path, node_id: u64) -> Result<Recovered,
 
     // 4. Rebuild the checksums and compare.
     let dbf = File::open(&db_path).map_err(io_err(name, "open database", &db_path))?;
-    let len = dbf.metadata().map_err(io_err(name, "stat database", &db_path))?.len();
+    let len = dbf
+        .metadata()
+        .map_err(io_err(name, "stat database", &db_path))?
+        .len();
     let page_size = if len == 0 {
         None
     } else {
         let hdr = db::read_db_header(name, &dbf, &db_path)?;
-        Some(db::parse_page_size(&hdr).ok_or_else(|| StoreError::InvalidDatabaseHeader {
-            db: name.to_string(),
-            reason: "invalid page size".into(),
-        })?)
+        Some(
+            db::parse_page_size(&hdr).ok_or_else(|| StoreError::InvalidDatabaseHeader {
+                db: name.to_string(),
+                reason: "invalid page size".into(),
+            })?,
+        )
     };
     let (checksums, commit) = match page_size {
         Some(ps) => {
-            let l = db::logical_checksums(name, &db_path, ps, wal_file.as_ref().map(|f| (f, kept.as_slice())))?;
+            let l = db::logical_checksums(
+                name,
+                &db_path,
+                ps,
+                wal_file.as_ref().map(|f| (f, kept.as_slice())),
+            )?;
             (l.checksums, l.commit)
         }
         None => (Vec::new(), 0),
@@ -196,13 +253,20 @@ pub(crate) fn recover(name: &str, dir: &Path, node_id: u64) -> Result<Recovered,
     for c in &checksums {
         rolling.toggle(*c);
     }
-    let actual = if commit == 0 { Checksum(CHECKSUM_FLAG) } else { rolling.value() };
+    let actual = if commit == 0 {
+        Checksum(CHECKSUM_FLAG)
+    } else {
+        rolling.value()
+    };
     let Some(pos) = last_pos else {
         // Content without any LTX history: capture it as the first (snapshot) transaction.
         let needs_snapshot = commit > 0;
         let mut st = DbState::empty(Pos::default());
         st.all_dirty = needs_snapshot;
-        return Ok(Recovered::Live(Db::new(name.to_string(), dir.to_path_buf(), node_id, st), needs_snapshot));
+        return Ok(Recovered::Live(
+            Db::new(name.to_string(), dir.to_path_buf(), node_id, st),
+            needs_snapshot,
+        ));
     };
     if actual != pos.post_apply_checksum {
         return Err(StoreError::ChecksumMismatch {
@@ -220,17 +284,27 @@ pub(crate) fn recover(name: &str, dir: &Path, node_id: u64) -> Result<Recovered,
     st.wal_present = cursor.is_some();
     st.wal = cursor;
     info!(db = name, pos = %pos, "recovered");
-    Ok(Recovered::Live(Db::new(name.to_string(), dir.to_path_buf(), node_id, st), false))
+    Ok(Recovered::Live(
+        Db::new(name.to_string(), dir.to_path_buf(), node_id, st),
+        false,
+    ))
 }
 
 /// State from a clean-shutdown record, if it still describes the files exactly.
-fn from_record(db: &Db, rec: CleanRecord, last: Option<Pos>) -> Result<Option<DbState>, StoreError> {
+fn from_record(
+    db: &Db,
+    rec: CleanRecord,
+    last: Option<Pos>,
+) -> Result<Option<DbState>, StoreError> {
     let name = db.name();
     let stamp = |kind| {
         let p = db.path(kind);
         Stamp::of(&p).map_err(io_err(name, "stat", &p))
     };
-    if Some(rec.pos) != last || stamp(FileKind::Database)? != rec.database || stamp(FileKind::Wal)? != rec.wal {
+    if Some(rec.pos) != last
+        || stamp(FileKind::Database)? != rec.database
+        || stamp(FileKind::Wal)? != rec.wal
+    {
         return Ok(None);
     }
     let jpath = db.path(FileKind::Journal);
@@ -246,8 +320,11 @@ fn from_record(db: &Db, rec: CleanRecord, last: Option<Pos>) -> Result<Option<Db
     if rec.wal.is_some() {
         let wf = File::open(&wpath).map_err(io_err(name, "open wal", &wpath))?;
         if let Some(h) = wal::read_header(&wf).map_err(io_err(name, "read wal", &wpath))? {
-            let txns = wal::scan(&wf, &h, wal::HEADER_SIZE, h.checksum).map_err(io_err(name, "read wal", &wpath))?;
-            let (offset, checksum) = txns.last().map_or((wal::HEADER_SIZE, h.checksum), |t| (t.end, t.checksum_after));
+            let txns = wal::scan(&wf, &h, wal::HEADER_SIZE, h.checksum)
+                .map_err(io_err(name, "read wal", &wpath))?;
+            let (offset, checksum) = txns.last().map_or((wal::HEADER_SIZE, h.checksum), |t| {
+                (t.end, t.checksum_after)
+            });
             cursor = Some(WalCursor {
                 salt1: h.salt1,
                 salt2: h.salt2,
@@ -260,7 +337,11 @@ fn from_record(db: &Db, rec: CleanRecord, last: Option<Pos>) -> Result<Option<Db
     for c in &rec.checksums {
         rolling.toggle(*c);
     }
-    let expected = if rec.commit == 0 { Checksum(CHECKSUM_FLAG) } else { rolling.value() };
+    let expected = if rec.commit == 0 {
+        Checksum(CHECKSUM_FLAG)
+    } else {
+        rolling.value()
+    };
     if rec.pos.txid.0 > 0 && expected != rec.pos.post_apply_checksum {
         return Ok(None);
     }

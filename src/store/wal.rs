@@ -128,7 +128,12 @@ impl WalTxn {
 /// `seed`) and returns every committed transaction, in order. Stops at end of file, at
 /// the first frame whose salts differ from the header's, or whose checksum is wrong;
 /// frames after the last commit frame are not returned (not committed).
-pub fn scan(file: &File, header: &WalHeader, offset: u64, seed: WalChecksum) -> io::Result<Vec<WalTxn>> {
+pub fn scan(
+    file: &File,
+    header: &WalHeader,
+    offset: u64,
+    seed: WalChecksum,
+) -> io::Result<Vec<WalTxn>> {
     let len = file.metadata()?.len();
     let frame_size = header.frame_size();
     let mut buf = vec![0u8; frame_size as usize];
@@ -207,7 +212,9 @@ mod tests {
     }
 
     fn frames(txns: &[WalTxn]) -> u64 {
-        txns.iter().map(|t| t.size() / (FRAME_HEADER_SIZE + 4096)).sum()
+        txns.iter()
+            .map(|t| t.size() / (FRAME_HEADER_SIZE + 4096))
+            .sum()
     }
 
     #[test]
@@ -218,7 +225,10 @@ mod tests {
         assert_eq!(txns.len(), 2);
         assert_eq!(txns[0].offset, HEADER_SIZE);
         assert_eq!(txns[0].commit, 2);
-        assert_eq!(txns[0].pages.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(
+            txns[0].pages.keys().copied().collect::<Vec<_>>(),
+            vec![1, 2]
+        );
         assert_eq!(txns[1].offset, txns[0].end);
         assert_eq!(txns[1].pages.keys().copied().collect::<Vec<_>>(), vec![2]);
         assert_eq!(txns[1].end, 12392);
