@@ -876,3 +876,94 @@ pub(crate) fn logical_checksums(
         commit,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ltx::Decoder;
+
+    /// A write crossing the lock page (as `cp` of a >1 GiB database does) never puts the
+    /// lock page into an LTX file, for every page size. The database file is sparse and
+    /// the in-memory checksums are stand-ins, so no gigabyte is ever hashed.
+    #[test]
+    fn lock_page_is_never_captured() {
+        for shift in 9..=16 {
+            let ps = 1u32 << shift;
+            let lock = ltx::lock_pgno(ps);
+            let commit = lock + 1;
+            let dir = tempfile::tempdir().unwrap();
+            fs::create_dir_all(dir.path().join("ltx")).unwrap();
+            let mut st = DbState::empty(Pos {
+                txid: TxId(5),
+                post_apply_checksum: Checksum(CHECKSUM_FLAG | 1),
+            });
+            st.page_size = Some(ps);
+            st.commit = commit;
+            st.checksums = vec![Checksum(CHECKSUM_FLAG | 1); commit as usize];
+            st.checksums[lock as usize - 1] = Checksum(0);
+            let db = Db::new("lock".into(), dir.path().to_path_buf(), 0, st);
+
+            let f = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(db.path(FileKind::Database))
+                .unwrap();
+            f.set_len(u64::from(commit) * u64::from(ps)).unwrap();
+            let mut hdr = [0u8; 100];
+            hdr[..16].copy_from_slice(b"SQLite format 3\0");
+            let field = if ps == 65536 { 1u16 } else { ps as u16 };
+            hdr[16..18].copy_from_slice(&field.to_be_bytes());
+            hdr[24..28].copy_from_slice(&1u32.to_be_bytes());
+            hdr[28..32].copy_from_slice(&commit.to_be_bytes());
+            hdr[92..96].copy_from_slice(&1u32.to_be_bytes());
+            f.write_all_at(&hdr, 0).unwrap();
+            let off = u64::from(lock - 2) * u64::from(ps);
+            let data = vec![0xABu8; 3 * ps as usize];
+            f.write_all_at(&data, off).unwrap();
+            db.database_written(off, data.len()).unwrap();
+            db.journal_unlink().unwrap();
+
+            assert_eq!(db.pos().txid, TxId(6), "page size {ps}");
+            let path = db.ltx_dir().join(ltx::format_filename(TxId(6), TxId(6)));
+            let mut dec = Decoder::new(io::BufReader::new(File::open(&path).unwrap())).unwrap();
+            assert_eq!(dec.header().commit, commit);
+            let mut buf = vec![0u8; ps as usize];
+            let mut pages = Vec::new();
+            while let Some(pgno) = dec.next_page(&mut buf).unwrap() {
+                assert_eq!(buf, vec![0xABu8; ps as usize]);
+                pages.push(pgno);
+            }
+            dec.finish().unwrap();
+            assert_eq!(
+                pages,
+                vec![lock - 1, lock + 1],
+                "page size {ps}: lock page {lock}"
+            );
+        }
+    }
+
+    #[test]
+    fn commit_size_prefers_a_valid_header_field() {
+        let mut hdr = [0u8; 100];
+        hdr[24..28].copy_from_slice(&3u32.to_be_bytes());
+        hdr[28..32].copy_from_slice(&5u32.to_be_bytes());
+        // Offset 92 differs from the change counter: the field is stale, use the file.
+        hdr[92..96].copy_from_slice(&2u32.to_be_bytes());
+        assert_eq!(commit_size("x", &hdr, 8 * 4096, 4096), 8);
+        hdr[92..96].copy_from_slice(&3u32.to_be_bytes());
+        assert_eq!(commit_size("x", &hdr, 8 * 4096, 4096), 5);
+        // Never more than the file holds.
+        assert_eq!(commit_size("x", &hdr, 4 * 4096, 4096), 4);
+    }
+
+    #[test]
+    fn page_size_field_one_means_65536() {
+        let mut hdr = [0u8; 100];
+        hdr[16..18].copy_from_slice(&1u16.to_be_bytes());
+        assert_eq!(parse_page_size(&hdr), Some(65536));
+        hdr[16..18].copy_from_slice(&1000u16.to_be_bytes());
+        assert_eq!(parse_page_size(&hdr), None);
+    }
+}

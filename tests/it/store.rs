@@ -463,7 +463,7 @@ fn recovery_rolls_back_hot_journal_without_ltx() {
     let env = Env::new();
     let c = setup(&env, "delete");
     let crash = env.dir.path().join("crash");
-    env.vfs.crash_copy(CrashAt::JournalEndBeforeCapture, &crash);
+    env.vfs.crash_copy(CrashAt::JournalEndUncaptured, &crash);
     let pos = env.store.db("db").unwrap().pos();
     let before = fs::read(env.db_file("db")).unwrap();
     c.execute_batch(
@@ -491,7 +491,7 @@ fn recovery_reapplies_last_ltx_after_hot_journal() {
     let env = Env::new();
     let c = setup(&env, "delete");
     let crash = env.dir.path().join("crash");
-    env.vfs.crash_copy(CrashAt::JournalEndAfterCapture, &crash);
+    env.vfs.crash_copy(CrashAt::JournalEndCaptured, &crash);
     c.execute_batch(
         "INSERT INTO t(v, b) SELECT 'n' || value, randomblob(2000) FROM s WHERE value <= 50;",
     )
@@ -529,7 +529,7 @@ fn wal_crash(at: CrashAt) -> (Env, PathBuf, Pos, Pos) {
 /// Crash at a WAL commit before capture: the uncaptured frames are cut off at start-up.
 #[test]
 fn recovery_truncates_wal_to_last_captured_commit() {
-    let (env, crash, before, _) = wal_crash(CrashAt::WalCommitBeforeCapture);
+    let (env, crash, before, _) = wal_crash(CrashAt::WalCommitUncaptured);
     let wal_len = fs::metadata(crash.join("dbs/db/wal")).unwrap().len();
     let store = Store::open(options(&crash)).unwrap();
     let db = store.db("db").unwrap();
@@ -548,7 +548,7 @@ fn recovery_truncates_wal_to_last_captured_commit() {
 /// Crash at a WAL commit after capture: the frames are kept and the transaction survives.
 #[test]
 fn recovery_keeps_captured_wal_frames() {
-    let (env, crash, _, after) = wal_crash(CrashAt::WalCommitAfterCapture);
+    let (env, crash, _, after) = wal_crash(CrashAt::WalCommitCaptured);
     let wal_len = fs::metadata(crash.join("dbs/db/wal")).unwrap().len();
     let store = Store::open(options(&crash)).unwrap();
     let db = store.db("db").unwrap();

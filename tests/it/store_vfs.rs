@@ -43,14 +43,14 @@ struct Ctx {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CrashAt {
     /// At the end of a rollback-journal transaction, before the store captured it.
-    JournalEndBeforeCapture,
+    JournalEndUncaptured,
     /// At the end of a rollback-journal transaction, after the LTX file is durable but
     /// before the journal is removed.
-    JournalEndAfterCapture,
+    JournalEndCaptured,
     /// At a WAL commit (write lock release), before the store captured it.
-    WalCommitBeforeCapture,
+    WalCommitUncaptured,
     /// At a WAL commit, after the LTX file is durable.
-    WalCommitAfterCapture,
+    WalCommitCaptured,
 }
 
 // The raw root VFS pointer is SQLite's static default VFS: safe to share.
@@ -320,9 +320,9 @@ unsafe extern "C" fn x_delete(
             if let Some(d) = ctx.store().db(&db) {
                 let ok = match fk {
                     FileKind::Journal => {
-                        ctx.maybe_crash(CrashAt::JournalEndBeforeCapture);
+                        ctx.maybe_crash(CrashAt::JournalEndUncaptured);
                         let ok = ctx.record("journal_unlink", d.journal_unlink());
-                        ctx.maybe_crash(CrashAt::JournalEndAfterCapture);
+                        ctx.maybe_crash(CrashAt::JournalEndCaptured);
                         ok
                     }
                     FileKind::Wal => ctx.record("wal_unlink", d.wal_unlink()),
@@ -622,9 +622,9 @@ unsafe extern "C" fn f_shm_lock(
             h.holds_write = false;
             if let Some(db) = db_of(h) {
                 // SQLite ignores unlock errors; an error is recorded for the test.
-                ctx_f(h).maybe_crash(CrashAt::WalCommitBeforeCapture);
+                ctx_f(h).maybe_crash(CrashAt::WalCommitUncaptured);
                 ctx_f(h).record("wal_write_lock_released", db.wal_write_lock_released());
-                ctx_f(h).maybe_crash(CrashAt::WalCommitAfterCapture);
+                ctx_f(h).maybe_crash(CrashAt::WalCommitCaptured);
             }
         }
         let rc = (real_methods(h).xShmLock.unwrap())(h.real, ofst, n, flags);
