@@ -10,7 +10,8 @@
 //!   `journal_unlink` before the delete;
 //! - WAL: `wal_written` after a write, `wal_truncate`/`wal_unlink` before;
 //! - shm: `wal_write_lock_released` before the WRITE lock (index 0 = byte 120) is released
-//!   by its holder or its holder unmaps the shm.
+//!   by its holder or its holder unmaps the shm; a CKPT lock (index 1) is refused with
+//!   SQLITE_BUSY while another connection holds WRITE.
 //!
 //! A hook error fails the SQLite operation with an I/O error and is recorded, so tests can
 //! assert that no hook ever failed.
@@ -36,6 +37,9 @@ struct Ctx {
     name: CString,
     errors: Mutex<Vec<String>>,
     crash: Mutex<Option<(CrashAt, PathBuf)>>,
+    /// Per database, the open file (address) holding the shm WRITE lock: a CKPT lock is
+    /// refused to everyone else meanwhile, as the FUSE layer does.
+    writers: Mutex<std::collections::HashMap<String, usize>>,
 }
 
 /// Where a simulated power cut copies the data directory (everything written so far is
@@ -103,6 +107,7 @@ impl HookVfs {
             name,
             errors: Mutex::new(Vec::new()),
             crash: Mutex::new(None),
+            writers: Mutex::new(std::collections::HashMap::new()),
         }));
         // SAFETY: copy of the default VFS with our entry points; leaked so it outlives SQLite's use.
         unsafe {
@@ -410,14 +415,8 @@ unsafe extern "C" fn f_close(f: *mut ffi::sqlite3_file) -> c_int {
         let h = hf(f);
         let mut rc = ffi::SQLITE_OK;
         if let Some(db) = db_of(h) {
-            if h.holds_write {
-                h.holds_write = false;
-                if !ctx_f(h).record(
-                    "wal_write_lock_released (close)",
-                    db.wal_write_lock_released(),
-                ) {
-                    rc = ffi::SQLITE_IOERR_CLOSE;
-                }
+            if h.holds_write && !release_write(h, db, "wal_write_lock_released (close)") {
+                rc = ffi::SQLITE_IOERR_CLOSE;
             }
             if h.kind == Kind::Db(FileKind::Database)
                 && h.wrote
@@ -605,6 +604,7 @@ unsafe extern "C" fn f_shm_map(
 }
 
 const WAL_WRITE_LOCK: c_int = 0;
+const WAL_CKPT_LOCK: c_int = 1;
 
 unsafe extern "C" fn f_shm_lock(
     f: *mut ffi::sqlite3_file,
@@ -614,27 +614,58 @@ unsafe extern "C" fn f_shm_lock(
 ) -> c_int {
     unsafe {
         let h = hf(f);
-        let covers_write = ofst <= WAL_WRITE_LOCK && WAL_WRITE_LOCK < ofst + n;
-        if covers_write
+        let me = f as usize;
+        let covers = |lock: c_int| ofst <= lock && lock < ofst + n;
+        let db = db_of(h);
+        if covers(WAL_CKPT_LOCK)
+            && flags & ffi::SQLITE_SHM_LOCK != 0
+            && let Some(db) = db
+            && ctx_f(h)
+                .writers
+                .lock()
+                .unwrap()
+                .get(db.name())
+                .is_some_and(|w| *w != me)
+        {
+            return ffi::SQLITE_BUSY;
+        }
+        if covers(WAL_WRITE_LOCK)
             && flags == (ffi::SQLITE_SHM_UNLOCK | ffi::SQLITE_SHM_EXCLUSIVE)
             && h.holds_write
+            && let Some(db) = db
         {
-            h.holds_write = false;
-            if let Some(db) = db_of(h) {
-                // SQLite ignores unlock errors; an error is recorded for the test.
-                ctx_f(h).maybe_crash(CrashAt::WalCommitUncaptured);
-                ctx_f(h).record("wal_write_lock_released", db.wal_write_lock_released());
-                ctx_f(h).maybe_crash(CrashAt::WalCommitCaptured);
-            }
+            // SQLite ignores unlock errors; an error is recorded for the test.
+            release_write(h, db, "wal_write_lock_released");
         }
         let rc = (real_methods(h).xShmLock.unwrap())(h.real, ofst, n, flags);
         if rc == ffi::SQLITE_OK
-            && covers_write
+            && covers(WAL_WRITE_LOCK)
             && flags == (ffi::SQLITE_SHM_LOCK | ffi::SQLITE_SHM_EXCLUSIVE)
         {
             h.holds_write = true;
+            if let Some(db) = db {
+                ctx_f(h)
+                    .writers
+                    .lock()
+                    .unwrap()
+                    .insert(db.name().to_string(), me);
+            }
         }
         rc
+    }
+}
+
+/// The WRITE lock holder lets go: capture (with the crash points around it), then forget
+/// the holder.
+unsafe fn release_write(h: &mut HookFile, db: &Db, what: &str) -> bool {
+    unsafe {
+        h.holds_write = false;
+        let ctx = ctx_f(h);
+        ctx.maybe_crash(CrashAt::WalCommitUncaptured);
+        let ok = ctx.record(what, db.wal_write_lock_released());
+        ctx.maybe_crash(CrashAt::WalCommitCaptured);
+        ctx.writers.lock().unwrap().remove(db.name());
+        ok
     }
 }
 
@@ -648,14 +679,10 @@ unsafe extern "C" fn f_shm_barrier(f: *mut ffi::sqlite3_file) {
 unsafe extern "C" fn f_shm_unmap(f: *mut ffi::sqlite3_file, delete: c_int) -> c_int {
     unsafe {
         let h = hf(f);
-        if h.holds_write {
-            h.holds_write = false;
-            if let Some(db) = db_of(h) {
-                ctx_f(h).record(
-                    "wal_write_lock_released (unmap)",
-                    db.wal_write_lock_released(),
-                );
-            }
+        if h.holds_write
+            && let Some(db) = db_of(h)
+        {
+            release_write(h, db, "wal_write_lock_released (unmap)");
         }
         (real_methods(h).xShmUnmap.unwrap())(h.real, delete)
     }
