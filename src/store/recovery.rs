@@ -53,14 +53,7 @@ pub(crate) fn recover(name: &str, dir: &Path, node_id: u64) -> Result<Recovered,
     ltxio::remove_temp_files(&ltx_dir).map_err(io_err(name, "remove temp files", &ltx_dir))?;
     let files = ltxio::list(&ltx_dir).map_err(io_err(name, "list ltx", &ltx_dir))?;
     let last: Option<(Header, Pos)> = match files.last() {
-        Some(f) => {
-            let (h, t) = ltxio::verify(name, &f.path)?;
-            let pos = Pos {
-                txid: h.max_txid,
-                post_apply_checksum: t.post_apply_checksum,
-            };
-            Some((h, pos))
-        }
+        Some(f) => Some(ltxio::read_position(name, &f.path)?),
         None => None,
     };
     let record = CleanRecord::take(dir).map_err(io_err(name, "read clean-shutdown record", dir))?;

@@ -1,4 +1,5 @@
 //! Integration tests: one binary, one module per area.
 
 mod store;
+mod store_bench;
 mod store_vfs;
