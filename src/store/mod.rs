@@ -28,6 +28,17 @@
 //!   (full re-hash, for tests and strict verification), [`Db::commit`], [`Db::ltx_dir`].
 //! - After [`Store::close`] every hook fails with [`StoreError::Closed`]: nothing may
 //!   change once the clean-shutdown record is written.
+//! - An `Err` from `wal_write_lock_released` means SQLite considers the transaction
+//!   committed (it ignores unlock errors) but no LTX exists: as in LiteFS, the node should
+//!   treat that as fatal (exit 99); the next start-up cuts the uncaptured frames off.
+//!   An `Err` from a journal commit-point hook leaves the journal in place (hot), so the
+//!   transaction is rolled back, never half-captured; the state is unchanged and the next
+//!   commit point retries.
+//! - `tests/it/store_vfs.rs` is a SQLite VFS that calls the hooks exactly where the FUSE
+//!   layer must (before/after each operation, WRITE release on unlock/unmap/close, CKPT
+//!   refused while another connection holds WRITE): a reference for the call order.
+//! - Also exported: [`list_ltx_files`]/[`LtxFile`] (a database's LTX files by TXID),
+//!   [`journal`] and [`wal`] (file-format readers).
 //!
 //! # Data directory
 //!

@@ -926,3 +926,106 @@ fn writer_and_readers_wal() {
 fn writer_and_readers_delete() {
     writer_and_readers("delete");
 }
+
+fn testdata() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    root.ancestors()
+        .skip(1)
+        .map(|d| d.join("shared/testdata"))
+        .find(|p| p.is_dir())
+        .unwrap_or_else(|| root.join("../shared/testdata"))
+}
+
+/// A LiteFS 0.5 data directory (format-1 LTX history) opens at its position, and new
+/// transactions continue its TXIDs in the current format.
+#[test]
+fn opens_a_litefs_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    crate::store_vfs::copy_dir(&testdata().join("litefs-format1"), &data);
+    let store = Store::open(options(&data)).unwrap();
+    let db = store.db("sqlite.db").unwrap();
+    assert_eq!(db.pos().to_string(), "000000000000000d/fe3831a381c602b9");
+    assert_eq!(db.page_size(), Some(4096));
+    db.verify().unwrap();
+    let vfs = HookVfs::register(store.clone(), &dir.path().join("mnt"));
+    let c = vfs.open("sqlite.db");
+    let tables: i64 = c
+        .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+        .unwrap();
+    assert!(tables > 0);
+    c.execute_batch("CREATE TABLE added(x); INSERT INTO added VALUES (1);")
+        .unwrap();
+    drop(c);
+    assert_eq!(vfs.errors(), Vec::<String>::new());
+    let files = list_ltx_files(&data.join("dbs/sqlite.db/ltx")).unwrap();
+    assert_eq!(files.last().unwrap().max, TxId(0xd + 2));
+    // Apply the new files to the old database: they continue its chain exactly.
+    let copy = dir.path().join("copy.db");
+    fs::copy(
+        testdata().join("litefs-format1/dbs/sqlite.db/database"),
+        &copy,
+    )
+    .unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&copy)
+        .unwrap();
+    let mut pos = Pos {
+        txid: TxId(0xd),
+        post_apply_checksum: ltx::Checksum(0xfe3831a381c602b9),
+    };
+    for lf in files.iter().filter(|f| f.min.0 > 0xd) {
+        pos = ltx::apply_file(&f, Some(pos), &lf.path).unwrap();
+    }
+    assert_eq!(pos, db.pos());
+    assert!(fs::read(&copy).unwrap() == fs::read(data.join("dbs/sqlite.db/database")).unwrap());
+}
+
+/// A database file placed in the data directory without history is captured as a
+/// snapshot (TXID 1) at start-up.
+#[test]
+fn database_without_history_gets_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    fs::create_dir_all(data.join("dbs/plain")).unwrap();
+    let c = Connection::open(data.join("dbs/plain/database")).unwrap();
+    series(&c);
+    c.execute_batch(
+        "CREATE TABLE t(v); INSERT INTO t SELECT randomblob(500) FROM s WHERE value <= 200;",
+    )
+    .unwrap();
+    drop(c);
+    let store = Store::open(options(&data)).unwrap();
+    let db = store.db("plain").unwrap();
+    assert_eq!(db.pos().txid, TxId(1));
+    let (replayed, pos) = replay(&data, "plain");
+    assert_eq!(pos, db.pos());
+    assert!(replayed == fs::read(data.join("dbs/plain/database")).unwrap());
+}
+
+/// After a clean shutdown nothing may change: every hook fails.
+#[test]
+fn hooks_fail_after_close() {
+    let env = Env::new();
+    drop(setup(&env, "wal"));
+    let db = env.store.db("db").unwrap();
+    env.store.close().unwrap();
+    assert!(matches!(
+        db.database_written(0, 4096),
+        Err(StoreError::Closed { .. })
+    ));
+    assert!(matches!(
+        db.wal_write_lock_released(),
+        Err(StoreError::Closed { .. })
+    ));
+    assert!(matches!(
+        db.journal_unlink(),
+        Err(StoreError::Closed { .. })
+    ));
+    assert!(matches!(
+        env.store.create_db("other"),
+        Err(StoreError::Closed { .. })
+    ));
+}
