@@ -10,9 +10,9 @@ use anyhow::{Context, bail};
 use clap::Subcommand;
 
 use crate::ltx::{
-    CHECKSUM_FLAG, Checksum, Decoder, Encoder, HEADER_FLAG_NO_CHECKSUM, Header, LtxError, Pos,
-    ResultExt, RollingChecksum, TxId, apply_file, database_checksum, database_page_size, lock_pgno,
-    page_checksum, verify_path,
+    ApplyCheck, CHECKSUM_FLAG, Checksum, Decoder, Encoder, HEADER_FLAG_NO_CHECKSUM, Header,
+    LtxError, Pos, ResultExt, RollingChecksum, TxId, apply_file_with, database_checksum,
+    database_page_size, lock_pgno, page_checksum, verify_path,
 };
 
 /// Arguments of `litefs ltx`.
@@ -42,6 +42,10 @@ enum LtxCommand {
     },
     /// Apply LTX files in order to a database file (created if absent). Refuses a
     /// gap or a mismatch and then leaves the database untouched.
+    ///
+    /// An absent or empty DBFILE is at TXID 0. An existing one has no recorded
+    /// TXID, so its first file must be a snapshot, or carry checksums with a
+    /// pre-apply checksum equal to DBFILE's current checksum.
     Apply {
         /// Database file to update.
         #[arg(short = 'o', value_name = "DBFILE")]
@@ -50,7 +54,8 @@ enum LtxCommand {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
-    /// Write a snapshot LTX file (TXID 1) of a database file.
+    /// Write a snapshot LTX file (TXID 1) of a database file. Only the database
+    /// file is read: checkpoint a WAL-mode database first.
     EncodeDb {
         /// Write no database checksums (header flag 0x2), as Litestream does; the
         /// only kind `litestream restore` accepts.
@@ -218,10 +223,26 @@ fn apply(output: &Path, files: &[PathBuf]) -> anyhow::Result<()> {
             txid: TxId(0),
             post_apply_checksum: Checksum(CHECKSUM_FLAG),
         });
+        // Each apply trusts the position the previous one returned; one full
+        // checksum of the result at the end keeps the chain O(database + files).
         for path in files {
-            pos = Some(apply_file(&db, pos, path)?);
+            pos = Some(apply_file_with(&db, pos, path, ApplyCheck::Incremental)?);
         }
-        pos.context("no files")
+        let pos = pos.context("no files")?;
+        let last = files.last().context("no files")?;
+        let ps = Decoder::new(File::open(last)?)
+            .in_file(last)?
+            .header()
+            .page_size;
+        let got = database_checksum(File::open(&tmp)?, ps)
+            .with_context(|| format!("read {}", tmp.display()))?;
+        if got != pos.post_apply_checksum {
+            bail!(
+                "database checksum after applying the chain is {got}, expected {}",
+                pos.post_apply_checksum
+            );
+        }
+        Ok(pos)
     })();
     match result {
         Ok(pos) => {

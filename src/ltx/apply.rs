@@ -71,6 +71,7 @@ fn check_position(
     db_len: u64,
     header: &Header,
     current: Option<Pos>,
+    check: ApplyCheck,
 ) -> Result<Option<Checksum>, LtxError> {
     if header.is_snapshot() {
         return Ok(None);
@@ -90,19 +91,22 @@ fn check_position(
         });
     }
     let ps = header.page_size;
-    if db_len > 0 {
-        match database_page_size(ReadAt { file: db, pos: 0 })? {
-            Some(p) if p != ps => {
-                return Err(LtxError::InvalidDatabase {
-                    reason: "database page size differs from the LTX file's",
-                    size: db_len,
-                    page_size: p,
-                });
-            }
-            _ => {}
-        }
+    // Page 1 of a SQLite database names its page size; other content (tests,
+    // a database being built) has nothing to compare.
+    if db_len > 0
+        && let Ok(Some(p)) = database_page_size(ReadAt { file: db, pos: 0 })
+        && p != ps
+    {
+        return Err(LtxError::InvalidDatabase {
+            reason: "database page size differs from the LTX file's",
+            size: db_len,
+            page_size: p,
+        });
     }
-    let actual = database_checksum(ReadAt { file: db, pos: 0 }, ps)?;
+    let actual = match (check, current) {
+        (ApplyCheck::Incremental, Some(pos)) => pos.post_apply_checksum,
+        _ => database_checksum(ReadAt { file: db, pos: 0 }, ps)?,
+    };
     if let Some(pos) = current
         && pos.post_apply_checksum != actual
     {
@@ -187,9 +191,31 @@ fn expected_checksum(
     Ok(expected)
 }
 
+/// How much of the database [`apply_file_with`] reads to check it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApplyCheck {
+    /// Compute the database checksum before applying (and compare it with the
+    /// given position) and again from disk after the fsync. O(database size).
+    Full,
+    /// Trust the given position's checksum as the database's current one and
+    /// update it from the pages the file overwrites and truncates, without
+    /// re-reading the whole database. O(file size). For callers that track
+    /// positions themselves (a chain of applies, a replica); with no position,
+    /// or for a snapshot, it behaves as `Full`.
+    Incremental,
+}
+
 /// Applies one LTX file to a database file (opened read and write) at position
 /// `current` (`None`: unknown, e.g. a plain database file) and returns the new
-/// position.
+/// position. Same as [`apply_file_with`] with [`ApplyCheck::Full`].
+///
+/// # Errors
+/// As [`apply_file_with`].
+pub fn apply_file(db: &File, current: Option<Pos>, ltx: &Path) -> Result<Pos, LtxError> {
+    apply_file_with(db, current, ltx, ApplyCheck::Full)
+}
+
+/// Applies one LTX file to a database file; see [`apply_file`].
 ///
 /// Nothing is written unless the whole file verifies and may follow the database:
 /// the file is decoded once to check it (file checksum, page rules) and to
@@ -197,26 +223,37 @@ fn expected_checksum(
 /// pages XORed out, new pages in, truncated pages out), then decoded again to
 /// write. Position rules:
 /// - a snapshot (MinTXID 1) always applies and replaces the content;
-/// - otherwise MinTXID must be `current.txid + 1`; the database's actual checksum
-///   must equal `current`'s, and for files with checksums the pre-apply checksum;
+/// - otherwise MinTXID must be `current.txid + 1`, and for files with checksums
+///   the pre-apply checksum must equal the database's checksum (computed, or with
+///   [`ApplyCheck::Incremental`] taken from `current`);
 /// - with `current == None`, a file with checksums applies if its pre-apply
 ///   checksum equals the database's; a file without checksums is refused;
 /// - pages above the database's current size up to commit must all be present.
 ///
-/// After writing, the file is truncated to commit pages, fsynced, and its checksum
-/// recomputed from disk. For files with checksums the returned checksum is the
-/// file's post-apply checksum; for files without, the recomputed one.
+/// After writing, the file is truncated to commit pages and fsynced; with
+/// [`ApplyCheck::Full`] its checksum is then recomputed from disk. For files with
+/// checksums the returned checksum is the file's post-apply checksum; for files
+/// without, the computed one.
 ///
-/// The LTX file must not change while this runs (it is read twice). Reading the
-/// database in full before and after makes this O(database size).
+/// The LTX file must not change while this runs (it is read twice).
 ///
 /// # Errors
-/// Every error concerns `ltx` and is wrapped with its path.
-pub fn apply_file(db: &File, current: Option<Pos>, ltx: &Path) -> Result<Pos, LtxError> {
-    apply_inner(db, current, ltx).in_file(ltx)
+/// Every error is wrapped with the path of `ltx`.
+pub fn apply_file_with(
+    db: &File,
+    current: Option<Pos>,
+    ltx: &Path,
+    check: ApplyCheck,
+) -> Result<Pos, LtxError> {
+    apply_inner(db, current, ltx, check).in_file(ltx)
 }
 
-fn apply_inner(db: &File, current: Option<Pos>, ltx: &Path) -> Result<Pos, LtxError> {
+fn apply_inner(
+    db: &File,
+    current: Option<Pos>,
+    ltx: &Path,
+    check: ApplyCheck,
+) -> Result<Pos, LtxError> {
     let file = File::open(ltx)?;
     let dec = open_decoder(&file)?;
     let header = dec.header().clone();
@@ -230,7 +267,7 @@ fn apply_inner(db: &File, current: Option<Pos>, ltx: &Path) -> Result<Pos, LtxEr
         });
     }
     let db_pages = (db_len / ps) as u32;
-    let base = check_position(db, db_len, &header, current)?;
+    let base = check_position(db, db_len, &header, current, check)?;
     let expected = expected_checksum(db, db_pages, dec, base)?;
 
     // Verified: now write.
@@ -240,15 +277,25 @@ fn apply_inner(db: &File, current: Option<Pos>, ltx: &Path) -> Result<Pos, LtxEr
         db.write_all_at(&page, u64::from(pgno - 1) * ps)?;
     }
     dec.finish()?;
-    db.set_len(u64::from(header.commit) * ps)?;
+    let len = u64::from(header.commit) * ps;
+    db.set_len(len)?;
     db.sync_all()?;
-    let got = database_checksum(ReadAt { file: db, pos: 0 }, header.page_size)?;
-    if got != expected {
-        tracing::error!(ltx = %ltx.display(), %expected, %got, "database checksum wrong after apply");
-        return Err(LtxError::ChecksumMismatch {
-            what: "database after writing",
-            expected,
-            got,
+    let recheck = check == ApplyCheck::Full || current.is_none() || header.is_snapshot();
+    if recheck {
+        let got = database_checksum(ReadAt { file: db, pos: 0 }, header.page_size)?;
+        if got != expected {
+            tracing::error!(ltx = %ltx.display(), %expected, %got, "database checksum wrong after apply");
+            return Err(LtxError::ChecksumMismatch {
+                what: "database after writing",
+                expected,
+                got,
+            });
+        }
+    } else if db.metadata()?.len() != len {
+        return Err(LtxError::InvalidDatabase {
+            reason: "size after apply differs from commit",
+            size: db.metadata()?.len(),
+            page_size: header.page_size,
         });
     }
     Ok(Pos {
