@@ -503,10 +503,9 @@ fn delete_writes_commit_zero_ltx_and_recreate_continues() {
 /// Crash (power cut) at the end of a rollback-journal transaction, before the store
 /// captured it: start-up rolls the hot journal back; the transaction is gone (SQLite had
 /// not been told it committed) and the database matches the history.
-#[test]
-fn recovery_rolls_back_hot_journal_without_ltx() {
+fn hot_journal_without_ltx(mode: &str) {
     let env = Env::new();
-    let c = setup(&env, "delete");
+    let c = setup(&env, mode);
     let crash = env.dir.path().join("crash");
     env.vfs.crash_copy(CrashAt::JournalEndUncaptured, &crash);
     let pos = env.store.db("db").unwrap().pos();
@@ -529,12 +528,11 @@ fn recovery_rolls_back_hot_journal_without_ltx() {
     assert!(fs::read(crash.join("dbs/db/database")).unwrap() == before);
 }
 
-/// Crash after the LTX became durable but before the journal was removed: the hot journal
-/// is rolled back and the last LTX re-applied, so the transaction survives.
-#[test]
-fn recovery_reapplies_last_ltx_after_hot_journal() {
+/// Crash after the LTX became durable but before the journal ended: the hot journal is
+/// rolled back and the last LTX re-applied, so the transaction survives.
+fn hot_journal_with_ltx(mode: &str) {
     let env = Env::new();
-    let c = setup(&env, "delete");
+    let c = setup(&env, mode);
     let crash = env.dir.path().join("crash");
     env.vfs.crash_copy(CrashAt::JournalEndCaptured, &crash);
     c.execute_batch(
@@ -552,6 +550,63 @@ fn recovery_reapplies_last_ltx_after_hot_journal() {
     assert!(fs::read(crash.join("dbs/db/database")).unwrap() == after);
     let (replayed, _) = replay(&crash, "db");
     assert!(replayed == after);
+}
+
+#[test]
+fn recovery_rolls_back_hot_journal_without_ltx_delete() {
+    hot_journal_without_ltx("delete");
+}
+
+#[test]
+fn recovery_rolls_back_hot_journal_without_ltx_truncate() {
+    hot_journal_without_ltx("truncate");
+}
+
+#[test]
+fn recovery_rolls_back_hot_journal_without_ltx_persist() {
+    hot_journal_without_ltx("persist");
+}
+
+#[test]
+fn recovery_reapplies_last_ltx_after_hot_journal_delete() {
+    hot_journal_with_ltx("delete");
+}
+
+#[test]
+fn recovery_reapplies_last_ltx_after_hot_journal_truncate() {
+    hot_journal_with_ltx("truncate");
+}
+
+#[test]
+fn recovery_reapplies_last_ltx_after_hot_journal_persist() {
+    hot_journal_with_ltx("persist");
+}
+
+/// A temp file of an LTX write cut short by a crash is removed at start-up; a crash in
+/// the middle of deleting a database (commit-0 LTX durable, files still there) finishes
+/// the deletion; LTX history without its database file is an error.
+#[test]
+fn recovery_of_interrupted_ltx_write_and_delete() {
+    let env = Env::new();
+    drop(setup(&env, "delete"));
+    let ltx_dir = env.data().join("dbs/db/ltx");
+    let tmp = ltx_dir.join("0000000000000009-0000000000000009.ltx.tmp");
+    fs::write(&tmp, b"LTX1 torn").unwrap();
+    let saved = fs::read(env.db_file("db")).unwrap();
+    let store = Store::open(options(&env.data())).unwrap();
+    assert!(!tmp.exists());
+    store.delete_db("db").unwrap();
+    fs::write(env.db_file("db"), &saved).unwrap();
+    let store = Store::open(options(&env.data())).unwrap();
+    assert!(store.db("db").is_none());
+    assert!(!env.db_file("db").exists());
+    assert_eq!(store.deleted_databases().len(), 1);
+
+    let env = Env::new();
+    drop(setup(&env, "delete"));
+    fs::remove_file(env.db_file("db")).unwrap();
+    let err = Store::open(options(&env.data())).unwrap_err();
+    assert!(matches!(err, StoreError::MissingDatabase { .. }), "{err:?}");
 }
 
 fn wal_crash(at: CrashAt) -> (Env, PathBuf, Pos, Pos) {

@@ -46,7 +46,8 @@ struct Ctx {
 /// taken as durable, nothing after it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CrashAt {
-    /// At the end of a rollback-journal transaction, before the store captured it.
+    /// At the end of a rollback-journal transaction (unlink, truncation to 0 or header
+    /// zeroing), before the store captured it.
     JournalEndUncaptured,
     /// At the end of a rollback-journal transaction, after the LTX file is durable but
     /// before the journal is removed.
@@ -459,10 +460,18 @@ unsafe extern "C" fn f_write(
         let ctx = ctx_f(h);
         let data = std::slice::from_raw_parts(buf as *const u8, amt as usize);
         let db = db_of(h);
-        if let (Some(db), Kind::Db(FileKind::Journal)) = (db, h.kind)
-            && !ctx.record("journal_write", db.journal_write(off as u64, data))
-        {
-            return ffi::SQLITE_IOERR_WRITE;
+        if let (Some(db), Kind::Db(FileKind::Journal)) = (db, h.kind) {
+            // PERSIST mode ends a transaction by zeroing the header.
+            let end = off == 0 && data.len() >= 28 && data[..28].iter().all(|b| *b == 0);
+            if end {
+                ctx.maybe_crash(CrashAt::JournalEndUncaptured);
+            }
+            if !ctx.record("journal_write", db.journal_write(off as u64, data)) {
+                return ffi::SQLITE_IOERR_WRITE;
+            }
+            if end {
+                ctx.maybe_crash(CrashAt::JournalEndCaptured);
+            }
         }
         let rc = (real_methods(h).xWrite.unwrap())(h.real, buf, amt, off);
         if rc != ffi::SQLITE_OK {
@@ -496,7 +505,14 @@ unsafe extern "C" fn f_truncate(f: *mut ffi::sqlite3_file, size: i64) -> c_int {
         let db = db_of(h);
         let before = match (db, h.kind) {
             (Some(db), Kind::Db(FileKind::Journal)) => {
-                ctx.record("journal_truncate", db.journal_truncate(size as u64))
+                if size == 0 {
+                    ctx.maybe_crash(CrashAt::JournalEndUncaptured);
+                }
+                let ok = ctx.record("journal_truncate", db.journal_truncate(size as u64));
+                if size == 0 {
+                    ctx.maybe_crash(CrashAt::JournalEndCaptured);
+                }
+                ok
             }
             (Some(db), Kind::Db(FileKind::Wal)) => {
                 ctx.record("wal_truncate", db.wal_truncate(size as u64))
