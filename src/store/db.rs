@@ -34,7 +34,6 @@ pub(crate) struct WalCursor {
 }
 
 /// Mutable per-database state, guarded by [`Db`]'s mutex.
-#[derive(Debug)]
 pub(crate) struct DbState {
     pub pos: Pos,
     /// `None` until the database has a SQLite header.
@@ -55,6 +54,23 @@ pub(crate) struct DbState {
     pub wal_unsynced: bool,
     pub deleted: bool,
     pub closed: bool,
+}
+
+impl std::fmt::Debug for DbState {
+    // Summarised: the page checksums of a large database would flood any log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DbState")
+            .field("pos", &self.pos)
+            .field("page_size", &self.page_size)
+            .field("commit", &self.commit)
+            .field("dirty_pages", &self.dirty.len())
+            .field("all_dirty", &self.all_dirty)
+            .field("wal", &self.wal)
+            .field("wal_present", &self.wal_present)
+            .field("deleted", &self.deleted)
+            .field("closed", &self.closed)
+            .finish_non_exhaustive()
+    }
 }
 
 impl DbState {
