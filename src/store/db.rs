@@ -271,6 +271,15 @@ impl Db {
         Ok(())
     }
 
+    /// The WAL was fsynced through the file system (AFTER the fsync succeeded). Optional:
+    /// it only spares the store its own fsync of the WAL at the next capture when nothing
+    /// was written since.
+    pub fn wal_fsynced(&self) -> Result<(), StoreError> {
+        let mut st = self.usable()?;
+        st.wal_unsynced = false;
+        Ok(())
+    }
+
     /// The WAL write lock is being released (or its holder's shm closed): every
     /// transaction committed in the WAL since the last capture becomes one LTX file each,
     /// durable before this returns.

@@ -22,6 +22,8 @@
 //! - `database_flushed()` may be called on every flush/fsync/release of a database handle
 //!   that wrote; the store itself decides whether the writes were outside a transaction
 //!   (no journal with a valid header, not in WAL mode) and only then captures them.
+//! - Added: [`Db::wal_fsynced`] (AFTER a passthrough fsync of the WAL succeeded; optional,
+//!   it spares the store a second fsync of the WAL when the capture follows SQLite's own).
 //! - Added: [`Store::retention_pass`] (the background thread calls it every
 //!   `retention_monitor_interval`; 0 disables the thread), [`Store::deleted_databases`]
 //!   (positions of deleted databases whose commit-0 LTX file is still kept), [`Db::verify`]

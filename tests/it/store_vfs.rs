@@ -8,7 +8,8 @@
 //!   `database_flushed` after an fsync or at close of a handle that wrote;
 //! - journal: `journal_write`/`journal_truncate` before the write/truncate,
 //!   `journal_unlink` before the delete;
-//! - WAL: `wal_written` after a write, `wal_truncate`/`wal_unlink` before;
+//! - WAL: `wal_written` after a write, `wal_fsynced` after an fsync,
+//!   `wal_truncate`/`wal_unlink` before;
 //! - shm: `wal_write_lock_released` before the WRITE lock (index 0 = byte 120) is released
 //!   by its holder or its holder unmaps the shm; a CKPT lock (index 1) is refused with
 //!   SQLITE_BUSY while another connection holds WRITE.
@@ -542,6 +543,11 @@ unsafe extern "C" fn f_sync(f: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
         let rc = (real_methods(h).xSync.unwrap())(h.real, flags);
         if rc != ffi::SQLITE_OK {
             return rc;
+        }
+        if let (Some(db), Kind::Db(FileKind::Wal)) = (db_of(h), h.kind)
+            && !ctx_f(h).record("wal_fsynced", db.wal_fsynced())
+        {
+            return ffi::SQLITE_IOERR_FSYNC;
         }
         if let (Some(db), Kind::Db(FileKind::Database)) = (db_of(h), h.kind)
             && h.wrote
