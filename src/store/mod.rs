@@ -19,6 +19,10 @@
 //!   has zeroed magic but a non-zero sector and page size, so it is never mistaken for one.
 //! - `wal_truncate(size)`/`wal_unlink()` (BEFORE) capture anything committed first, so the
 //!   FUSE layer may call them for every truncate/unlink of a WAL.
+//! - `wal_write_lock_released()` may also be called at any other point while WRITE is
+//!   held (the fuse branch calls it after the WAL fsync of a `synchronous=FULL` commit, so
+//!   a failed capture fails the commit): a capture finds only whole committed
+//!   transactions after its cursor and is idempotent.
 //! - `database_flushed()` may be called on every flush/fsync/release of a database handle
 //!   that wrote; the store itself decides whether the writes were outside a transaction
 //!   (no journal with a valid header, not in WAL mode) and only then captures them.
@@ -57,6 +61,31 @@
 //!   post-apply checksum; the first file (TXID 1) is a snapshot (pre-apply 0, every page).
 //! - The in-memory page checksums describe the logical database (database file plus
 //!   captured WAL frames); a commit costs O(pages changed), never a re-hash.
+//!
+//! # Start-up
+//!
+//! See `recovery.rs`. Hot journal rolled back (then the journal removed); WAL frames past
+//! the last LTX file's WAL range removed (a WAL of another generation than the last LTX
+//! file's salts is removed whole: SQLite restarts a WAL only after a complete checkpoint);
+//! after a hot-journal rollback the last LTX file is written again (idempotent). It is
+//! not re-applied otherwise: the database already holds it, and rewriting its pages
+//! unconditionally would hide a corruption of exactly those pages. Then the logical
+//! database is hashed in full and must equal the last post-apply checksum, or
+//! [`StoreError::ChecksumMismatch`]. A `clean-shutdown` record (written by
+//! [`Store::close`], consumed by the next open) carries the position and page checksums
+//! and is trusted only when the database and WAL files have the size, inode and mtime it
+//! recorded and its CRC matches: then nothing is hashed (1 GB database: 1.4 ms, against
+//! 120 ms for the full re-hash from the page cache). A change to the files within the
+//! file system's timestamp granularity after a clean shutdown that keeps the size goes
+//! unnoticed; remove the record to force the full check. A database file with content
+//! but no LTX history is captured as a snapshot (TXID 1).
+//!
+//! # Page-size changes
+//!
+//! `VACUUM` with a new `page_size` (rollback mode) is captured as one LTX file in the new
+//! page size holding every page, whose pre-apply checksum is the old database's.
+//! `ltx::apply_file` refuses a page size that differs from the database file's, so a
+//! replica needs to apply such a file as a full rewrite (see the store tests' replay).
 //!
 //! # Deletion
 //!
