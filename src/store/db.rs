@@ -6,6 +6,7 @@ use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use tracing::{debug, info, warn};
@@ -99,6 +100,8 @@ pub struct Db {
     name: String,
     dir: PathBuf,
     node_id: u64,
+    /// `strict-verify`: re-hash the whole database after every capture.
+    strict: AtomicBool,
     pub(crate) state: Mutex<DbState>,
 }
 
@@ -116,6 +119,7 @@ impl Db {
             name,
             dir,
             node_id,
+            strict: AtomicBool::new(false),
             state: Mutex::new(state),
         }
     }
@@ -451,7 +455,7 @@ impl Db {
         st.dirty.clear();
         st.all_dirty = false;
         debug!(db = %self.name, ltx = %dst.display(), pos = %st.pos, "captured transaction");
-        Ok(())
+        self.strict_check(st)
     }
 
     /// Works out the new rolling checksum from the in-memory page checksums: XOR out the
@@ -560,6 +564,7 @@ impl Db {
                 offset: txn.end,
                 checksum: txn.checksum_after,
             });
+            self.strict_check(st)?;
         }
         Ok(())
     }
@@ -687,6 +692,23 @@ impl Db {
     /// [`StoreError::ChecksumMismatch`] naming both checksums when they differ.
     pub fn verify(&self) -> Result<(), StoreError> {
         let st = self.lock();
+        self.verify_locked(&st)
+    }
+
+    /// `strict-verify` (LiteFS's option, for tests): after every capture the whole
+    /// database is re-hashed and a mismatch fails the hook.
+    pub fn set_strict_verify(&self, on: bool) {
+        self.strict.store(on, Ordering::Relaxed);
+    }
+
+    fn strict_check(&self, st: &DbState) -> Result<(), StoreError> {
+        if self.strict.load(Ordering::Relaxed) {
+            self.verify_locked(st)?;
+        }
+        Ok(())
+    }
+
+    fn verify_locked(&self, st: &DbState) -> Result<(), StoreError> {
         let Some(ps) = st.page_size else {
             return Ok(());
         };

@@ -31,7 +31,8 @@
 //! - Added: [`Store::retention_pass`] (the background thread calls it every
 //!   `retention_monitor_interval`; 0 disables the thread), [`Store::deleted_databases`]
 //!   (positions of deleted databases whose commit-0 LTX file is still kept), [`Db::verify`]
-//!   (full re-hash, for tests and strict verification), [`Db::commit`], [`Db::ltx_dir`].
+//!   (full re-hash), [`Store::set_strict_verify`] (`strict-verify`: a full re-hash after
+//!   every capture fails the hook on a mismatch), [`Db::commit`], [`Db::ltx_dir`].
 //! - After [`Store::close`] every hook fails with [`StoreError::Closed`]: nothing may
 //!   change once the clean-shutdown record is written.
 //! - An `Err` from `wal_write_lock_released` means SQLite considers the transaction
@@ -193,6 +194,7 @@ struct Retention {
 /// All databases of a node. Shared as `Arc<Store>`.
 pub struct Store {
     opts: StoreOptions,
+    strict_verify: std::sync::atomic::AtomicBool,
     dbs_dir: PathBuf,
     inner: Mutex<Inner>,
     retention: Mutex<Option<Retention>>,
@@ -263,6 +265,7 @@ impl Store {
         }
         let store = Arc::new(Store {
             opts,
+            strict_verify: std::sync::atomic::AtomicBool::new(false),
             dbs_dir,
             inner: Mutex::new(inner),
             retention: Mutex::new(None),
@@ -339,6 +342,10 @@ impl Store {
             .and_then(|()| ltxio::fsync_dir(&dir))
             .and_then(|()| ltxio::fsync_dir(&self.dbs_dir))
             .map_err(|e| StoreError::io(name, "create database", &path, e))?;
+        db.set_strict_verify(
+            self.strict_verify
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
         let db = Arc::new(db);
         inner.dbs.insert(name.to_string(), db.clone());
         info!(db = name, "database created");
@@ -409,6 +416,18 @@ impl Store {
         }
         info!(databases = inner.dbs.len(), "store closed");
         Ok(())
+    }
+
+    /// Turns `strict-verify` on or off for every database, present and future: after each
+    /// capture the whole database is re-hashed and compared with the position (O(database)
+    /// per commit; for tests). A failure means the database changed behind the store's
+    /// back after the LTX file was written: treat it as fatal, as LiteFS does.
+    pub fn set_strict_verify(&self, on: bool) {
+        self.strict_verify
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+        for db in self.inner().dbs.values() {
+            db.set_strict_verify(on);
+        }
     }
 
     /// Whether this node takes writes. The static lease of this issue: always true.

@@ -1108,6 +1108,7 @@ fn random_schedule_keeps_chain_exact() {
         x % n
     };
     let env = Env::new();
+    env.store.set_strict_verify(true);
     let c = setup(&env, "delete");
     let db = env.store.db("db").unwrap();
     let mut rows = count(&c);
@@ -1151,4 +1152,32 @@ fn random_schedule_keeps_chain_exact() {
         replayed == fs::read(env.db_file("db")).unwrap(),
         "seed {seed}"
     );
+}
+
+/// With strict-verify a change made behind the store's back (not through the hooks) fails
+/// the next commit point instead of going unnoticed until the next start-up.
+#[test]
+fn strict_verify_catches_writes_behind_the_store() {
+    let env = Env::new();
+    env.store.set_strict_verify(true);
+    let c = setup(&env, "delete");
+    c.execute_batch("CREATE TABLE u(x);").unwrap();
+    let root: i64 = c
+        .query_row(
+            "SELECT rootpage FROM sqlite_master WHERE name = 'u'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    env.assert_no_hook_errors();
+    // The last byte of u's empty root page is unused by SQLite.
+    let f = OpenOptions::new()
+        .write(true)
+        .open(env.db_file("db"))
+        .unwrap();
+    f.write_all_at(&[0x5A], root as u64 * 4096 - 1).unwrap();
+    let _ = c.execute("INSERT INTO t(v) VALUES ('z')", []);
+    let errors = env.vfs.errors();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].contains("does not match"), "{errors:?}");
 }
