@@ -6,6 +6,7 @@ use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use tracing::{debug, info, warn};
@@ -34,7 +35,6 @@ pub(crate) struct WalCursor {
 }
 
 /// Mutable per-database state, guarded by [`Db`]'s mutex.
-#[derive(Debug)]
 pub(crate) struct DbState {
     pub pos: Pos,
     /// `None` until the database has a SQLite header.
@@ -55,6 +55,23 @@ pub(crate) struct DbState {
     pub wal_unsynced: bool,
     pub deleted: bool,
     pub closed: bool,
+}
+
+impl std::fmt::Debug for DbState {
+    // Summarised: the page checksums of a large database would flood any log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DbState")
+            .field("pos", &self.pos)
+            .field("page_size", &self.page_size)
+            .field("commit", &self.commit)
+            .field("dirty_pages", &self.dirty.len())
+            .field("all_dirty", &self.all_dirty)
+            .field("wal", &self.wal)
+            .field("wal_present", &self.wal_present)
+            .field("deleted", &self.deleted)
+            .field("closed", &self.closed)
+            .finish_non_exhaustive()
+    }
 }
 
 impl DbState {
@@ -83,6 +100,8 @@ pub struct Db {
     name: String,
     dir: PathBuf,
     node_id: u64,
+    /// `strict-verify`: re-hash the whole database after every capture.
+    strict: AtomicBool,
     pub(crate) state: Mutex<DbState>,
 }
 
@@ -100,6 +119,7 @@ impl Db {
             name,
             dir,
             node_id,
+            strict: AtomicBool::new(false),
             state: Mutex::new(state),
         }
     }
@@ -252,6 +272,15 @@ impl Db {
             st.wal_present = true;
             st.wal_unsynced = true;
         }
+        Ok(())
+    }
+
+    /// The WAL was fsynced through the file system (AFTER the fsync succeeded). Optional:
+    /// it only spares the store its own fsync of the WAL at the next capture when nothing
+    /// was written since.
+    pub fn wal_fsynced(&self) -> Result<(), StoreError> {
+        let mut st = self.usable()?;
+        st.wal_unsynced = false;
         Ok(())
     }
 
@@ -426,7 +455,7 @@ impl Db {
         st.dirty.clear();
         st.all_dirty = false;
         debug!(db = %self.name, ltx = %dst.display(), pos = %st.pos, "captured transaction");
-        Ok(())
+        self.strict_check(st)
     }
 
     /// Works out the new rolling checksum from the in-memory page checksums: XOR out the
@@ -535,6 +564,7 @@ impl Db {
                 offset: txn.end,
                 checksum: txn.checksum_after,
             });
+            self.strict_check(st)?;
         }
         Ok(())
     }
@@ -662,6 +692,23 @@ impl Db {
     /// [`StoreError::ChecksumMismatch`] naming both checksums when they differ.
     pub fn verify(&self) -> Result<(), StoreError> {
         let st = self.lock();
+        self.verify_locked(&st)
+    }
+
+    /// `strict-verify` (LiteFS's option, for tests): after every capture the whole
+    /// database is re-hashed and a mismatch fails the hook.
+    pub fn set_strict_verify(&self, on: bool) {
+        self.strict.store(on, Ordering::Relaxed);
+    }
+
+    fn strict_check(&self, st: &DbState) -> Result<(), StoreError> {
+        if self.strict.load(Ordering::Relaxed) {
+            self.verify_locked(st)?;
+        }
+        Ok(())
+    }
+
+    fn verify_locked(&self, st: &DbState) -> Result<(), StoreError> {
         let Some(ps) = st.page_size else {
             return Ok(());
         };
@@ -875,4 +922,95 @@ pub(crate) fn logical_checksums(
         checksums: sums,
         commit,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ltx::Decoder;
+
+    /// A write crossing the lock page (as `cp` of a >1 GiB database does) never puts the
+    /// lock page into an LTX file, for every page size. The database file is sparse and
+    /// the in-memory checksums are stand-ins, so no gigabyte is ever hashed.
+    #[test]
+    fn lock_page_is_never_captured() {
+        for shift in 9..=16 {
+            let ps = 1u32 << shift;
+            let lock = ltx::lock_pgno(ps);
+            let commit = lock + 1;
+            let dir = tempfile::tempdir().unwrap();
+            fs::create_dir_all(dir.path().join("ltx")).unwrap();
+            let mut st = DbState::empty(Pos {
+                txid: TxId(5),
+                post_apply_checksum: Checksum(CHECKSUM_FLAG | 1),
+            });
+            st.page_size = Some(ps);
+            st.commit = commit;
+            st.checksums = vec![Checksum(CHECKSUM_FLAG | 1); commit as usize];
+            st.checksums[lock as usize - 1] = Checksum(0);
+            let db = Db::new("lock".into(), dir.path().to_path_buf(), 0, st);
+
+            let f = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(db.path(FileKind::Database))
+                .unwrap();
+            f.set_len(u64::from(commit) * u64::from(ps)).unwrap();
+            let mut hdr = [0u8; 100];
+            hdr[..16].copy_from_slice(b"SQLite format 3\0");
+            let field = if ps == 65536 { 1u16 } else { ps as u16 };
+            hdr[16..18].copy_from_slice(&field.to_be_bytes());
+            hdr[24..28].copy_from_slice(&1u32.to_be_bytes());
+            hdr[28..32].copy_from_slice(&commit.to_be_bytes());
+            hdr[92..96].copy_from_slice(&1u32.to_be_bytes());
+            f.write_all_at(&hdr, 0).unwrap();
+            let off = u64::from(lock - 2) * u64::from(ps);
+            let data = vec![0xABu8; 3 * ps as usize];
+            f.write_all_at(&data, off).unwrap();
+            db.database_written(off, data.len()).unwrap();
+            db.journal_unlink().unwrap();
+
+            assert_eq!(db.pos().txid, TxId(6), "page size {ps}");
+            let path = db.ltx_dir().join(ltx::format_filename(TxId(6), TxId(6)));
+            let mut dec = Decoder::new(io::BufReader::new(File::open(&path).unwrap())).unwrap();
+            assert_eq!(dec.header().commit, commit);
+            let mut buf = vec![0u8; ps as usize];
+            let mut pages = Vec::new();
+            while let Some(pgno) = dec.next_page(&mut buf).unwrap() {
+                assert_eq!(buf, vec![0xABu8; ps as usize]);
+                pages.push(pgno);
+            }
+            dec.finish().unwrap();
+            assert_eq!(
+                pages,
+                vec![lock - 1, lock + 1],
+                "page size {ps}: lock page {lock}"
+            );
+        }
+    }
+
+    #[test]
+    fn commit_size_prefers_a_valid_header_field() {
+        let mut hdr = [0u8; 100];
+        hdr[24..28].copy_from_slice(&3u32.to_be_bytes());
+        hdr[28..32].copy_from_slice(&5u32.to_be_bytes());
+        // Offset 92 differs from the change counter: the field is stale, use the file.
+        hdr[92..96].copy_from_slice(&2u32.to_be_bytes());
+        assert_eq!(commit_size("x", &hdr, 8 * 4096, 4096), 8);
+        hdr[92..96].copy_from_slice(&3u32.to_be_bytes());
+        assert_eq!(commit_size("x", &hdr, 8 * 4096, 4096), 5);
+        // Never more than the file holds.
+        assert_eq!(commit_size("x", &hdr, 4 * 4096, 4096), 4);
+    }
+
+    #[test]
+    fn page_size_field_one_means_65536() {
+        let mut hdr = [0u8; 100];
+        hdr[16..18].copy_from_slice(&1u16.to_be_bytes());
+        assert_eq!(parse_page_size(&hdr), Some(65536));
+        hdr[16..18].copy_from_slice(&1000u16.to_be_bytes());
+        assert_eq!(parse_page_size(&hdr), None);
+    }
 }

@@ -6,7 +6,7 @@ use std::io::{self, BufWriter};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::ltx::{self, Checksum, Decoder, Encoder, Header, LtxError, Trailer, TxId};
+use crate::ltx::{self, Checksum, Decoder, Encoder, Header, LtxError, Pos, Trailer, TxId};
 
 use super::StoreError;
 
@@ -74,6 +74,41 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
 pub fn verify(db: &str, path: &Path) -> Result<(Header, Trailer), StoreError> {
     let f = File::open(path).map_err(|e| StoreError::io(db, "open ltx", path, e))?;
     ltx::verify(io::BufReader::new(f)).map_err(|e| StoreError::ltx(db, path, e))
+}
+
+/// Reads only the header and the trailer of an LTX file (any format): enough to know the
+/// position it leads to, without reading its pages. Start-up uses this for the newest
+/// file so a clean start does not re-read a large snapshot; a file that is re-applied is
+/// verified in full first.
+pub fn read_position(db: &str, path: &Path) -> Result<(Header, Pos), StoreError> {
+    let f = File::open(path).map_err(|e| StoreError::io(db, "open ltx", path, e))?;
+    let len = f
+        .metadata()
+        .map_err(|e| StoreError::io(db, "stat ltx", path, e))?
+        .len();
+    let mut hb = [0u8; ltx::HEADER_SIZE];
+    let mut tb = [0u8; ltx::TRAILER_SIZE];
+    if len < (ltx::HEADER_SIZE + ltx::TRAILER_SIZE) as u64 {
+        return Err(StoreError::io(
+            db,
+            "read ltx",
+            path,
+            io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("file of {len} bytes is too short"),
+            ),
+        ));
+    }
+    f.read_exact_at(&mut hb, 0)
+        .and_then(|()| f.read_exact_at(&mut tb, len - ltx::TRAILER_SIZE as u64))
+        .map_err(|e| StoreError::io(db, "read ltx", path, e))?;
+    let header = Header::from_bytes(&hb).map_err(|e| StoreError::ltx(db, path, e))?;
+    let trailer = Trailer::from_bytes(&tb);
+    let pos = Pos {
+        txid: header.max_txid,
+        post_apply_checksum: trailer.post_apply_checksum,
+    };
+    Ok((header, pos))
 }
 
 /// Writes the pages of a verified LTX file into the database file and truncates it to the

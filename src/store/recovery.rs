@@ -1,11 +1,11 @@
 //! Start-up recovery of one database directory.
 //!
 //! Order: a hot journal is rolled back; the WAL is cut back to the last captured commit
-//! (frames past the last LTX file's WAL range were never acknowledged to a client); the
-//! last LTX file is written into the database again (idempotent; this redoes a
-//! transaction whose LTX became durable before the crash, which the journal rollback
-//! just undid); then the database checksum is rebuilt and must equal the last LTX file's
-//! post-apply checksum. A clean-shutdown record whose files are untouched replaces all of
+//! (frames past the last LTX file's WAL range were never acknowledged to a client); after
+//! a hot-journal rollback the last LTX file is written into the database again
+//! (idempotent; this redoes a transaction whose LTX became durable before the crash,
+//! which the rollback just undid); then the database checksum is rebuilt and must equal
+//! the last LTX file's post-apply checksum. A clean-shutdown record whose files are untouched replaces all of
 //! that (no hashing at all).
 
 use std::fs::{self, File, OpenOptions};
@@ -53,14 +53,7 @@ pub(crate) fn recover(name: &str, dir: &Path, node_id: u64) -> Result<Recovered,
     ltxio::remove_temp_files(&ltx_dir).map_err(io_err(name, "remove temp files", &ltx_dir))?;
     let files = ltxio::list(&ltx_dir).map_err(io_err(name, "list ltx", &ltx_dir))?;
     let last: Option<(Header, Pos)> = match files.last() {
-        Some(f) => {
-            let (h, t) = ltxio::verify(name, &f.path)?;
-            let pos = Pos {
-                txid: h.max_txid,
-                post_apply_checksum: t.post_apply_checksum,
-            };
-            Some((h, pos))
-        }
+        Some(f) => Some(ltxio::read_position(name, &f.path)?),
         None => None,
     };
     let record = CleanRecord::take(dir).map_err(io_err(name, "read clean-shutdown record", dir))?;
@@ -114,6 +107,7 @@ pub(crate) fn recover(name: &str, dir: &Path, node_id: u64) -> Result<Recovered,
 
     // 1. Hot journal.
     let jpath = scratch.path(FileKind::Journal);
+    let mut rolled_back = false;
     if jpath.exists() {
         let j = File::open(&jpath).map_err(io_err(name, "open journal", &jpath))?;
         let dbf = OpenOptions::new()
@@ -129,6 +123,7 @@ pub(crate) fn recover(name: &str, dir: &Path, node_id: u64) -> Result<Recovered,
                 size = r.db_size,
                 "rolled back hot journal"
             );
+            rolled_back = true;
         }
         remove_if_exists(name, &jpath)?;
     }
@@ -201,8 +196,14 @@ pub(crate) fn recover(name: &str, dir: &Path, node_id: u64) -> Result<Recovered,
         }
     }
 
-    // 3. Redo the last transaction (its pages are in the WAL when frames were kept).
-    if kept.is_empty()
+    // 3. Redo the last transaction. Only needed after a hot-journal rollback: the crash
+    //    may have come after its LTX file became durable but before the journal was
+    //    removed, and the rollback just undid it. Otherwise the database already holds it
+    //    (pages are fsynced before the LTX is written; WAL frames are in the WAL), and
+    //    rewriting its pages unconditionally would hide a corruption of exactly those
+    //    pages from the comparison below.
+    if rolled_back
+        && kept.is_empty()
         && let Some(f) = files.last()
     {
         let dbf = OpenOptions::new()
