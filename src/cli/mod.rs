@@ -179,6 +179,7 @@ pub fn mount(cfg: Config, opts: MountOptions) -> anyhow::Result<ExitCode> {
         node_id: 0,
     })
     .with_context(|| format!("opening the data directory {}", cfg.data.dir.display()))?;
+    store.set_strict_verify(cfg.strict_verify);
     let mut fuse_opts = crate::fuse::MountOptions::new(&cfg.fuse.dir, &cfg.data.dir);
     fuse_opts.allow_other = cfg.fuse.allow_other;
     fuse_opts.debug = cfg.fuse.debug;
@@ -189,8 +190,14 @@ pub fn mount(cfg: Config, opts: MountOptions) -> anyhow::Result<ExitCode> {
         .context("starting the async runtime")?;
     rt.block_on(async {
         let shutdown = crate::fuse::shutdown_signal().context("installing signal handlers")?;
-        crate::fuse::run(fuse_opts, store, shutdown).await?;
-        Ok(ExitCode::SUCCESS)
+        match crate::fuse::run(fuse_opts, store, shutdown).await {
+            Ok(()) => Ok(ExitCode::SUCCESS),
+            Err(e @ crate::fuse::MountError::Fatal(_)) => {
+                tracing::error!("{e}");
+                Ok(ExitCode::from(99))
+            }
+            Err(e) => Err(e.into()),
+        }
     })
 }
 

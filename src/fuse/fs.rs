@@ -96,6 +96,8 @@ pub(crate) struct Shared {
     next_fh: AtomicU64,
     locks: Mutex<HashMap<(String, FileKind), LockTable>>,
     primary_hostname: RwLock<Option<String>>,
+    /// Set when a committed transaction could not be captured (see `set_fatal`).
+    fatal: Mutex<Option<String>>,
     /// `fuse.debug`: log every operation that changes something or takes a lock.
     debug: bool,
     uid: u32,
@@ -114,6 +116,7 @@ impl Shared {
             next_fh: AtomicU64::new(1),
             locks: Mutex::new(HashMap::new()),
             primary_hostname: RwLock::new(None),
+            fatal: Mutex::new(None),
             debug,
             uid,
             gid,
@@ -413,13 +416,35 @@ impl Shared {
                 .and_then(|t| t.holds(owner, SHM_WRITE))
                 == Some(LockKind::Write);
             if holds_write && let Err(e) = db.wal_write_lock_released() {
-                // Close cannot fail; the store reports the error itself at its next step.
-                error!(db = db.name(), error = %e, "wal_write_lock_released failed on close");
+                self.set_fatal(db, &e);
             }
         }
         if let Some(t) = lock(&self.locks).get_mut(&key) {
             t.release_owner(owner);
         }
+    }
+
+    /// A capture failed after SQLite considered the transaction committed (it ignores
+    /// errors from unlocking and closing): the node can no longer vouch for its
+    /// history. The mount runner stops with exit status 99, as LiteFS does, and the
+    /// next start-up cuts the uncaptured frames off.
+    fn set_fatal(&self, db: &Db, e: &StoreError) {
+        error!(
+            db = db.name(),
+            error = %e,
+            "capture of a committed WAL transaction failed; stopping (exit 99)"
+        );
+        let mut f = lock(&self.fatal);
+        if f.is_none() {
+            *f = Some(format!(
+                "capture of a committed transaction of {} failed: {e}",
+                db.name()
+            ));
+        }
+    }
+
+    pub(crate) fn fatal(&self) -> Option<String> {
+        lock(&self.fatal).clone()
     }
 
     /// The WAL was fsynced while a writer holds the WRITE lock: with
@@ -428,6 +453,7 @@ impl Shared {
     /// capture (or litefs dying in it) fails the commit, because SQLite ignores errors
     /// from unlocking and would otherwise acknowledge a commit that has no LTX file.
     fn wal_synced(&self, db: &Db) -> Result<(), Errno> {
+        hook_errno("wal_fsynced", db, db.wal_fsynced())?;
         let writing = lock(&self.locks)
             .get(&(db.name().to_string(), FileKind::Shm))
             .and_then(|t| t.write_holder(SHM_WRITE))
@@ -543,8 +569,9 @@ impl Shared {
                     == Some(LockKind::Write);
             // The lock stays held while the store captures the commit, so no
             // checkpointer can copy the frames into the database before their LTX exists.
-            if releases_write {
-                hook_errno("wal_write_lock_released", db, db.wal_write_lock_released())?;
+            if releases_write && let Err(e) = db.wal_write_lock_released() {
+                self.set_fatal(db, &e);
+                return Err(Errno::EIO);
             }
         }
         let mut tables = lock(&self.locks);

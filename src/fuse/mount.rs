@@ -101,6 +101,10 @@ pub enum MountError {
         #[source]
         source: io::Error,
     },
+    /// A transaction SQLite considers committed could not be captured; the node stopped
+    /// (`litefs mount` exits with status 99, as LiteFS does).
+    #[error("fatal: {0}")]
+    Fatal(String),
     /// The store failed to close cleanly.
     #[error("closing the store: {0}")]
     Store(#[from] StoreError),
@@ -176,6 +180,12 @@ impl Mount {
         self.shared.set_primary_hostname(hostname);
     }
 
+    /// Why the node must stop, once a transaction SQLite considers committed could not
+    /// be captured ([`run`] then exits with [`MountError::Fatal`]).
+    pub fn fatal(&self) -> Option<String> {
+        self.shared.fatal()
+    }
+
     /// Whether the kernel connection is still served (false after an external
     /// `fusermount3 -u` or `umount`).
     pub fn is_alive(&self) -> bool {
@@ -236,12 +246,13 @@ impl Drop for Mount {
     }
 }
 
-/// Mounts, serves until `shutdown` resolves (or the mount is removed from outside),
-/// then unmounts and closes the store. This is what `litefs mount` runs.
+/// Mounts, serves until `shutdown` resolves (or the mount is removed from outside, or
+/// a committed transaction could not be captured), then unmounts and closes the
+/// store. This is what `litefs mount` runs.
 ///
 /// # Errors
-/// Mount problems ([`MountError`]), a busy mount point at shutdown, or the store
-/// failing to close.
+/// Mount problems ([`MountError`]), a busy mount point at shutdown, the store
+/// failing to close, or [`MountError::Fatal`] (exit status 99).
 pub async fn run(
     opts: MountOptions,
     store: Arc<Store>,
@@ -249,6 +260,7 @@ pub async fn run(
 ) -> Result<(), MountError> {
     let mount = Mount::start(&opts, store.clone())?;
     tokio::pin!(shutdown);
+    let mut fatal = None;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         tokio::select! {
@@ -257,6 +269,10 @@ pub async fn run(
                 break;
             }
             _ = tick.tick() => {
+                if let Some(why) = mount.fatal() {
+                    fatal = Some(why);
+                    break;
+                }
                 if !mount.is_alive() {
                     warn!(dir = %opts.fuse_dir.display(), "the mount was removed from outside");
                     break;
@@ -278,6 +294,9 @@ pub async fn run(
             source: io::Error::other(e),
         })?;
     let closed = store.close();
+    if let Some(why) = fatal {
+        return Err(MountError::Fatal(why));
+    }
     unmounted?;
     closed?;
     info!("store closed");

@@ -663,3 +663,35 @@ fn sigterm_while_a_process_keeps_a_file_open_reports_busy_and_detaches() {
     );
     assert!(!is_mounted(&p.mnt), "the busy mount was not detached");
 }
+
+#[test]
+fn a_failed_capture_fails_a_full_commit_and_stops_the_node_after_a_normal_one() {
+    let node = Node::start();
+    // synchronous=FULL: the capture runs at the WAL fsync, so its failure fails COMMIT.
+    let c = open(&node.path("full.db"), "wal", 4096);
+    c.pragma_update(None, "synchronous", "full").unwrap();
+    c.execute_batch("CREATE TABLE t (x);").unwrap();
+    let n = node.ltx_files("full.db").len();
+    c.execute_batch("BEGIN IMMEDIATE; INSERT INTO t VALUES (1);")
+        .unwrap();
+    // A closed store fails every hook.
+    node.store().close().unwrap();
+    let err = c.execute_batch("COMMIT;").unwrap_err();
+    assert!(err.to_string().contains("disk I/O error"), "{err}");
+    assert_eq!(node.ltx_files("full.db").len(), n, "an LTX appeared");
+    drop(c);
+
+    // synchronous=NORMAL: nothing fails before the unlock, whose errors SQLite ignores;
+    // the mount reports that the node must stop.
+    let node = Node::start();
+    let c = open(&node.path("normal.db"), "wal", 4096);
+    c.pragma_update(None, "synchronous", "normal").unwrap();
+    c.execute_batch("CREATE TABLE t (x);").unwrap();
+    assert!(node.mount().fatal().is_none());
+    c.execute_batch("BEGIN IMMEDIATE; INSERT INTO t VALUES (1);")
+        .unwrap();
+    node.store().close().unwrap();
+    let _ = c.execute_batch("COMMIT;");
+    let why = node.mount().fatal().expect("the node must stop");
+    assert!(why.contains("normal.db"), "{why}");
+}

@@ -40,11 +40,11 @@ impl Node {
             data,
             _tmp: tmp,
         };
-        node.mount();
+        node.do_mount();
         node
     }
 
-    fn mount(&mut self) {
+    fn do_mount(&mut self) {
         let store = Store::open(StoreOptions {
             data_dir: self.data.clone(),
             retention: Duration::from_secs(600),
@@ -60,7 +60,7 @@ impl Node {
     /// Unmounts, closes the store, opens and mounts it again.
     pub fn restart(&mut self) {
         self.stop();
-        self.mount();
+        self.do_mount();
     }
 
     /// Unmounts and closes the store.
@@ -71,6 +71,11 @@ impl Node {
         if let Some(s) = self.store.take() {
             s.close().unwrap();
         }
+    }
+
+    /// The mount.
+    pub fn mount(&self) -> &Mount {
+        self.mount.as_ref().unwrap()
     }
 
     /// The store.
