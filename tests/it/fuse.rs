@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use rusqlite::Connection;
 
-use crate::support::{Node, Process, is_mounted, replay_chain, wait_until};
+use crate::support::{Node, Process, apply_chain, is_mounted, wait_until};
 
 const MODES: [&str; 4] = ["delete", "truncate", "persist", "wal"];
 const PAGE_SIZES: [u32; 3] = [1024, 4096, 65536];
@@ -83,7 +83,7 @@ fn checkpoint(c: &Connection) {
 
 fn assert_chain_reproduces(node: &Node, db: &str) {
     let files = node.ltx_files(db);
-    let (replayed, pos) = replay_chain(&files);
+    let (replayed, pos) = apply_chain(&files);
     let actual = fs::read(node.data_db(db)).unwrap();
     assert_eq!(
         replayed.len(),
@@ -581,7 +581,7 @@ fn kill_9_mid_workload_loses_no_acknowledged_commit() {
             checkpoint(&c);
             drop(c);
             let files = super::support::ltx_files(&p.data, "crash.db");
-            let (replayed, _) = replay_chain(&files);
+            let (replayed, _) = apply_chain(&files);
             let actual = fs::read(p.data.join("dbs/crash.db/database")).unwrap();
             assert!(
                 replayed == actual,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use litefs::fuse::{Mount, MountOptions};
-use litefs::ltx::{Decoder, Pos, TxId};
+use litefs::ltx::{Pos, TxId};
 use litefs::store::{Store, StoreOptions};
 
 /// A store mounted in a temporary directory, in this process. Dropping it unmounts
@@ -127,46 +127,30 @@ pub fn ltx_files(data: &Path, db: &str) -> Vec<PathBuf> {
     files.into_iter().map(|(_, p)| p).collect()
 }
 
-/// Replays an LTX chain from TXID 1 onto an empty file, checking TXID continuity,
-/// and returns the resulting database bytes and final position.
-pub fn replay_chain(files: &[PathBuf]) -> (Vec<u8>, Pos) {
+/// Applies an LTX chain from TXID 1 onto an empty file with `litefs ltx apply`, which
+/// refuses gaps and checksum mismatches, and returns the resulting database bytes and
+/// the chain's final position.
+pub fn apply_chain(files: &[PathBuf]) -> (Vec<u8>, Pos) {
     assert!(!files.is_empty(), "no LTX files");
-    let mut db: Vec<u8> = Vec::new();
-    let mut pos = Pos::default();
-    for path in files {
-        let mut dec = Decoder::new(File::open(path).unwrap()).unwrap();
-        let h = dec.header().clone();
-        assert_eq!(
-            h.min_txid.0,
-            pos.txid.0 + 1,
-            "gap in the chain before {}",
-            path.display()
-        );
-        if pos.txid.0 > 0 {
-            assert_eq!(
-                h.pre_apply_checksum,
-                pos.post_apply_checksum,
-                "pre-apply checksum of {} does not match the previous file",
-                path.display()
-            );
-        }
-        let ps = h.page_size as usize;
-        let mut buf = vec![0u8; ps];
-        while let Some(pgno) = dec.next_page(&mut buf).unwrap() {
-            let off = (pgno as usize - 1) * ps;
-            if db.len() < off + ps {
-                db.resize(off + ps, 0);
-            }
-            db[off..off + ps].copy_from_slice(&buf);
-        }
-        let trailer = dec.finish().unwrap();
-        db.truncate(h.commit as usize * ps);
-        pos = Pos {
-            txid: h.max_txid,
-            post_apply_checksum: trailer.post_apply_checksum,
-        };
-    }
-    (db, pos)
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("applied.db");
+    let o = Command::new(env!("CARGO_BIN_EXE_litefs"))
+        .args(["ltx", "apply", "-o"])
+        .arg(&out)
+        .args(files)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "ltx apply failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let (header, trailer) = litefs::ltx::verify_path(files.last().unwrap()).unwrap();
+    let pos = Pos {
+        txid: header.max_txid,
+        post_apply_checksum: trailer.post_apply_checksum,
+    };
+    (std::fs::read(&out).unwrap(), pos)
 }
 
 /// Polls `f` until it returns true or `timeout` passes.
