@@ -172,6 +172,12 @@ pub fn mount(cfg: Config, opts: MountOptions) -> anyhow::Result<ExitCode> {
     if !opts.cmd.is_empty() || !cfg.exec.is_empty() {
         tracing::warn!("exec is not supported by this build yet; the command is not started");
     }
+    let mut fuse_opts = crate::fuse::MountOptions::new(&cfg.fuse.dir, &cfg.data.dir);
+    fuse_opts.allow_other = cfg.fuse.allow_other;
+    fuse_opts.debug = cfg.fuse.debug;
+    fuse_opts.skip_unmount = opts.skip_unmount;
+    // Before the store: a refused mount point must not get its data dir recovered.
+    crate::fuse::prepare(&fuse_opts)?;
     let store = crate::store::Store::open(crate::store::StoreOptions {
         data_dir: cfg.data.dir.clone(),
         retention: cfg.data.retention,
@@ -180,10 +186,6 @@ pub fn mount(cfg: Config, opts: MountOptions) -> anyhow::Result<ExitCode> {
     })
     .with_context(|| format!("opening the data directory {}", cfg.data.dir.display()))?;
     store.set_strict_verify(cfg.strict_verify);
-    let mut fuse_opts = crate::fuse::MountOptions::new(&cfg.fuse.dir, &cfg.data.dir);
-    fuse_opts.allow_other = cfg.fuse.allow_other;
-    fuse_opts.debug = cfg.fuse.debug;
-    fuse_opts.skip_unmount = opts.skip_unmount;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -62,4 +62,4 @@ mod fs;
 pub mod locks;
 mod mount;
 
-pub use mount::{Mount, MountError, MountOptions, run, shutdown_signal};
+pub use mount::{Mount, MountError, MountOptions, prepare, run, shutdown_signal};

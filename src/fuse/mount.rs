@@ -319,6 +319,18 @@ pub fn shutdown_signal() -> io::Result<impl Future<Output = ()>> {
     })
 }
 
+/// Checks the mount point before anything else touches the data directory: creates
+/// it if missing, clears a stale litefs mount nobody uses, and refuses a live mount
+/// (another litefs on the same directories must not see its store recovered under it).
+/// [`Mount::start`] does the same; calling this first keeps a refused start from
+/// opening the store at all.
+///
+/// # Errors
+/// As [`Mount::start`] for the mount point.
+pub fn prepare(opts: &MountOptions) -> Result<(), MountError> {
+    prepare_mount_point(&absolute(&opts.fuse_dir))
+}
+
 fn absolute(p: &Path) -> PathBuf {
     // canonicalize() fails on a stale mount point itself, so only its parent is
     // resolved.

@@ -695,3 +695,21 @@ fn a_failed_capture_fails_a_full_commit_and_stops_the_node_after_a_normal_one() 
     let why = node.mount().fatal().expect("the node must stop");
     assert!(why.contains("normal.db"), "{why}");
 }
+
+#[test]
+fn a_second_litefs_on_a_live_mount_is_refused_and_the_first_keeps_serving() {
+    let p = Process::start();
+    fs::write(p.path("live.db"), b"").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_litefs"))
+        .args(["mount", "-config"])
+        .arg(&p.config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("is already a mount point"), "{err}");
+    assert!(err.contains("is another litefs running?"), "{err}");
+    // Refused before the store of the running node was opened (and recovered).
+    assert!(!err.contains("litefs::store"), "{err}");
+    assert!(p.path("live.db").exists());
+}
