@@ -713,3 +713,73 @@ fn a_second_litefs_on_a_live_mount_is_refused_and_the_first_keeps_serving() {
     assert!(!err.contains("litefs::store"), "{err}");
     assert!(p.path("live.db").exists());
 }
+
+fn fcntl_lock(f: &fs::File, cmd: i32, typ: i32, start: i64) -> (i32, libc::flock) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a zeroed flock is a valid value; fcntl gets a valid fd and pointer.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = typ as i16;
+    fl.l_whence = libc::SEEK_SET as i16;
+    fl.l_start = start;
+    fl.l_len = 1;
+    // SAFETY: as above.
+    let rc = unsafe { libc::fcntl(f.as_raw_fd(), cmd, &mut fl) };
+    let rc = if rc == 0 {
+        0
+    } else {
+        std::io::Error::last_os_error().raw_os_error().unwrap()
+    };
+    (rc, fl)
+}
+
+#[test]
+fn a_checkpoint_lock_is_refused_while_another_process_holds_the_wal_write_lock() {
+    let node = Node::start();
+    let c = open(&node.path("ck.db"), "wal", 4096);
+    c.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
+        .unwrap();
+    let shm_path = node.path("ck.db-shm");
+    let mut holder = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import fcntl,sys,time; f=open(sys.argv[1],'r+b'); \
+             fcntl.lockf(f, fcntl.LOCK_EX|fcntl.LOCK_NB, 1, 120); \
+             print('held', flush=True); time.sleep(60)",
+        )
+        .arg(&shm_path)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = [0u8; 5];
+    holder
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut line)
+        .unwrap();
+    let shm = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&shm_path)
+        .unwrap();
+    // F_GETLK reports the writer, with its pid.
+    let (rc, fl) = fcntl_lock(&shm, libc::F_GETLK, libc::F_WRLCK, 120);
+    assert_eq!(rc, 0);
+    assert_eq!(fl.l_type as i32, libc::F_WRLCK);
+    assert_eq!(fl.l_pid as u32, holder.id());
+    // CKPT (121) is free as a byte, but refused while WRITE is held by another owner.
+    let (rc, _) = fcntl_lock(&shm, libc::F_SETLK, libc::F_WRLCK, 121);
+    assert_eq!(rc, libc::EAGAIN);
+    // The writer dies: close releases its locks, and CKPT can be taken.
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let (rc, _) = fcntl_lock(&shm, libc::F_SETLK, libc::F_WRLCK, 121);
+    assert_eq!(rc, 0);
+    let (rc, _) = fcntl_lock(&shm, libc::F_SETLK, libc::F_UNLCK, 121);
+    assert_eq!(rc, 0);
+    drop(shm);
+    let n: i64 = c
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 1);
+}
