@@ -180,8 +180,45 @@ fn ls_shows_databases_side_files_and_pos_but_no_primary_on_a_primary() {
     assert!(pos.ends_with('\n') && pos.as_bytes()[16] == b'/', "{pos:?}");
     assert!(fs::write(node.path("app.db-pos"), b"x").is_err());
     // statfs reports the data dir's file system.
-    let out = Command::new("df").arg(&node.mnt).output().unwrap();
-    assert!(out.status.success(), "{out:?}");
+    let blocks = |p: &Path| {
+        let o = Command::new("stat")
+            .args(["-f", "-c", "%b %S"])
+            .arg(p)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+        String::from_utf8(o.stdout).unwrap()
+    };
+    assert_eq!(blocks(&node.mnt), blocks(&node.data));
+    // chmod and utimens work as on a local disk (`touch`, `chmod`, `cp -p`).
+    drop(c);
+    for args in [
+        &["chmod", "600"][..],
+        &["touch", "-d", "2020-01-02 03:04:05"],
+    ] {
+        let st = Command::new(args[0])
+            .args(&args[1..])
+            .arg(node.path("app.db"))
+            .status()
+            .unwrap();
+        assert!(st.success(), "{args:?}");
+    }
+    let meta = fs::metadata(node.path("app.db")).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o600);
+    assert_eq!(
+        meta.mtime(),
+        fs::metadata(node.data_db("app.db")).unwrap().mtime()
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let st = Command::new("cp")
+        .arg("-p")
+        .arg(node.path("app.db"))
+        .arg(tmp.path().join("copy.db"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let copied = fs::metadata(tmp.path().join("copy.db")).unwrap();
+    assert_eq!(copied.mtime(), meta.mtime());
 }
 
 #[test]
