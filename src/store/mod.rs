@@ -50,8 +50,13 @@
 //! # Data directory
 //!
 //! `<data.dir>/dbs/<name>/{database,journal,wal,shm}` and `ltx/<min>-<max>.ltx` as in
-//! LiteFS 0.5, plus `clean-shutdown` (see below) and `ltx/*.tmp` (an LTX file being
-//! written; removed at start-up).
+//! LiteFS 0.5, plus `clean-shutdown` (see below) and `ltx/*.tmp`: an LTX file being
+//! written, or `ltx/.spare-*.tmp`, empty temp files a background thread
+//! (`litefs-ltx-spares`) creates in batches of up to 8 with one directory fsync, so that a
+//! commit writes into a file whose directory entry is already durable (creating one costs
+//! a full file-system journal commit: 0.5-1.2 ms against about 0.3 ms for write, fsync,
+//! rename and directory fsync of a pre-created file, measured on the test machine's
+//! ext4). Start-up removes every `*.tmp`.
 //!
 //! # Invariants
 //!
