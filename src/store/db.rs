@@ -7,13 +7,13 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, mpsc};
 
 use tracing::{debug, info, warn};
 
 use crate::ltx::{self, CHECKSUM_FLAG, Checksum, Header, Pos, RollingChecksum, TxId};
 
-use super::ltxio::{self, PendingLtx};
+use super::ltxio::{self, PendingLtx, Spare};
 use super::wal::{self, WalChecksum, WalHeader, WalTxn};
 use super::{FileKind, StoreError, journal};
 
@@ -102,6 +102,11 @@ pub struct Db {
     node_id: u64,
     /// `strict-verify`: re-hash the whole database after every capture.
     strict: AtomicBool,
+    /// Pre-created temp files for the next LTX files (a leaf lock: nothing is locked
+    /// while holding it).
+    spares: Mutex<Vec<Spare>>,
+    /// Asks the store's spare maker to refill `spares` (by database name).
+    refill: Mutex<Option<mpsc::Sender<Option<String>>>>,
     pub(crate) state: Mutex<DbState>,
 }
 
@@ -120,6 +125,8 @@ impl Db {
             dir,
             node_id,
             strict: AtomicBool::new(false),
+            spares: Mutex::new(Vec::new()),
+            refill: Mutex::new(None),
             state: Mutex::new(state),
         }
     }
@@ -163,6 +170,69 @@ impl Db {
     /// Logical size of the database in pages (file plus committed WAL frames).
     pub fn commit(&self) -> u32 {
         self.lock().commit
+    }
+
+    /// Spares are kept between these bounds: refilled in one batch below the first.
+    const SPARES_LOW: usize = 2;
+    const SPARES_HIGH: usize = 8;
+
+    pub(crate) fn set_refill(&self, tx: mpsc::Sender<Option<String>>) {
+        *self.refill.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        self.request_refill();
+    }
+
+    pub(crate) fn clear_refill(&self) {
+        *self.refill.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    fn request_refill(&self) {
+        if let Some(tx) = self
+            .refill
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            // The maker is gone only after close; captures then create their own files.
+            let _ = tx.send(Some(self.name.clone()));
+        }
+    }
+
+    fn take_spare(&self) -> Option<Spare> {
+        let mut spares = self.spares.lock().unwrap_or_else(|p| p.into_inner());
+        let spare = spares.pop();
+        if spares.len() < Self::SPARES_LOW {
+            drop(spares);
+            self.request_refill();
+        }
+        spare
+    }
+
+    /// Tops the spare pool up (called by the store's spare maker thread).
+    pub(crate) fn refill_spares(&self) {
+        let missing = {
+            let spares = self.spares.lock().unwrap_or_else(|p| p.into_inner());
+            if spares.len() >= Self::SPARES_LOW {
+                return;
+            }
+            Self::SPARES_HIGH - spares.len()
+        };
+        if self.lock().deleted {
+            return;
+        }
+        match ltxio::make_spares(&self.ltx_dir(), missing) {
+            Ok(new) => self
+                .spares
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(new),
+            Err(e) => warn!(db = %self.name, error = %e, "cannot pre-create LTX temp files"),
+        }
+    }
+
+    /// Removes the unused spare files.
+    pub(crate) fn drop_spares(&self) {
+        let spares = std::mem::take(&mut *self.spares.lock().unwrap_or_else(|p| p.into_inner()));
+        ltxio::remove_spares(spares);
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, DbState> {
@@ -410,8 +480,8 @@ impl Db {
 
         let header = self.next_header(st, ps, commit);
         let ltx_dir = self.ltx_dir();
-        let mut pending =
-            PendingLtx::create(&ltx_dir, &header).map_err(|e| e.into_store_error(&self.name))?;
+        let mut pending = PendingLtx::create(&ltx_dir, &header, self.take_spare())
+            .map_err(|e| e.into_store_error(&self.name))?;
         let mut buf = vec![0u8; ps as usize];
         let mut changes = Vec::new();
         for pgno in candidates {
@@ -604,7 +674,7 @@ impl Db {
         let wal_path = self.path(FileKind::Wal);
         let db_path = self.path(FileKind::Database);
         let mut db_file: Option<File> = None;
-        let mut pending = PendingLtx::create(&self.ltx_dir(), &header)
+        let mut pending = PendingLtx::create(&self.ltx_dir(), &header, self.take_spare())
             .map_err(|e| e.into_store_error(&self.name))?;
         let mut buf = vec![0u8; ps as usize];
         let mut changes = Vec::new();
@@ -655,7 +725,7 @@ impl Db {
         }
         if st.pos.txid.0 > 0 {
             let header = self.next_header(&st, st.page_size.unwrap_or(DEFAULT_PAGE_SIZE), 0);
-            let pending = PendingLtx::create(&self.ltx_dir(), &header)
+            let pending = PendingLtx::create(&self.ltx_dir(), &header, self.take_spare())
                 .map_err(|e| e.into_store_error(&self.name))?;
             let post = Checksum(CHECKSUM_FLAG);
             pending
@@ -667,6 +737,8 @@ impl Db {
             };
         }
         st.deleted = true;
+        self.clear_refill();
+        self.drop_spares();
         st.commit = 0;
         st.checksums = Vec::new();
         st.rolling = RollingChecksum::new();

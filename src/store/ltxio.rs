@@ -146,17 +146,29 @@ pub struct PendingLtx {
 }
 
 impl PendingLtx {
-    /// Starts writing a file with `header` in `dir`.
-    pub fn create(dir: &Path, header: &Header) -> Result<PendingLtx, LtxWriteError> {
-        let name = ltx::format_filename(header.min_txid, header.max_txid);
-        let tmp = dir.join(format!("{name}{TEMP_SUFFIX}"));
-        let f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(|e| LtxWriteError::Io("create ltx", tmp.clone(), e))?;
-        let enc = match Encoder::new(BufWriter::with_capacity(256 * 1024, f), header) {
+    /// Starts writing a file with `header` in `dir`, into `spare` when one is given (an
+    /// empty temp file created ahead of time, see [`make_spares`]), else into a new temp
+    /// file.
+    pub fn create(
+        dir: &Path,
+        header: &Header,
+        spare: Option<Spare>,
+    ) -> Result<PendingLtx, LtxWriteError> {
+        let (tmp, f) = match spare {
+            Some(s) => (s.path, s.file),
+            None => {
+                let name = ltx::format_filename(header.min_txid, header.max_txid);
+                let tmp = dir.join(format!("{name}{TEMP_SUFFIX}"));
+                let f = OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&tmp)
+                    .map_err(|e| LtxWriteError::Io("create ltx", tmp.clone(), e))?;
+                (tmp, f)
+            }
+        };
+        let enc = match Encoder::new(BufWriter::with_capacity(64 * 1024, f), header) {
             Ok(e) => e,
             Err(e) => {
                 let _ = fs::remove_file(&tmp);
@@ -210,6 +222,46 @@ impl PendingLtx {
     /// Drops the file without making it visible.
     pub fn abort(self) {
         let _ = fs::remove_file(&self.tmp);
+    }
+}
+
+/// An empty temp file in a database's `ltx/` directory whose creation is already
+/// durable. Creating a file and making its directory entry durable forces a full
+/// file-system journal commit; doing that ahead of time, in batches and off the commit
+/// path, leaves a commit only the data fsync, the rename and the directory fsync (about
+/// 0.3 ms instead of 0.5-1.2 ms per LTX file on the test machine's ext4).
+#[derive(Debug)]
+pub struct Spare {
+    path: PathBuf,
+    file: File,
+}
+
+/// Creates `n` spare temp files in `dir` with one directory fsync for all of them. Their
+/// names end in [`TEMP_SUFFIX`], so start-up removes any left over.
+pub fn make_spares(dir: &Path, n: usize) -> io::Result<Vec<Spare>> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let path = dir.join(format!(
+            ".spare-{}-{}{TEMP_SUFFIX}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        out.push(Spare { path, file });
+    }
+    fsync_dir(dir)?;
+    Ok(out)
+}
+
+/// Removes spare files that will not be used.
+pub fn remove_spares(spares: Vec<Spare>) {
+    for s in spares {
+        let _ = fs::remove_file(&s.path);
     }
 }
 

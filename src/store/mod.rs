@@ -50,8 +50,13 @@
 //! # Data directory
 //!
 //! `<data.dir>/dbs/<name>/{database,journal,wal,shm}` and `ltx/<min>-<max>.ltx` as in
-//! LiteFS 0.5, plus `clean-shutdown` (see below) and `ltx/*.tmp` (an LTX file being
-//! written; removed at start-up).
+//! LiteFS 0.5, plus `clean-shutdown` (see below) and `ltx/*.tmp`: an LTX file being
+//! written, or `ltx/.spare-*.tmp`, empty temp files a background thread
+//! (`litefs-ltx-spares`) creates in batches of up to 8 with one directory fsync, so that a
+//! commit writes into a file whose directory entry is already durable (creating one costs
+//! a full file-system journal commit: 0.5-1.2 ms against about 0.3 ms for write, fsync,
+//! rename and directory fsync of a pre-created file, measured on the test machine's
+//! ext4). Start-up removes every `*.tmp`.
 //!
 //! # Invariants
 //!
@@ -198,6 +203,14 @@ pub struct Store {
     dbs_dir: PathBuf,
     inner: Mutex<Inner>,
     retention: Mutex<Option<Retention>>,
+    spare_maker: Mutex<Option<SpareMaker>>,
+}
+
+/// The thread that pre-creates LTX temp files (see `ltxio::Spare`).
+struct SpareMaker {
+    /// `None` asks the thread to stop.
+    tx: mpsc::Sender<Option<String>>,
+    thread: JoinHandle<()>,
 }
 
 impl std::fmt::Debug for Store {
@@ -255,7 +268,7 @@ impl Store {
                         let mut st = db.lock();
                         db.capture_database(&mut st)?;
                     }
-                    inner.dbs.insert(name, Arc::new(db));
+                    inner.dbs.insert(name, Arc::from(db));
                 }
                 Recovered::Tombstone(pos) => {
                     inner.tombstones.insert(name, pos);
@@ -269,7 +282,9 @@ impl Store {
             dbs_dir,
             inner: Mutex::new(inner),
             retention: Mutex::new(None),
+            spare_maker: Mutex::new(None),
         });
+        store.start_spare_maker();
         if !store.opts.retention_monitor_interval.is_zero() {
             store.start_retention();
         }
@@ -346,6 +361,14 @@ impl Store {
             self.strict_verify
                 .load(std::sync::atomic::Ordering::Relaxed),
         );
+        if let Some(m) = self
+            .spare_maker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            db.set_refill(m.tx.clone());
+        }
         let db = Arc::new(db);
         inner.dbs.insert(name.to_string(), db.clone());
         info!(db = name, "database created");
@@ -390,8 +413,23 @@ impl Store {
                 error!("retention thread panicked");
             }
         }
+        let maker = self
+            .spare_maker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(m) = maker {
+            // Not under the inner lock: the thread looks databases up through it.
+            let _ = m.tx.send(None);
+            if m.thread.join().is_err() {
+                error!("spare maker thread panicked");
+            }
+        }
         let mut inner = self.inner();
         inner.closed = true;
+        for db in inner.dbs.values() {
+            db.clear_refill();
+        }
         for db in inner.dbs.values() {
             let mut st = db.lock();
             if st.closed || st.deleted {
@@ -480,6 +518,39 @@ impl Store {
             }
         }
         Ok(removed)
+    }
+
+    fn start_spare_maker(self: &Arc<Self>) {
+        let (tx, rx) = mpsc::channel::<Option<String>>();
+        let weak: Weak<Store> = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("litefs-ltx-spares".into())
+            .spawn(move || {
+                loop {
+                    // The timeout lets the thread notice a store dropped without close().
+                    let name = match rx.recv_timeout(Duration::from_secs(1)) {
+                        Ok(Some(name)) => Some(name),
+                        Ok(None) | Err(RecvTimeoutError::Disconnected) => return,
+                        Err(RecvTimeoutError::Timeout) => None,
+                    };
+                    let Some(store) = weak.upgrade() else { return };
+                    if let Some(db) = name.and_then(|n| store.db(&n)) {
+                        db.refill_spares();
+                    }
+                }
+            });
+        match spawned {
+            Ok(thread) => {
+                for db in self.inner().dbs.values() {
+                    db.set_refill(tx.clone());
+                }
+                *self.spare_maker.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(SpareMaker { tx, thread });
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot start the LTX spare-file thread; commits create their own files")
+            }
+        }
     }
 
     fn start_retention(self: &Arc<Self>) {

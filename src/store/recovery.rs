@@ -26,7 +26,7 @@ use super::{FileKind, StoreError, journal};
 pub(crate) enum Recovered {
     /// A live database, and whether it still needs its first (snapshot) capture because
     /// its file has content but no LTX history.
-    Live(Db, bool),
+    Live(Box<Db>, bool),
     /// A deleted database whose commit-0 LTX file is still kept.
     Tombstone(Pos),
     /// Nothing there (a directory without database or LTX files).
@@ -95,7 +95,7 @@ pub(crate) fn recover(name: &str, dir: &Path, node_id: u64) -> Result<Recovered,
         if let Some(st) = from_record(&scratch, rec, last_pos)? {
             info!(db = name, pos = %st.pos, "opened from clean-shutdown record");
             return Ok(Recovered::Live(
-                Db::new(name.to_string(), dir.to_path_buf(), node_id, st),
+                Box::new(Db::new(name.to_string(), dir.to_path_buf(), node_id, st)),
                 false,
             ));
         }
@@ -257,7 +257,7 @@ pub(crate) fn recover(name: &str, dir: &Path, node_id: u64) -> Result<Recovered,
         let mut st = DbState::empty(Pos::default());
         st.all_dirty = needs_snapshot;
         return Ok(Recovered::Live(
-            Db::new(name.to_string(), dir.to_path_buf(), node_id, st),
+            Box::new(Db::new(name.to_string(), dir.to_path_buf(), node_id, st)),
             needs_snapshot,
         ));
     };
@@ -278,7 +278,7 @@ pub(crate) fn recover(name: &str, dir: &Path, node_id: u64) -> Result<Recovered,
     st.wal = cursor;
     info!(db = name, pos = %pos, "recovered");
     Ok(Recovered::Live(
-        Db::new(name.to_string(), dir.to_path_buf(), node_id, st),
+        Box::new(Db::new(name.to_string(), dir.to_path_buf(), node_id, st)),
         false,
     ))
 }

@@ -1181,3 +1181,57 @@ fn strict_verify_catches_writes_behind_the_store() {
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert!(errors[0].contains("does not match"), "{errors:?}");
 }
+
+fn spare_count(dir: &Path) -> usize {
+    fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".spare-")
+        })
+        .count()
+}
+
+/// LTX temp files are created ahead of time by a background thread, are used by
+/// commits, never show up as LTX files, and are removed at the next start-up.
+#[test]
+fn spare_temp_files_are_pre_created_and_cleaned_up() {
+    let mut env = Env::new();
+    let c = setup(&env, "wal");
+    let ltx_dir = env.data().join("dbs/db/ltx");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while spare_count(&ltx_dir) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no spare files appeared"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let before = env.ltx_count("db");
+    for i in 0..20 {
+        c.execute("INSERT INTO t(v) VALUES (?1)", [format!("s{i}")])
+            .unwrap();
+    }
+    assert_eq!(env.ltx_count("db"), before + 20);
+    // 20 commits with a pool of at most 8: the pool was refilled, so spares were used.
+    assert!(spare_count(&ltx_dir) <= 8);
+    drop(c);
+    env.store.close().unwrap();
+    let left: Vec<PathBuf> = fs::read_dir(&ltx_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains(".spare-"))
+        .collect();
+    assert!(!left.is_empty());
+    env.restart();
+    // (The new store's thread may already have made new ones, under new names.)
+    assert!(
+        left.iter().all(|p| !p.exists()),
+        "start-up removes leftover spares"
+    );
+    let (replayed, _) = replay(&env.data(), "db");
+    assert!(replayed == fs::read(env.db_file("db")).unwrap());
+}
