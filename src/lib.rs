@@ -13,14 +13,19 @@
 //! - [`backends`] (folder `backends/`): [`lease::Leaser`] and [`sink::SnapshotSink`]
 //!   implementations, and the one place that builds them from config.
 //! - [`transports`] (folder `transports/`): [`transport::Transport`] implementations.
+//! - [`fuse`]: the FUSE mount: a flat directory of databases and their side files,
+//!   POSIX locks served by the file system, virtual `-pos`/`.primary` files, and the
+//!   mount lifecycle (stale mounts, signals, clean unmount).
 //! - [`cli`]: the command line (`litefs mount`, `litefs ltx ...`); the binary in
 //!   `src/main.rs` only calls into it.
 
 pub mod cli;
 pub mod config;
+pub mod fuse;
 pub mod lease;
 pub mod ltx;
 pub mod sink;
+pub mod store;
 pub mod transport;
 
 #[path = "../backends/mod.rs"]

@@ -1,24 +1,37 @@
 //! The command line. Flags are accepted Go-style (`-config x`) as well as
 //! GNU-style (`--config x`), because LiteFS users type them the Go way.
+//!
+//! Exit status: 0 success; 1 a runtime failure; 2 a usage error or a config that does
+//! not load (the message on stderr names the file, line and key).
 
 mod ltx;
 
 use std::ffi::OsString;
+use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tracing_subscriber::util::SubscriberInitExt;
 
-/// Top-level command line of `litefs`.
+use crate::config::{Config, ConfigSource, LoadOptions, LogConfig, LogFormat};
+
+/// Exit status for a usage error or a config that does not load.
+pub const EXIT_CONFIG: u8 = 2;
+
+/// Top-level command line of `litefs`. Without a subcommand it behaves as
+/// `litefs mount` (the oldest README runs `litefs -config PATH`).
 #[derive(Debug, Parser)]
 #[command(
     name = "litefs",
     version,
-    about = "FUSE file system that replicates SQLite databases"
+    about = "FUSE file system that replicates SQLite databases",
+    args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
-    /// Path to the config file (bare `litefs -config PATH` means `litefs mount`).
-    #[arg(long, global = false)]
-    pub config: Option<std::path::PathBuf>,
+    /// Arguments of the implied `mount`.
+    #[command(flatten)]
+    pub mount: MountArgs,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -26,10 +39,39 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Mount the file system and run the node.
+    Mount(MountArgs),
     /// Print the version.
     Version,
     /// Work with LTX files.
     Ltx(ltx::LtxArgs),
+}
+
+/// Arguments of `litefs mount` (and of bare `litefs`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct MountArgs {
+    /// Config file. Default: the first of ./litefs.yml, ~/litefs.yml, /etc/litefs.yml,
+    /// else the embedded default (config/litefs.yml).
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Do not expand ${VAR} references in the config file.
+    #[arg(long)]
+    pub no_expand_env: bool,
+    /// Leave the file system mounted when litefs exits (for debugging).
+    #[arg(long)]
+    pub skip_unmount: bool,
+    /// Command to run once the node is ready, instead of the config's `exec`.
+    #[arg(last = true, value_name = "CMD")]
+    pub cmd: Vec<String>,
+}
+
+/// What `mount` needs besides the config.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MountOptions {
+    /// `-skip-unmount`.
+    pub skip_unmount: bool,
+    /// `-- CMD...`: replaces `exec` when not empty.
+    pub cmd: Vec<String>,
 }
 
 /// Rewrites Go-style long flags (`-config`, `-config=x`) into GNU style
@@ -75,10 +117,106 @@ pub fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some(Command::Ltx(args)) => ltx::run(args),
-        None => {
-            eprintln!("usage: litefs <command>; see litefs --help");
-            ExitCode::from(2)
+        Some(Command::Mount(args)) => run_mount(args),
+        None => run_mount(cli.mount),
+    }
+}
+
+/// `litefs mount`: load and validate the config, set up logging from it, then run.
+fn run_mount(args: MountArgs) -> ExitCode {
+    let opts = LoadOptions {
+        expand_env: !args.no_expand_env,
+        env: None,
+    };
+    // The config decides the log format, so loading logs (unset variables) through a
+    // temporary text subscriber; the real one is installed from the loaded config.
+    let loaded = tracing::subscriber::with_default(log_subscriber(&LogConfig::default()), || {
+        Config::find_and_load(args.config.as_deref(), opts)
+    });
+    let (cfg, source) = match loaded {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("litefs: invalid configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
         }
+    };
+    // Fails only if a subscriber is already installed (embedding); keep that one.
+    let _ = log_subscriber(&cfg.log).try_init();
+    match &source {
+        ConfigSource::File(path) => tracing::info!(path = %path.display(), "config file read"),
+        ConfigSource::Embedded => tracing::info!(
+            "no config file at ./litefs.yml, ~/litefs.yml or /etc/litefs.yml; using the embedded default (config/litefs.yml)"
+        ),
+    }
+    tracing::info!("{}", cfg.summary());
+    let opts = MountOptions {
+        skip_unmount: args.skip_unmount,
+        cmd: args.cmd,
+    };
+    match mount(cfg, opts) {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the node with a validated config until it stops; the exit code is the
+/// supervised command's when there is one.
+///
+/// # Errors
+/// Whatever stops the node.
+pub fn mount(cfg: Config, opts: MountOptions) -> anyhow::Result<ExitCode> {
+    use anyhow::Context;
+    if !opts.cmd.is_empty() || !cfg.exec.is_empty() {
+        tracing::warn!("exec is not supported by this build yet; the command is not started");
+    }
+    let mut fuse_opts = crate::fuse::MountOptions::new(&cfg.fuse.dir, &cfg.data.dir);
+    fuse_opts.allow_other = cfg.fuse.allow_other;
+    fuse_opts.debug = cfg.fuse.debug;
+    fuse_opts.skip_unmount = opts.skip_unmount;
+    // Before the store: a refused mount point must not get its data dir recovered.
+    crate::fuse::prepare(&fuse_opts)?;
+    let store = crate::store::Store::open(crate::store::StoreOptions {
+        data_dir: cfg.data.dir.clone(),
+        retention: cfg.data.retention,
+        retention_monitor_interval: cfg.data.retention_monitor_interval,
+        node_id: 0,
+    })
+    .with_context(|| format!("opening the data directory {}", cfg.data.dir.display()))?;
+    store.set_strict_verify(cfg.strict_verify);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        let shutdown = crate::fuse::shutdown_signal().context("installing signal handlers")?;
+        match crate::fuse::run(fuse_opts, store, shutdown).await {
+            Ok(()) => Ok(ExitCode::SUCCESS),
+            Err(e @ crate::fuse::MountError::Fatal(_)) => {
+                tracing::error!("{e}");
+                Ok(ExitCode::from(99))
+            }
+            Err(e) => Err(e.into()),
+        }
+    })
+}
+
+/// A subscriber writing to stderr with `log`'s settings; `RUST_LOG` overrides the
+/// level when set.
+fn log_subscriber(log: &LogConfig) -> Box<dyn tracing::Subscriber + Send + Sync> {
+    let default = if log.debug { "debug" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(filter);
+    match (log.format, log.timestamp) {
+        (LogFormat::Json, _) => Box::new(builder.json().finish()),
+        (LogFormat::Text, true) => Box::new(builder.finish()),
+        (LogFormat::Text, false) => Box::new(builder.without_time().finish()),
     }
 }
 
@@ -93,6 +231,10 @@ mod tests {
             .collect()
     }
 
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(normalize_args(args.iter().map(OsString::from))).unwrap()
+    }
+
     #[test]
     fn go_style_long_flags_become_gnu_style() {
         assert_eq!(
@@ -104,5 +246,46 @@ mod tests {
             norm(&["litefs", "--config", "a"]),
             ["litefs", "--config", "a"]
         );
+    }
+
+    #[test]
+    fn mount_flags_parse_in_every_spelling() {
+        for args in [
+            &[
+                "litefs",
+                "mount",
+                "-config",
+                "a.yml",
+                "-no-expand-env",
+                "-skip-unmount",
+            ][..],
+            &[
+                "litefs",
+                "mount",
+                "--config=a.yml",
+                "--no-expand-env",
+                "--skip-unmount",
+            ],
+        ] {
+            let Some(Command::Mount(m)) = parse(args).command else {
+                panic!("not mount: {args:?}");
+            };
+            assert_eq!(m.config, Some(PathBuf::from("a.yml")));
+            assert!(m.no_expand_env && m.skip_unmount);
+            assert!(m.cmd.is_empty());
+        }
+    }
+
+    #[test]
+    fn bare_litefs_is_mount_and_takes_a_command() {
+        let cli = parse(&["litefs", "-config", "a.yml", "--", "app", "-port", "80"]);
+        assert!(cli.command.is_none());
+        assert_eq!(cli.mount.config, Some(PathBuf::from("a.yml")));
+        assert_eq!(cli.mount.cmd, ["app", "-port", "80"]);
+
+        let Some(Command::Mount(m)) = parse(&["litefs", "mount", "--", "app"]).command else {
+            panic!("not mount");
+        };
+        assert_eq!(m.cmd, ["app"]);
     }
 }

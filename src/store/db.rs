@@ -1,0 +1,1088 @@
+//! One database: its files, its position, the in-memory page checksums, and the hooks
+//! through which the FUSE layer reports SQLite's file operations.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, mpsc};
+
+use tracing::{debug, info, warn};
+
+use crate::ltx::{self, CHECKSUM_FLAG, Checksum, Header, Pos, RollingChecksum, TxId};
+
+use super::ltxio::{self, PendingLtx, Spare};
+use super::wal::{self, WalChecksum, WalHeader, WalTxn};
+use super::{FileKind, StoreError, journal};
+
+/// Page size used for a commit-0 LTX of a database that never had a header.
+const DEFAULT_PAGE_SIZE: u32 = 4096;
+/// Above this many dirty pages a truncation marks the whole database for re-checking
+/// instead of listing every page.
+const MAX_TRACKED_TRUNCATED_PAGES: u32 = 1 << 20;
+
+/// Where the WAL has been captured up to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct WalCursor {
+    pub salt1: u32,
+    pub salt2: u32,
+    /// Offset just past the last captured commit frame (32 when none yet).
+    pub offset: u64,
+    /// Running WAL checksum at `offset`.
+    pub checksum: WalChecksum,
+}
+
+/// Mutable per-database state, guarded by [`Db`]'s mutex.
+pub(crate) struct DbState {
+    pub pos: Pos,
+    /// `None` until the database has a SQLite header.
+    pub page_size: Option<u32>,
+    /// Logical size in pages (database file plus committed WAL frames).
+    pub commit: u32,
+    /// Page checksums of the logical database, index pgno-1; the lock page's slot is 0.
+    pub checksums: Vec<Checksum>,
+    pub rolling: RollingChecksum,
+    /// Pages written to the database file since the last capture.
+    pub dirty: BTreeSet<u32>,
+    /// Every page must be re-checked (page size unknown when written, or huge truncation).
+    pub all_dirty: bool,
+    pub wal: Option<WalCursor>,
+    /// The WAL holds (or may hold) frames: database writes are checkpoint copies.
+    pub wal_present: bool,
+    /// The WAL was written since it was last fsynced by the store.
+    pub wal_unsynced: bool,
+    pub deleted: bool,
+    pub closed: bool,
+}
+
+impl std::fmt::Debug for DbState {
+    // Summarised: the page checksums of a large database would flood any log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DbState")
+            .field("pos", &self.pos)
+            .field("page_size", &self.page_size)
+            .field("commit", &self.commit)
+            .field("dirty_pages", &self.dirty.len())
+            .field("all_dirty", &self.all_dirty)
+            .field("wal", &self.wal)
+            .field("wal_present", &self.wal_present)
+            .field("deleted", &self.deleted)
+            .field("closed", &self.closed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DbState {
+    pub(crate) fn empty(pos: Pos) -> DbState {
+        DbState {
+            pos,
+            page_size: None,
+            commit: 0,
+            checksums: Vec::new(),
+            rolling: RollingChecksum::new(),
+            dirty: BTreeSet::new(),
+            all_dirty: false,
+            wal: None,
+            wal_present: false,
+            wal_unsynced: false,
+            deleted: false,
+            closed: false,
+        }
+    }
+}
+
+/// A database in the store. Shared as `Arc<Db>`; internally synchronized, so hooks may be
+/// called from any thread. Hooks of different databases never block each other.
+#[derive(Debug)]
+pub struct Db {
+    name: String,
+    dir: PathBuf,
+    node_id: u64,
+    /// `strict-verify`: re-hash the whole database after every capture.
+    strict: AtomicBool,
+    /// Pre-created temp files for the next LTX files (a leaf lock: nothing is locked
+    /// while holding it).
+    spares: Mutex<Vec<Spare>>,
+    /// Asks the store's spare maker to refill `spares` (by database name).
+    refill: Mutex<Option<mpsc::Sender<Option<String>>>>,
+    pub(crate) state: Mutex<DbState>,
+}
+
+/// Page changes of one capture, before they are made visible in the state.
+struct Capture {
+    page_size: u32,
+    commit: u32,
+    changes: Vec<(u32, Checksum)>,
+    rolling: RollingChecksum,
+}
+
+impl Db {
+    pub(crate) fn new(name: String, dir: PathBuf, node_id: u64, state: DbState) -> Db {
+        Db {
+            name,
+            dir,
+            node_id,
+            strict: AtomicBool::new(false),
+            spares: Mutex::new(Vec::new()),
+            refill: Mutex::new(None),
+            state: Mutex::new(state),
+        }
+    }
+
+    /// The database name (the file name in the mount).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The database's directory in the data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The directory holding its LTX files.
+    pub fn ltx_dir(&self) -> PathBuf {
+        self.dir.join("ltx")
+    }
+
+    /// The real file in the data directory for a file of this database.
+    pub fn path(&self, kind: FileKind) -> PathBuf {
+        self.dir.join(match kind {
+            FileKind::Database => "database",
+            FileKind::Journal => "journal",
+            FileKind::Wal => "wal",
+            FileKind::Shm => "shm",
+        })
+    }
+
+    /// Current position: TXID of the last LTX file and the database checksum after it.
+    /// `(0, 0)` for a database that never committed.
+    pub fn pos(&self) -> Pos {
+        self.lock().pos
+    }
+
+    /// Page size from the SQLite header; `None` before the first commit.
+    pub fn page_size(&self) -> Option<u32> {
+        self.lock().page_size
+    }
+
+    /// Logical size of the database in pages (file plus committed WAL frames).
+    pub fn commit(&self) -> u32 {
+        self.lock().commit
+    }
+
+    /// Spares are kept between these bounds: refilled in one batch below the first.
+    const SPARES_LOW: usize = 2;
+    const SPARES_HIGH: usize = 8;
+
+    pub(crate) fn set_refill(&self, tx: mpsc::Sender<Option<String>>) {
+        *self.refill.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        self.request_refill();
+    }
+
+    pub(crate) fn clear_refill(&self) {
+        *self.refill.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    fn request_refill(&self) {
+        if let Some(tx) = self
+            .refill
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            // The maker is gone only after close; captures then create their own files.
+            let _ = tx.send(Some(self.name.clone()));
+        }
+    }
+
+    fn take_spare(&self) -> Option<Spare> {
+        let mut spares = self.spares.lock().unwrap_or_else(|p| p.into_inner());
+        let spare = spares.pop();
+        if spares.len() < Self::SPARES_LOW {
+            drop(spares);
+            self.request_refill();
+        }
+        spare
+    }
+
+    /// Tops the spare pool up (called by the store's spare maker thread).
+    pub(crate) fn refill_spares(&self) {
+        let missing = {
+            let spares = self.spares.lock().unwrap_or_else(|p| p.into_inner());
+            if spares.len() >= Self::SPARES_LOW {
+                return;
+            }
+            Self::SPARES_HIGH - spares.len()
+        };
+        if self.lock().deleted {
+            return;
+        }
+        match ltxio::make_spares(&self.ltx_dir(), missing) {
+            Ok(new) => self
+                .spares
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(new),
+            Err(e) => warn!(db = %self.name, error = %e, "cannot pre-create LTX temp files"),
+        }
+    }
+
+    /// Removes the unused spare files.
+    pub(crate) fn drop_spares(&self) {
+        let spares = std::mem::take(&mut *self.spares.lock().unwrap_or_else(|p| p.into_inner()));
+        ltxio::remove_spares(spares);
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, DbState> {
+        // A panic while holding the lock leaves the state as it was before the panicking
+        // capture made anything visible (state is only changed after the LTX is durable).
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn usable(&self) -> Result<MutexGuard<'_, DbState>, StoreError> {
+        let st = self.lock();
+        if st.deleted {
+            return Err(StoreError::Deleted {
+                db: self.name.clone(),
+            });
+        }
+        if st.closed {
+            return Err(StoreError::Closed {
+                db: self.name.clone(),
+            });
+        }
+        Ok(st)
+    }
+
+    // ----- hooks -----
+
+    /// A write of `len` bytes at `offset` to the database file succeeded. Marks the pages
+    /// it touched; any alignment is accepted (a `cp` writes arbitrary chunks). In WAL mode
+    /// database writes are checkpoint copies of captured frames and change nothing.
+    pub fn database_written(&self, offset: u64, len: usize) -> Result<(), StoreError> {
+        let mut st = self.usable()?;
+        if st.wal_present || len == 0 {
+            return Ok(());
+        }
+        match st.page_size {
+            Some(ps) => {
+                let ps = u64::from(ps);
+                let first = offset / ps + 1;
+                let last = (offset + len as u64).div_ceil(ps);
+                for pgno in first..=last {
+                    st.dirty.insert(pgno as u32);
+                }
+            }
+            None => st.all_dirty = true,
+        }
+        Ok(())
+    }
+
+    /// The database file was truncated to `size` bytes. Pages past `size` that are still
+    /// part of the captured database are re-checked at the next capture.
+    pub fn database_truncated(&self, size: u64) -> Result<(), StoreError> {
+        let mut st = self.usable()?;
+        if st.wal_present {
+            return Ok(());
+        }
+        let Some(ps) = st.page_size else {
+            st.all_dirty = true;
+            return Ok(());
+        };
+        let from = (size / u64::from(ps)) as u32 + 1;
+        if from <= st.commit {
+            if st.commit - from > MAX_TRACKED_TRUNCATED_PAGES {
+                st.all_dirty = true;
+            } else {
+                for pgno in from..=st.commit {
+                    st.dirty.insert(pgno);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A write to the journal is about to happen. Zeroing the header's first 28 bytes at
+    /// offset 0 is the PERSIST-mode commit point: the transaction is captured first.
+    pub fn journal_write(&self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        let mut st = self.usable()?;
+        if offset == 0
+            && data.len() >= journal::HEADER_LEN
+            && data[..journal::HEADER_LEN].iter().all(|b| *b == 0)
+        {
+            debug!(db = %self.name, "journal header zeroed: end of transaction");
+            self.capture_database(&mut st)?;
+        }
+        Ok(())
+    }
+
+    /// The journal is about to be truncated to `size`; 0 is the TRUNCATE-mode commit point.
+    pub fn journal_truncate(&self, size: u64) -> Result<(), StoreError> {
+        let mut st = self.usable()?;
+        if size == 0 {
+            debug!(db = %self.name, "journal truncated: end of transaction");
+            self.capture_database(&mut st)?;
+        }
+        Ok(())
+    }
+
+    /// The journal is about to be unlinked: the DELETE-mode commit point.
+    pub fn journal_unlink(&self) -> Result<(), StoreError> {
+        let mut st = self.usable()?;
+        debug!(db = %self.name, "journal unlinked: end of transaction");
+        self.capture_database(&mut st)
+    }
+
+    /// A write to the WAL succeeded.
+    pub fn wal_written(&self, _offset: u64, len: usize) -> Result<(), StoreError> {
+        let mut st = self.usable()?;
+        if len > 0 {
+            st.wal_present = true;
+            st.wal_unsynced = true;
+        }
+        Ok(())
+    }
+
+    /// The WAL was fsynced through the file system (AFTER the fsync succeeded). Optional:
+    /// it only spares the store its own fsync of the WAL at the next capture when nothing
+    /// was written since.
+    pub fn wal_fsynced(&self) -> Result<(), StoreError> {
+        let mut st = self.usable()?;
+        st.wal_unsynced = false;
+        Ok(())
+    }
+
+    /// The WAL write lock is being released (or its holder's shm closed): every
+    /// transaction committed in the WAL since the last capture becomes one LTX file each,
+    /// durable before this returns.
+    pub fn wal_write_lock_released(&self) -> Result<(), StoreError> {
+        let mut st = self.usable()?;
+        self.capture_wal(&mut st)
+    }
+
+    /// The WAL is about to be truncated to `size`. Anything committed is captured first;
+    /// truncation to 0 (checkpoint TRUNCATE) ends the WAL generation.
+    pub fn wal_truncate(&self, size: u64) -> Result<(), StoreError> {
+        let mut st = self.usable()?;
+        self.capture_wal(&mut st)?;
+        if size == 0 {
+            st.wal = None;
+            st.wal_present = false;
+            st.wal_unsynced = false;
+        }
+        Ok(())
+    }
+
+    /// The WAL is about to be unlinked (last connection closed after a full checkpoint,
+    /// or a switch back to a rollback journal).
+    pub fn wal_unlink(&self) -> Result<(), StoreError> {
+        let mut st = self.usable()?;
+        self.capture_wal(&mut st)?;
+        st.wal = None;
+        st.wal_present = false;
+        st.wal_unsynced = false;
+        Ok(())
+    }
+
+    /// A handle of the database file that wrote was flushed, fsynced or closed. Writes made
+    /// outside any journal or WAL transaction (a `cp` into the mount,
+    /// `journal_mode=OFF`) are captured as one transaction. Inside a rollback-journal
+    /// transaction (the journal has a valid header) or in WAL mode this does nothing: the
+    /// journal's end or the WAL lock release is the commit point.
+    pub fn database_flushed(&self) -> Result<(), StoreError> {
+        let mut st = self.usable()?;
+        if st.wal_present || (st.dirty.is_empty() && !st.all_dirty) {
+            return Ok(());
+        }
+        let jpath = self.path(FileKind::Journal);
+        match File::open(&jpath) {
+            Ok(j) => {
+                if journal::has_valid_header(&j)
+                    .map_err(|e| StoreError::io(&self.name, "read journal", &jpath, e))?
+                {
+                    return Ok(());
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StoreError::io(&self.name, "open journal", &jpath, e)),
+        }
+        self.capture_database(&mut st)
+    }
+
+    // ----- capture -----
+
+    fn next_header(&self, st: &DbState, page_size: u32, commit: u32) -> Header {
+        let txid = TxId(st.pos.txid.0 + 1);
+        Header {
+            flags: 0,
+            page_size,
+            commit,
+            min_txid: txid,
+            max_txid: txid,
+            timestamp: ltxio::now_ms(),
+            // A snapshot (TXID 1) carries no pre-apply checksum.
+            pre_apply_checksum: if txid.0 == 1 {
+                Checksum(0)
+            } else {
+                st.pos.post_apply_checksum
+            },
+            wal_offset: 0,
+            wal_size: 0,
+            wal_salt1: 0,
+            wal_salt2: 0,
+            node_id: self.node_id,
+        }
+    }
+
+    /// Captures the database file's current content as one transaction (rollback-journal
+    /// mode). Only pages whose checksum differs from the captured state are written, so a
+    /// rolled-back transaction (pages restored) produces no LTX.
+    pub(crate) fn capture_database(&self, st: &mut DbState) -> Result<(), StoreError> {
+        let path = self.path(FileKind::Database);
+        let f =
+            File::open(&path).map_err(|e| StoreError::io(&self.name, "open database", &path, e))?;
+        let len = f
+            .metadata()
+            .map_err(|e| StoreError::io(&self.name, "stat database", &path, e))?
+            .len();
+        let (ps, commit) = if len == 0 {
+            (st.page_size.unwrap_or(DEFAULT_PAGE_SIZE), 0)
+        } else {
+            let hdr = read_db_header(&self.name, &f, &path)?;
+            let ps = parse_page_size(&hdr).ok_or_else(|| StoreError::InvalidDatabaseHeader {
+                db: self.name.clone(),
+                reason: format!(
+                    "page size field {:02x}{:02x} is not a power of two in 512..=65536",
+                    hdr[16], hdr[17]
+                ),
+            })?;
+            (ps, commit_size(&self.name, &hdr, len, ps))
+        };
+        let same_ps = st.page_size == Some(ps) || st.commit == 0;
+        let old_commit = if same_ps { st.commit } else { 0 };
+        let lock = ltx::lock_pgno(ps);
+        let candidates: Vec<u32> = if !same_ps || st.all_dirty {
+            (1..=commit).filter(|p| *p != lock).collect()
+        } else {
+            let mut c: BTreeSet<u32> = st.dirty.range(..=commit).copied().collect();
+            c.extend(old_commit + 1..=commit);
+            c.remove(&lock);
+            c.into_iter().collect()
+        };
+        let unchanged_size = commit == st.commit && (same_ps || commit == 0);
+        if candidates.is_empty() && unchanged_size {
+            st.dirty.clear();
+            st.all_dirty = false;
+            return Ok(());
+        }
+
+        let header = self.next_header(st, ps, commit);
+        let ltx_dir = self.ltx_dir();
+        let mut pending = PendingLtx::create(&ltx_dir, &header, self.take_spare())
+            .map_err(|e| e.into_store_error(&self.name))?;
+        let mut buf = vec![0u8; ps as usize];
+        let mut changes = Vec::new();
+        for pgno in candidates {
+            let read = f
+                .read_exact_at(&mut buf, u64::from(pgno - 1) * u64::from(ps))
+                .map_err(|e| StoreError::io(&self.name, "read page", &path, e));
+            let c = match read {
+                Ok(()) => ltx::page_checksum(pgno, &buf),
+                Err(e) => {
+                    pending.abort();
+                    return Err(e);
+                }
+            };
+            if pgno <= old_commit && st.checksums[pgno as usize - 1] == c {
+                continue;
+            }
+            if let Err(e) = pending.page(pgno, &buf) {
+                pending.abort();
+                return Err(e.into_store_error(&self.name));
+            }
+            changes.push((pgno, c));
+        }
+        if changes.is_empty() && unchanged_size {
+            pending.abort();
+            st.dirty.clear();
+            st.all_dirty = false;
+            debug!(db = %self.name, "transaction changed nothing (rollback): no LTX");
+            return Ok(());
+        }
+        let cap = self.plan(st, same_ps, ps, commit, changes);
+        // The database's new pages must be durable no later than the LTX that names them.
+        if let Err(e) = f.sync_all() {
+            pending.abort();
+            return Err(StoreError::io(&self.name, "fsync database", &path, e));
+        }
+        let post = post_apply(&cap);
+        let dst = pending
+            .commit(post)
+            .map_err(|e| e.into_store_error(&self.name))?;
+        self.apply_capture(st, cap, header.max_txid, post);
+        st.dirty.clear();
+        st.all_dirty = false;
+        debug!(db = %self.name, ltx = %dst.display(), pos = %st.pos, "captured transaction");
+        self.strict_check(st)
+    }
+
+    /// Works out the new rolling checksum from the in-memory page checksums: XOR out the
+    /// old checksum of each changed or truncated page, XOR in the new one.
+    fn plan(
+        &self,
+        st: &DbState,
+        same_ps: bool,
+        ps: u32,
+        commit: u32,
+        changes: Vec<(u32, Checksum)>,
+    ) -> Capture {
+        let old_commit = if same_ps { st.commit } else { 0 };
+        let mut rolling = if same_ps {
+            st.rolling
+        } else {
+            RollingChecksum::new()
+        };
+        let lock = ltx::lock_pgno(ps);
+        for &(pgno, c) in &changes {
+            if pgno <= old_commit {
+                rolling.toggle(st.checksums[pgno as usize - 1]);
+            }
+            rolling.toggle(c);
+        }
+        for pgno in commit + 1..=old_commit {
+            if pgno != lock {
+                rolling.toggle(st.checksums[pgno as usize - 1]);
+            }
+        }
+        Capture {
+            page_size: ps,
+            commit,
+            changes,
+            rolling,
+        }
+    }
+
+    fn apply_capture(&self, st: &mut DbState, cap: Capture, txid: TxId, post: Checksum) {
+        if st.page_size != Some(cap.page_size) {
+            st.checksums.clear();
+        }
+        st.checksums.resize(cap.commit as usize, Checksum(0));
+        for (pgno, c) in cap.changes {
+            st.checksums[pgno as usize - 1] = c;
+        }
+        st.page_size = Some(cap.page_size);
+        st.commit = cap.commit;
+        st.rolling = cap.rolling;
+        st.pos = Pos {
+            txid,
+            post_apply_checksum: post,
+        };
+    }
+
+    /// Captures every transaction committed in the WAL since the cursor.
+    pub(crate) fn capture_wal(&self, st: &mut DbState) -> Result<(), StoreError> {
+        let path = self.path(FileKind::Wal);
+        let f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                st.wal = None;
+                return Ok(());
+            }
+            Err(e) => return Err(StoreError::io(&self.name, "open wal", &path, e)),
+        };
+        if st.wal_unsynced {
+            f.sync_all()
+                .map_err(|e| StoreError::io(&self.name, "fsync wal", &path, e))?;
+            st.wal_unsynced = false;
+        }
+        let Some(h) = wal::read_header(&f)
+            .map_err(|e| StoreError::io(&self.name, "read wal header", &path, e))?
+        else {
+            return Ok(());
+        };
+        if let Some(ps) = st.page_size
+            && ps != h.page_size
+            && st.commit > 0
+        {
+            return Err(StoreError::InvalidWal {
+                db: self.name.clone(),
+                reason: format!(
+                    "WAL page size {} differs from the database's {ps}",
+                    h.page_size
+                ),
+            });
+        }
+        let (start, seed) = match st.wal {
+            Some(c) if c.salt1 == h.salt1 && c.salt2 == h.salt2 => (c.offset, c.checksum),
+            _ => (wal::HEADER_SIZE, h.checksum),
+        };
+        let txns = wal::scan(&f, &h, start, seed)
+            .map_err(|e| StoreError::io(&self.name, "read wal", &path, e))?;
+        st.wal = Some(WalCursor {
+            salt1: h.salt1,
+            salt2: h.salt2,
+            offset: start,
+            checksum: seed,
+        });
+        for txn in txns {
+            self.capture_wal_txn(st, &f, &h, &txn)?;
+            st.wal = Some(WalCursor {
+                salt1: h.salt1,
+                salt2: h.salt2,
+                offset: txn.end,
+                checksum: txn.checksum_after,
+            });
+            self.strict_check(st)?;
+        }
+        Ok(())
+    }
+
+    fn capture_wal_txn(
+        &self,
+        st: &mut DbState,
+        wal_file: &File,
+        h: &WalHeader,
+        txn: &WalTxn,
+    ) -> Result<(), StoreError> {
+        let ps = h.page_size;
+        let commit = txn.commit;
+        let same_ps = st.page_size == Some(ps) || st.commit == 0;
+        let old_commit = if same_ps { st.commit } else { 0 };
+        let lock = ltx::lock_pgno(ps);
+        // Newest frame of each page up to the commit size, plus any page that the commit
+        // adds without a frame (read from the database file, as SQLite would).
+        let mut sources: Vec<(u32, Option<u64>)> = txn
+            .pages
+            .iter()
+            .filter(|(p, _)| **p <= commit && **p != lock)
+            .map(|(p, off)| (*p, Some(*off)))
+            .collect();
+        for pgno in old_commit + 1..=commit {
+            if pgno != lock && !txn.pages.contains_key(&pgno) {
+                sources.push((pgno, None));
+            }
+        }
+        sources.sort_unstable_by_key(|s| s.0);
+
+        let mut header = self.next_header(st, ps, commit);
+        header.wal_offset = txn.offset as i64;
+        header.wal_size = txn.size() as i64;
+        header.wal_salt1 = h.salt1;
+        header.wal_salt2 = h.salt2;
+        let wal_path = self.path(FileKind::Wal);
+        let db_path = self.path(FileKind::Database);
+        let mut db_file: Option<File> = None;
+        let mut pending = PendingLtx::create(&self.ltx_dir(), &header, self.take_spare())
+            .map_err(|e| e.into_store_error(&self.name))?;
+        let mut buf = vec![0u8; ps as usize];
+        let mut changes = Vec::new();
+        for (pgno, src) in sources {
+            let read = match src {
+                Some(off) => wal_file
+                    .read_exact_at(&mut buf, off)
+                    .map_err(|e| StoreError::io(&self.name, "read wal frame", &wal_path, e)),
+                None => read_db_page(&self.name, &mut db_file, &db_path, pgno, &mut buf),
+            };
+            if let Err(e) = read {
+                pending.abort();
+                return Err(e);
+            }
+            let c = ltx::page_checksum(pgno, &buf);
+            if pgno <= old_commit && st.checksums[pgno as usize - 1] == c {
+                continue;
+            }
+            if let Err(e) = pending.page(pgno, &buf) {
+                pending.abort();
+                return Err(e.into_store_error(&self.name));
+            }
+            changes.push((pgno, c));
+        }
+        if changes.is_empty() && commit == st.commit && same_ps {
+            pending.abort();
+            debug!(db = %self.name, offset = txn.offset, "WAL transaction changed nothing: no LTX");
+            return Ok(());
+        }
+        let cap = self.plan(st, same_ps, ps, commit, changes);
+        let post = post_apply(&cap);
+        pending
+            .commit(post)
+            .map_err(|e| e.into_store_error(&self.name))?;
+        self.apply_capture(st, cap, header.max_txid, post);
+        debug!(db = %self.name, pos = %st.pos, wal_offset = txn.offset, "captured WAL transaction");
+        Ok(())
+    }
+
+    /// Writes the commit-0 LTX that records the database's deletion and removes its
+    /// files (the `ltx/` directory stays until retention removes it).
+    pub(crate) fn delete(&self) -> Result<Pos, StoreError> {
+        let mut st = self.lock();
+        if st.deleted {
+            return Err(StoreError::Deleted {
+                db: self.name.clone(),
+            });
+        }
+        if st.pos.txid.0 > 0 {
+            let header = self.next_header(&st, st.page_size.unwrap_or(DEFAULT_PAGE_SIZE), 0);
+            let pending = PendingLtx::create(&self.ltx_dir(), &header, self.take_spare())
+                .map_err(|e| e.into_store_error(&self.name))?;
+            let post = Checksum(CHECKSUM_FLAG);
+            pending
+                .commit(post)
+                .map_err(|e| e.into_store_error(&self.name))?;
+            st.pos = Pos {
+                txid: header.max_txid,
+                post_apply_checksum: post,
+            };
+        }
+        st.deleted = true;
+        self.clear_refill();
+        self.drop_spares();
+        st.commit = 0;
+        st.checksums = Vec::new();
+        st.rolling = RollingChecksum::new();
+        st.dirty.clear();
+        for kind in [
+            FileKind::Database,
+            FileKind::Journal,
+            FileKind::Wal,
+            FileKind::Shm,
+        ] {
+            remove_if_exists(&self.name, &self.path(kind))?;
+        }
+        ltxio::fsync_dir(&self.dir)
+            .map_err(|e| StoreError::io(&self.name, "fsync dir", &self.dir, e))?;
+        info!(db = %self.name, pos = %st.pos, "database deleted");
+        Ok(st.pos)
+    }
+
+    /// Re-hashes the whole logical database (database file plus captured WAL frames) and
+    /// compares it with the in-memory checksum. For tests and `strict-verify`.
+    ///
+    /// # Errors
+    /// [`StoreError::ChecksumMismatch`] naming both checksums when they differ.
+    pub fn verify(&self) -> Result<(), StoreError> {
+        let st = self.lock();
+        self.verify_locked(&st)
+    }
+
+    /// `strict-verify` (LiteFS's option, for tests): after every capture the whole
+    /// database is re-hashed and a mismatch fails the hook.
+    pub fn set_strict_verify(&self, on: bool) {
+        self.strict.store(on, Ordering::Relaxed);
+    }
+
+    fn strict_check(&self, st: &DbState) -> Result<(), StoreError> {
+        if self.strict.load(Ordering::Relaxed) {
+            self.verify_locked(st)?;
+        }
+        Ok(())
+    }
+
+    fn verify_locked(&self, st: &DbState) -> Result<(), StoreError> {
+        let Some(ps) = st.page_size else {
+            return Ok(());
+        };
+        let wal_txns = match st.wal {
+            Some(c) => {
+                let path = self.path(FileKind::Wal);
+                let f = File::open(&path)
+                    .map_err(|e| StoreError::io(&self.name, "open wal", &path, e))?;
+                let h = wal::read_header(&f)
+                    .map_err(|e| StoreError::io(&self.name, "read wal", &path, e))?
+                    .filter(|h| h.salt1 == c.salt1 && h.salt2 == c.salt2);
+                match h {
+                    Some(h) => {
+                        let txns = wal::scan(&f, &h, wal::HEADER_SIZE, h.checksum)
+                            .map_err(|e| StoreError::io(&self.name, "read wal", &path, e))?;
+                        let txns: Vec<WalTxn> =
+                            txns.into_iter().filter(|t| t.end <= c.offset).collect();
+                        Some((f, txns))
+                    }
+                    None => None,
+                }
+            }
+            None => None,
+        };
+        let logical = logical_checksums(
+            &self.name,
+            &self.path(FileKind::Database),
+            ps,
+            wal_txns.as_ref().map(|(f, t)| (f, t.as_slice())),
+        )?;
+        let mut rolling = RollingChecksum::new();
+        for c in logical.checksums.iter().take(st.commit as usize) {
+            rolling.toggle(*c);
+        }
+        let got = if st.commit == 0 {
+            Checksum(CHECKSUM_FLAG)
+        } else {
+            rolling.value()
+        };
+        if got != st.pos.post_apply_checksum && st.pos.txid.0 > 0 {
+            return Err(StoreError::ChecksumMismatch {
+                db: self.name.clone(),
+                txid: st.pos.txid,
+                ltx: st.pos.post_apply_checksum,
+                database: got,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn post_apply(cap: &Capture) -> Checksum {
+    if cap.commit == 0 {
+        Checksum(CHECKSUM_FLAG)
+    } else {
+        cap.rolling.value()
+    }
+}
+
+fn read_db_page(
+    db: &str,
+    file: &mut Option<File>,
+    path: &Path,
+    pgno: u32,
+    buf: &mut [u8],
+) -> Result<(), StoreError> {
+    if file.is_none() {
+        *file = Some(File::open(path).map_err(|e| StoreError::io(db, "open database", path, e))?);
+    }
+    let Some(f) = file.as_ref() else {
+        unreachable!()
+    };
+    read_page_or_zeros(f, u64::from(pgno - 1) * buf.len() as u64, buf)
+        .map_err(|e| StoreError::io(db, "read page", path, e))
+}
+
+/// Reads a page; the part beyond the end of the file reads as zeros (SQLite's view).
+pub(crate) fn read_page_or_zeros(f: &File, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = f.read_at(&mut buf[done..], offset + done as u64)?;
+        if n == 0 {
+            buf[done..].fill(0);
+            break;
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+pub(crate) fn read_db_header(db: &str, f: &File, path: &Path) -> Result<[u8; 100], StoreError> {
+    let mut hdr = [0u8; 100];
+    f.read_exact_at(&mut hdr, 0).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => StoreError::InvalidDatabaseHeader {
+            db: db.to_string(),
+            reason: "file shorter than the 100-byte header".into(),
+        },
+        _ => StoreError::io(db, "read database header", path, e),
+    })?;
+    if &hdr[..16] != b"SQLite format 3\0" {
+        return Err(StoreError::InvalidDatabaseHeader {
+            db: db.to_string(),
+            reason: "missing \"SQLite format 3\" magic".into(),
+        });
+    }
+    Ok(hdr)
+}
+
+/// Page size from the header (offset 16; 1 means 65536).
+pub(crate) fn parse_page_size(hdr: &[u8; 100]) -> Option<u32> {
+    let ps = match u16::from_be_bytes([hdr[16], hdr[17]]) {
+        1 => 65536,
+        n => u32::from(n),
+    };
+    ((512..=65536).contains(&ps) && ps.is_power_of_two()).then_some(ps)
+}
+
+/// The database size in pages: the header's size field (offset 28) when it is valid
+/// (offset 92 equals the change counter at 24, as SQLite requires), else the file size.
+/// Never more pages than the file holds.
+pub(crate) fn commit_size(db: &str, hdr: &[u8; 100], file_len: u64, ps: u32) -> u32 {
+    let file_pages = (file_len / u64::from(ps)) as u32;
+    let be = |o: usize| u32::from_be_bytes([hdr[o], hdr[o + 1], hdr[o + 2], hdr[o + 3]]);
+    let in_header = be(28);
+    if in_header != 0 && be(92) == be(24) {
+        if in_header > file_pages {
+            warn!(
+                db,
+                in_header,
+                file_pages,
+                "header claims more pages than the file holds; using the file size"
+            );
+            return file_pages;
+        }
+        in_header
+    } else {
+        file_pages
+    }
+}
+
+fn remove_if_exists(db: &str, path: &Path) -> Result<(), StoreError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(StoreError::io(db, "remove", path, e)),
+    }
+}
+
+/// Page checksums of the logical database: the database file, overlaid with the newest
+/// frame of each page from `wal` transactions (in order), cut at the last commit size.
+pub(crate) struct Logical {
+    pub checksums: Vec<Checksum>,
+    /// Size in pages: the last WAL commit, else the database header / file size.
+    pub commit: u32,
+}
+
+pub(crate) fn logical_checksums(
+    db: &str,
+    path: &Path,
+    ps: u32,
+    wal: Option<(&File, &[WalTxn])>,
+) -> Result<Logical, StoreError> {
+    let f = File::open(path).map_err(|e| StoreError::io(db, "open database", path, e))?;
+    let len = f
+        .metadata()
+        .map_err(|e| StoreError::io(db, "stat database", path, e))?
+        .len();
+    let mut sums = ltx::page_checksums(io::BufReader::with_capacity(1 << 20, &f), ps)
+        .map_err(|e| StoreError::io(db, "checksum database", path, e))?;
+    let mut commit = if len == 0 {
+        0
+    } else {
+        let hdr = read_db_header(db, &f, path)?;
+        commit_size(db, &hdr, len, ps)
+    };
+    let lock = ltx::lock_pgno(ps);
+    if let Some((wf, txns)) = wal {
+        let mut buf = vec![0u8; ps as usize];
+        for txn in txns {
+            let file_pages = sums.len() as u32;
+            for pgno in file_pages + 1..=txn.commit {
+                sums.push(if pgno == lock {
+                    Checksum(0)
+                } else {
+                    buf.fill(0);
+                    ltx::page_checksum(pgno, &buf)
+                });
+            }
+            for (&pgno, &off) in &txn.pages {
+                if pgno == lock || pgno > txn.commit {
+                    continue;
+                }
+                wf.read_exact_at(&mut buf, off)
+                    .map_err(|e| StoreError::io(db, "read wal frame", path, e))?;
+                sums[pgno as usize - 1] = ltx::page_checksum(pgno, &buf);
+            }
+            commit = txn.commit;
+        }
+    }
+    if (sums.len() as u32) < commit {
+        return Err(StoreError::InvalidDatabaseHeader {
+            db: db.to_string(),
+            reason: format!(
+                "database holds {} pages, fewer than its size {commit}",
+                sums.len()
+            ),
+        });
+    }
+    sums.truncate(commit as usize);
+    Ok(Logical {
+        checksums: sums,
+        commit,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ltx::Decoder;
+
+    /// A write crossing the lock page (as `cp` of a >1 GiB database does) never puts the
+    /// lock page into an LTX file, for every page size. The database file is sparse and
+    /// the in-memory checksums are stand-ins, so no gigabyte is ever hashed.
+    #[test]
+    fn lock_page_is_never_captured() {
+        for shift in 9..=16 {
+            let ps = 1u32 << shift;
+            let lock = ltx::lock_pgno(ps);
+            let commit = lock + 1;
+            let dir = tempfile::tempdir().unwrap();
+            fs::create_dir_all(dir.path().join("ltx")).unwrap();
+            let mut st = DbState::empty(Pos {
+                txid: TxId(5),
+                post_apply_checksum: Checksum(CHECKSUM_FLAG | 1),
+            });
+            st.page_size = Some(ps);
+            st.commit = commit;
+            st.checksums = vec![Checksum(CHECKSUM_FLAG | 1); commit as usize];
+            st.checksums[lock as usize - 1] = Checksum(0);
+            let db = Db::new("lock".into(), dir.path().to_path_buf(), 0, st);
+
+            let f = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(db.path(FileKind::Database))
+                .unwrap();
+            f.set_len(u64::from(commit) * u64::from(ps)).unwrap();
+            let mut hdr = [0u8; 100];
+            hdr[..16].copy_from_slice(b"SQLite format 3\0");
+            let field = if ps == 65536 { 1u16 } else { ps as u16 };
+            hdr[16..18].copy_from_slice(&field.to_be_bytes());
+            hdr[24..28].copy_from_slice(&1u32.to_be_bytes());
+            hdr[28..32].copy_from_slice(&commit.to_be_bytes());
+            hdr[92..96].copy_from_slice(&1u32.to_be_bytes());
+            f.write_all_at(&hdr, 0).unwrap();
+            let off = u64::from(lock - 2) * u64::from(ps);
+            let data = vec![0xABu8; 3 * ps as usize];
+            f.write_all_at(&data, off).unwrap();
+            db.database_written(off, data.len()).unwrap();
+            db.journal_unlink().unwrap();
+
+            assert_eq!(db.pos().txid, TxId(6), "page size {ps}");
+            let path = db.ltx_dir().join(ltx::format_filename(TxId(6), TxId(6)));
+            let mut dec = Decoder::new(io::BufReader::new(File::open(&path).unwrap())).unwrap();
+            assert_eq!(dec.header().commit, commit);
+            let mut buf = vec![0u8; ps as usize];
+            let mut pages = Vec::new();
+            while let Some(pgno) = dec.next_page(&mut buf).unwrap() {
+                assert_eq!(buf, vec![0xABu8; ps as usize]);
+                pages.push(pgno);
+            }
+            dec.finish().unwrap();
+            assert_eq!(
+                pages,
+                vec![lock - 1, lock + 1],
+                "page size {ps}: lock page {lock}"
+            );
+        }
+    }
+
+    #[test]
+    fn commit_size_prefers_a_valid_header_field() {
+        let mut hdr = [0u8; 100];
+        hdr[24..28].copy_from_slice(&3u32.to_be_bytes());
+        hdr[28..32].copy_from_slice(&5u32.to_be_bytes());
+        // Offset 92 differs from the change counter: the field is stale, use the file.
+        hdr[92..96].copy_from_slice(&2u32.to_be_bytes());
+        assert_eq!(commit_size("x", &hdr, 8 * 4096, 4096), 8);
+        hdr[92..96].copy_from_slice(&3u32.to_be_bytes());
+        assert_eq!(commit_size("x", &hdr, 8 * 4096, 4096), 5);
+        // Never more than the file holds.
+        assert_eq!(commit_size("x", &hdr, 4 * 4096, 4096), 4);
+    }
+
+    #[test]
+    fn page_size_field_one_means_65536() {
+        let mut hdr = [0u8; 100];
+        hdr[16..18].copy_from_slice(&1u16.to_be_bytes());
+        assert_eq!(parse_page_size(&hdr), Some(65536));
+        hdr[16..18].copy_from_slice(&1000u16.to_be_bytes());
+        assert_eq!(parse_page_size(&hdr), None);
+    }
+}

@@ -1,0 +1,14 @@
+//! Integration tests: one binary, one module per area.
+
+mod cli_mount;
+mod config;
+mod fuse;
+mod ltx_apply;
+mod ltx_litestream;
+mod ltx_props;
+mod ltx_support;
+mod ltx_testdata;
+mod store;
+mod store_bench;
+mod store_vfs;
+mod support;

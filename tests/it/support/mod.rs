@@ -1,0 +1,282 @@
+//! Helpers that start real things for the integration tests: a mounted node
+//! (in-process, or as a `litefs` process), and checks on its LTX history.
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use litefs::fuse::{Mount, MountOptions};
+use litefs::ltx::{Pos, TxId};
+use litefs::store::{Store, StoreOptions};
+
+/// A store mounted in a temporary directory, in this process. Dropping it unmounts
+/// (also when a test panics), then removes the directories.
+pub struct Node {
+    mount: Option<Mount>,
+    store: Option<Arc<Store>>,
+    /// The mount point.
+    pub mnt: PathBuf,
+    /// The data directory.
+    pub data: PathBuf,
+    // Declared last: removed after the unmount.
+    _tmp: tempfile::TempDir,
+}
+
+impl Node {
+    /// Opens a store in a fresh data dir and mounts it.
+    pub fn start() -> Node {
+        let tmp = tempfile::tempdir().unwrap();
+        let mnt = tmp.path().join("mnt");
+        let data = tmp.path().join("data");
+        let mut node = Node {
+            mount: None,
+            store: None,
+            mnt,
+            data,
+            _tmp: tmp,
+        };
+        node.do_mount();
+        node
+    }
+
+    fn do_mount(&mut self) {
+        let store = Store::open(StoreOptions {
+            data_dir: self.data.clone(),
+            retention: Duration::from_secs(600),
+            retention_monitor_interval: Duration::from_secs(60),
+            node_id: 1,
+        })
+        .unwrap();
+        let opts = MountOptions::new(&self.mnt, &self.data);
+        self.mount = Some(Mount::start(&opts, store.clone()).unwrap());
+        self.store = Some(store);
+    }
+
+    /// Unmounts, closes the store, opens and mounts it again.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.do_mount();
+    }
+
+    /// Unmounts and closes the store.
+    pub fn stop(&mut self) {
+        if let Some(m) = self.mount.take() {
+            m.unmount(Duration::from_secs(5)).unwrap();
+        }
+        if let Some(s) = self.store.take() {
+            s.close().unwrap();
+        }
+    }
+
+    /// The mount.
+    pub fn mount(&self) -> &Mount {
+        self.mount.as_ref().unwrap()
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<Store> {
+        self.store.as_ref().unwrap()
+    }
+
+    /// Path of a file in the mount.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.mnt.join(name)
+    }
+
+    /// The real database file of `db` in the data dir.
+    pub fn data_db(&self, db: &str) -> PathBuf {
+        self.data.join("dbs").join(db).join("database")
+    }
+
+    /// The database's LTX files, in TXID order.
+    pub fn ltx_files(&self, db: &str) -> Vec<PathBuf> {
+        ltx_files(&self.data, db)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(m) = self.mount.take() {
+            let _ = m.unmount(Duration::from_secs(2));
+        }
+        if let Some(s) = self.store.take() {
+            let _ = s.close();
+        }
+    }
+}
+
+/// The LTX files of `db` under `data`, in TXID order.
+pub fn ltx_files(data: &Path, db: &str) -> Vec<PathBuf> {
+    let dir = data.join("dbs").join(db).join("ltx");
+    let mut files: Vec<(TxId, PathBuf)> = match std::fs::read_dir(&dir) {
+        Ok(rd) => rd
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                litefs::ltx::parse_filename(&name).map(|(min, _)| (min, e.path()))
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    files.sort();
+    files.into_iter().map(|(_, p)| p).collect()
+}
+
+/// Applies an LTX chain from TXID 1 onto an empty file with `litefs ltx apply`, which
+/// refuses gaps and checksum mismatches, and returns the resulting database bytes and
+/// the chain's final position.
+pub fn apply_chain(files: &[PathBuf]) -> (Vec<u8>, Pos) {
+    assert!(!files.is_empty(), "no LTX files");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("applied.db");
+    let o = Command::new(env!("CARGO_BIN_EXE_litefs"))
+        .args(["ltx", "apply", "-o"])
+        .arg(&out)
+        .args(files)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "ltx apply failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let (header, trailer) = litefs::ltx::verify_path(files.last().unwrap()).unwrap();
+    let pos = Pos {
+        txid: header.max_txid,
+        post_apply_checksum: trailer.post_apply_checksum,
+    };
+    (std::fs::read(&out).unwrap(), pos)
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f()
+}
+
+/// Whether `dir` is a mount point (per /proc/self/mountinfo).
+pub fn is_mounted(dir: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let want = dir.to_string_lossy().replace(' ', "\\040");
+    info.lines()
+        .any(|l| l.split(' ').nth(4).is_some_and(|m| m == want))
+}
+
+/// A `litefs mount` process with its own config, data dir and mount point. Dropping it
+/// kills the process and removes any mount it left.
+pub struct Process {
+    child: Option<Child>,
+    /// The config file.
+    pub config: PathBuf,
+    /// The mount point.
+    pub mnt: PathBuf,
+    /// The data directory.
+    pub data: PathBuf,
+    /// stderr of the process.
+    pub log: PathBuf,
+    _tmp: Arc<tempfile::TempDir>,
+}
+
+impl Process {
+    /// Writes a config (static lease, this node primary) and starts `litefs mount`.
+    pub fn start() -> Process {
+        let tmp = Arc::new(tempfile::tempdir().unwrap());
+        let mnt = tmp.path().join("mnt");
+        let data = tmp.path().join("data");
+        let config = tmp.path().join("litefs.yml");
+        let mut f = File::create(&config).unwrap();
+        write!(
+            f,
+            "fuse:\n  dir: {}\ndata:\n  dir: {}\nlease:\n  type: static\n  candidate: true\n  advertise-url: http://127.0.0.1:20202\nhttp:\n  addr: 127.0.0.1:0\n",
+            mnt.display(),
+            data.display()
+        )
+        .unwrap();
+        let mut p = Process {
+            child: None,
+            config,
+            mnt,
+            data,
+            log: tmp.path().join("litefs.log"),
+            _tmp: tmp,
+        };
+        p.spawn();
+        p
+    }
+
+    /// Starts (again) the process on the same directories and waits for the mount.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_litefs"))
+            .args(["mount", "-config"])
+            .arg(&self.config)
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let mnt = self.mnt.clone();
+        // A stale mount from a crash is listed too, and stat() of it may be answered
+        // from the kernel's cache: wait until opendir (always sent to the server)
+        // works, with the process still running.
+        let child = self.child.as_mut().unwrap();
+        let ok = wait_until(Duration::from_secs(10), || {
+            is_mounted(&mnt)
+                && std::fs::read_dir(&mnt).is_ok()
+                && matches!(child.try_wait(), Ok(None))
+        });
+        assert!(ok, "litefs did not mount; log:\n{}", self.log_text());
+    }
+
+    /// The process's stderr so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Path of a file in the mount.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.mnt.join(name)
+    }
+
+    /// Sends a signal and waits for the exit status.
+    pub fn signal(&mut self, sig: i32) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: kill(2) with a pid we own.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        child.wait().unwrap()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if is_mounted(&self.mnt) {
+            let _ = Command::new("fusermount3")
+                .args(["-u", "-z"])
+                .arg(&self.mnt)
+                .status();
+        }
+    }
+}
