@@ -13,5 +13,5 @@ status=0
 cargo test --locked -- --test-threads="${LITEFS_TEST_THREADS:-4}" 2>&1 | tee "$log" || status=$?
 # cargo ends with the doc-test binary's line; close with the totals of every binary.
 awk '/^test result:/ { p += $4; f += $6; s += $8 }
-     END { printf "litefs tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+     END { printf "totals: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
 exit "$status"
