@@ -113,6 +113,14 @@ impl ObjectStoreSink {
             .join(level.to_string().as_str())
     }
 
+    fn meta_path(&self, db: &str, name: &str) -> Path {
+        name.split('/')
+            .filter(|p| !p.is_empty())
+            .fold(self.prefix.clone().join(db).join("litefs"), |p, part| {
+                p.join(part)
+            })
+    }
+
     fn object_path(&self, key: &LtxKey) -> Path {
         self.level_dir(&key.db, key.level)
             .join(key.file_name().as_str())
@@ -302,6 +310,48 @@ impl SnapshotSink for ObjectStoreSink {
             Err(e) => Err(self.store_error(format!("delete {key}"), e)),
         }
     }
+
+    async fn put_meta(&self, db: &str, name: &str, data: Vec<u8>) -> Result<bool, SinkError> {
+        let location = self.meta_path(db, name);
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        match self.store.put_opts(&location, data.into(), opts).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(self.store_error(format!("put {location}"), e)),
+        }
+    }
+
+    async fn list_meta(&self, db: &str, dir: &str) -> Result<Vec<String>, SinkError> {
+        let dir = self.meta_path(db, dir);
+        let listing = self
+            .store
+            .list_with_delimiter(Some(&dir))
+            .await
+            .map_err(|e| self.store_error(format!("list {dir}"), e))?;
+        let mut names: Vec<String> = listing
+            .objects
+            .iter()
+            .filter_map(|m| m.location.filename().map(str::to_string))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    async fn get_meta(&self, db: &str, name: &str) -> Result<Option<Vec<u8>>, SinkError> {
+        let location = self.meta_path(db, name);
+        match self.store.get(&location).await {
+            Ok(r) => r
+                .bytes()
+                .await
+                .map(|b| Some(b.to_vec()))
+                .map_err(|e| self.store_error(format!("get {location}"), e)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.store_error(format!("get {location}"), e)),
+        }
+    }
 }
 
 /// `%016x-%016x.ltx` -> (min, max).
@@ -403,6 +453,47 @@ mod tests {
         assert!(
             matches!(&err, SinkError::Io { path, .. } if path.ends_with("nope")),
             "{err:?}"
+        );
+
+        // Our own objects live beside ltx/, create-if-absent, listed by directory.
+        assert!(
+            sink.put_meta("app.db", "positions/b.json", b"1".to_vec())
+                .await
+                .unwrap()
+        );
+        assert!(
+            sink.put_meta("app.db", "positions/a.json", b"2".to_vec())
+                .await
+                .unwrap()
+        );
+        assert!(
+            !sink
+                .put_meta("app.db", "positions/a.json", b"3".to_vec())
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            sink.get_meta("app.db", "positions/a.json").await.unwrap(),
+            Some(b"2".to_vec())
+        );
+        assert_eq!(
+            sink.get_meta("app.db", "positions/c.json").await.unwrap(),
+            None
+        );
+        assert_eq!(
+            sink.list_meta("app.db", "positions").await.unwrap(),
+            ["a.json", "b.json"]
+        );
+        assert!(
+            sink.list_meta("b.db", "positions")
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            sink.list("app.db", 0).await.unwrap().len(),
+            1,
+            "not in ltx/"
         );
 
         if big {

@@ -16,9 +16,12 @@
 //! - [`fuse`]: the FUSE mount: a flat directory of databases and their side files,
 //!   POSIX locks served by the file system, virtual `-pos`/`.primary` files, and the
 //!   mount lifecycle (stale mounts, signals, clean unmount).
+//! - [`archive`]: shipping every LTX file to the [`sink::SnapshotSink`] (Litestream 0.5
+//!   layout, no database checksums, recorded positions beside it) and restoring from it.
 //! - [`cli`]: the command line (`litefs mount`, `litefs ltx ...`); the binary in
 //!   `src/main.rs` only calls into it.
 
+pub mod archive;
 pub mod cli;
 pub mod config;
 pub mod fuse;

@@ -114,6 +114,27 @@ pub trait SnapshotSink: Debug + Send + Sync + 'static {
     /// # Errors
     /// [`SinkError::Store`] if the store fails.
     async fn delete(&self, key: &LtxKey) -> Result<(), SinkError>;
+
+    /// Stores a small object of ours at `<db>/litefs/<name>` (`name` may contain `/`),
+    /// outside the `ltx/` tree, so Litestream never sees it. Create-if-absent: returns
+    /// `false`, leaving the stored bytes alone, when the object already exists.
+    ///
+    /// # Errors
+    /// [`SinkError::Store`] if the store fails.
+    async fn put_meta(&self, db: &str, name: &str, data: Vec<u8>) -> Result<bool, SinkError>;
+
+    /// Names (relative to `<db>/litefs/<dir>/`) of the objects directly in that
+    /// directory, sorted.
+    ///
+    /// # Errors
+    /// [`SinkError::Store`] if the listing fails.
+    async fn list_meta(&self, db: &str, dir: &str) -> Result<Vec<String>, SinkError>;
+
+    /// Reads an object stored by [`SnapshotSink::put_meta`]; `None` if absent.
+    ///
+    /// # Errors
+    /// [`SinkError::Store`] if the store fails.
+    async fn get_meta(&self, db: &str, name: &str) -> Result<Option<Vec<u8>>, SinkError>;
 }
 
 /// Why an archive operation failed.

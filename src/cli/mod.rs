@@ -5,6 +5,7 @@
 //! not load (the message on stderr names the file, line and key).
 
 mod ltx;
+mod restore;
 
 use std::ffi::OsString;
 use std::io::IsTerminal;
@@ -45,6 +46,8 @@ pub enum Command {
     Version,
     /// Work with LTX files.
     Ltx(ltx::LtxArgs),
+    /// Restore a database from the archive (`backup` section of the config).
+    Restore(restore::RestoreArgs),
 }
 
 /// Arguments of `litefs mount` (and of bare `litefs`).
@@ -117,6 +120,7 @@ pub fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some(Command::Ltx(args)) => ltx::run(args),
+        Some(Command::Restore(args)) => restore::run(args),
         Some(Command::Mount(args)) => run_mount(args),
         None => run_mount(cli.mount),
     }
@@ -186,11 +190,22 @@ pub fn mount(cfg: Config, opts: MountOptions) -> anyhow::Result<ExitCode> {
     })
     .with_context(|| format!("opening the data directory {}", cfg.data.dir.display()))?;
     store.set_strict_verify(cfg.strict_verify);
+    let archiver = match crate::backends::build_sink(&cfg.backup)? {
+        Some(sink) => Some(
+            crate::archive::Archiver::start(
+                store.clone(),
+                sink,
+                crate::archive::ArchiverOptions::from_config(&cfg.backup),
+            )
+            .context("starting the archiver")?,
+        ),
+        None => None,
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(async {
+    let result = rt.block_on(async {
         let shutdown = crate::fuse::shutdown_signal().context("installing signal handlers")?;
         match crate::fuse::run(fuse_opts, store, shutdown).await {
             Ok(()) => Ok(ExitCode::SUCCESS),
@@ -200,7 +215,12 @@ pub fn mount(cfg: Config, opts: MountOptions) -> anyhow::Result<ExitCode> {
             }
             Err(e) => Err(e.into()),
         }
-    })
+    });
+    // After the mount is gone: ships what the last transactions left, then stops.
+    if let Some(a) = archiver {
+        a.stop();
+    }
+    result
 }
 
 /// A subscriber writing to stderr with `log`'s settings; `RUST_LOG` overrides the

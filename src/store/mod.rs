@@ -105,7 +105,9 @@
 //!
 //! By file modification time (the time the file was written on this node, which is also
 //! right for files received from a primary): LTX files older than `retention` are removed,
-//! the newest file of each database is always kept.
+//! the newest file of each database is always kept. When an archive is configured
+//! ([`Store::hold_for_archive`]), a file is also kept until the archiver has shipped it
+//! ([`Store::set_archived`]: every TXID up to the watermark is in the archive).
 
 mod db;
 mod error;
@@ -126,7 +128,7 @@ use std::time::{Duration, SystemTime};
 
 use tracing::{error, info, warn};
 
-use crate::ltx::Pos;
+use crate::ltx::{Pos, TxId};
 
 pub use db::Db;
 pub use error::StoreError;
@@ -204,6 +206,8 @@ pub struct Store {
     inner: Mutex<Inner>,
     retention: Mutex<Option<Retention>>,
     spare_maker: Mutex<Option<SpareMaker>>,
+    /// Archive watermarks (`None`: no archive, retention by age only).
+    archived: Mutex<Option<BTreeMap<String, TxId>>>,
 }
 
 /// The thread that pre-creates LTX temp files (see `ltxio::Spare`).
@@ -283,6 +287,7 @@ impl Store {
             inner: Mutex::new(inner),
             retention: Mutex::new(None),
             spare_maker: Mutex::new(None),
+            archived: Mutex::new(None),
         });
         store.start_spare_maker();
         if !store.opts.retention_monitor_interval.is_zero() {
@@ -473,6 +478,27 @@ impl Store {
         true
     }
 
+    /// From now on retention keeps every LTX file not yet shipped to the archive: a
+    /// database without a watermark keeps all its files. Called once by the archiver.
+    pub fn hold_for_archive(&self) {
+        let mut a = self.archived.lock().unwrap_or_else(|p| p.into_inner());
+        a.get_or_insert_with(BTreeMap::new);
+    }
+
+    /// Records that every LTX file of `db` up to `txid` is in the archive, so retention
+    /// may remove them (by age, as usual).
+    pub fn set_archived(&self, db: &str, txid: TxId) {
+        let mut a = self.archived.lock().unwrap_or_else(|p| p.into_inner());
+        a.get_or_insert_with(BTreeMap::new)
+            .insert(db.to_string(), txid);
+    }
+
+    /// Highest TXID retention may remove for `db`; `None` when no archive holds files.
+    fn archive_floor(&self, db: &str) -> Option<TxId> {
+        let a = self.archived.lock().unwrap_or_else(|p| p.into_inner());
+        a.as_ref().map(|m| m.get(db).copied().unwrap_or_default())
+    }
+
     /// One retention pass at time `now`: removes every LTX file whose modification time is
     /// older than `now - retention`, except each database's newest file; removes the
     /// directory of a deleted database once its commit-0 file is that old. Returns the
@@ -494,14 +520,16 @@ impl Store {
         };
         let mut removed = 0;
         for (name, dir) in live {
-            removed += prune(&name, &dir, cutoff)?;
+            removed += prune(&name, &dir, cutoff, self.archive_floor(&name))?;
         }
         for name in deleted {
             let dir = self.dbs_dir.join(&name);
-            removed += prune(&name, &dir.join("ltx"), cutoff)?;
+            removed += prune(&name, &dir.join("ltx"), cutoff, self.archive_floor(&name))?;
             let files = ltxio::list(&dir.join("ltx"))
                 .map_err(|e| StoreError::io(&name, "list ltx", &dir, e))?;
+            let floor = self.archive_floor(&name);
             let expired = match files.last() {
+                Some(f) if floor.is_some_and(|t| f.max > t) => false,
                 Some(f) => older_than(&f.path, cutoff)
                     .map_err(|e| StoreError::io(&name, "stat ltx", &f.path, e))?,
                 None => true,
@@ -593,12 +621,21 @@ fn older_than(path: &Path, cutoff: SystemTime) -> io::Result<bool> {
     }
 }
 
-/// Removes expired LTX files of one directory, never the newest.
-fn prune(db: &str, dir: &Path, cutoff: SystemTime) -> Result<usize, StoreError> {
+/// Removes expired LTX files of one directory, never the newest, never one above the
+/// archive watermark `floor`.
+fn prune(
+    db: &str,
+    dir: &Path,
+    cutoff: SystemTime,
+    floor: Option<TxId>,
+) -> Result<usize, StoreError> {
     let files = ltxio::list(dir).map_err(|e| StoreError::io(db, "list ltx", dir, e))?;
     let mut removed = 0;
     if let Some((_, older)) = files.split_last() {
         for f in older {
+            if floor.is_some_and(|t| f.max > t) {
+                continue;
+            }
             if older_than(&f.path, cutoff)
                 .map_err(|e| StoreError::io(db, "stat ltx", &f.path, e))?
             {

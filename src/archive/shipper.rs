@@ -1,0 +1,441 @@
+//! The primary side: a background thread that ships LTX files and snapshots.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncReadExt;
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+
+use super::{
+    ArchiveError, PositionRecord, PositionsFile, compact_files, peek, positions_name,
+    to_archive_file,
+};
+use crate::ltx::TxId;
+use crate::sink::{LtxKey, SNAPSHOT_LEVEL, SinkError, SnapshotSink};
+use crate::store::{Store, list_ltx_files};
+
+/// Most files shipped per database in one round (one positions object each round).
+const MAX_BATCH: usize = 1000;
+/// Longest wait between retries while the sink is failing.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Settings of the archiver (from the `backup` config section).
+#[derive(Debug, Clone)]
+pub struct ArchiverOptions {
+    /// `backup.sync-interval`: how often new LTX files are looked for and shipped.
+    pub sync_interval: Duration,
+    /// `backup.snapshot-interval`: how often a level-9 snapshot is written (one is also
+    /// written at start when the archive has none at the newest shipped TXID).
+    pub snapshot_interval: Duration,
+}
+
+impl ArchiverOptions {
+    /// Options from the `backup` section.
+    pub fn from_config(cfg: &crate::config::BackupConfig) -> ArchiverOptions {
+        ArchiverOptions {
+            sync_interval: cfg.sync_interval,
+            snapshot_interval: cfg.snapshot_interval,
+        }
+    }
+}
+
+/// Shipped-up-to TXID per database, shared with [`Archiver::shipped`].
+type Status = Arc<Mutex<BTreeMap<String, TxId>>>;
+
+/// The running archiver: a thread (`litefs-archiver`) with its own async runtime, so
+/// a slow or unreachable sink never touches the FUSE runtime or a commit.
+///
+/// Every `sync_interval` it lists each database's local LTX files (live and deleted
+/// databases), re-encodes those above the archive's newest TXID without checksums
+/// ([`super::to_archive_file`]), puts them at level 0, records their positions, and
+/// then lets the store's retention remove them ([`Store::set_archived`]; retention
+/// holds every unshipped file from the moment the archiver starts). A failure backs
+/// off (1 s doubling to 30 s) per database and logs the backlog; nothing is dropped.
+///
+/// Snapshots are built from the archive itself: the newest level-9 snapshot (or the
+/// level-0 chain from TXID 1) compacted with the level-0 files after it. They are
+/// therefore consistent by construction (every input is a verified, committed
+/// transaction) and never read the live database file, whose pages a writer may be
+/// changing.
+#[derive(Debug)]
+pub struct Archiver {
+    stop: watch::Sender<bool>,
+    thread: Option<JoinHandle<()>>,
+    status: Status,
+}
+
+impl Archiver {
+    /// Starts archiving every database of `store` to `sink`.
+    ///
+    /// # Errors
+    /// The thread or its runtime cannot be created.
+    pub fn start(
+        store: Arc<Store>,
+        sink: Arc<dyn SnapshotSink>,
+        opts: ArchiverOptions,
+    ) -> std::io::Result<Archiver> {
+        store.hold_for_archive();
+        let scratch = store.options().data_dir.join("archive-tmp");
+        let _ = std::fs::remove_dir_all(&scratch);
+        std::fs::create_dir_all(&scratch)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (stop, stop_rx) = watch::channel(false);
+        let status = Status::default();
+        let worker = Worker {
+            store,
+            sink,
+            opts,
+            scratch,
+            status: status.clone(),
+            dbs: BTreeMap::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("litefs-archiver".into())
+            .spawn(move || rt.block_on(worker.run(stop_rx)))?;
+        Ok(Archiver {
+            stop,
+            thread: Some(thread),
+            status,
+        })
+    }
+
+    /// Highest TXID of `db` known to be in the archive (`None` before the first round).
+    pub fn shipped(&self, db: &str) -> Option<TxId> {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(db)
+            .copied()
+    }
+
+    /// Ships what is pending one last time (if the sink answers) and stops.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            error!("archiver thread panicked");
+        }
+    }
+}
+
+impl Drop for Archiver {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// What the archiver knows about one database.
+struct DbArchive {
+    /// Newest TXID in the archive's level 0 (`None`: not listed yet).
+    shipped: Option<TxId>,
+    /// Newest level-9 snapshot.
+    snapshot: TxId,
+    next_snapshot: Instant,
+    retry_at: Instant,
+    backoff: Duration,
+    /// Another history is in the archive: stop touching it.
+    halted: bool,
+    /// A gap was reported (logged once).
+    gap_logged: bool,
+}
+
+struct Worker {
+    store: Arc<Store>,
+    sink: Arc<dyn SnapshotSink>,
+    opts: ArchiverOptions,
+    scratch: PathBuf,
+    status: Status,
+    dbs: BTreeMap<String, DbArchive>,
+}
+
+impl Worker {
+    async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        info!(sink = self.sink.type_name(), "archiver started");
+        loop {
+            let stopping = tokio::select! {
+                _ = tokio::time::sleep(self.opts.sync_interval) => false,
+                _ = stop.changed() => true,
+            };
+            self.round(stopping).await;
+            if stopping {
+                break;
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.scratch);
+        info!("archiver stopped");
+    }
+
+    /// One pass over every database.
+    async fn round(&mut self, last: bool) {
+        let data = self.store.options().data_dir.join("dbs");
+        let mut names: Vec<String> = self
+            .store
+            .databases()
+            .iter()
+            .map(|d| d.name().to_string())
+            .collect();
+        names.extend(self.store.deleted_databases().into_iter().map(|(n, _)| n));
+        names.sort();
+        names.dedup();
+        let now = Instant::now();
+        for name in names {
+            let st = self.dbs.entry(name.clone()).or_insert_with(|| DbArchive {
+                shipped: None,
+                snapshot: TxId(0),
+                next_snapshot: now,
+                retry_at: now,
+                backoff: Duration::ZERO,
+                halted: false,
+                gap_logged: false,
+            });
+            if st.halted || (now < st.retry_at && !last) {
+                continue;
+            }
+            let ltx_dir = data.join(&name).join("ltx");
+            let result = self.sync_db(&name, &ltx_dir, last).await;
+            let st = self.dbs.get_mut(&name).expect("inserted above");
+            match result {
+                Ok(()) => st.backoff = Duration::ZERO,
+                Err(ArchiveError::Diverged { key }) => {
+                    error!(db = name, %key, "the archive holds another history for this database; archiving of it stopped (nothing overwritten)");
+                    st.halted = true;
+                }
+                Err(e) => {
+                    st.backoff = (st.backoff * 2).clamp(Duration::from_secs(1), MAX_BACKOFF);
+                    st.retry_at = Instant::now() + st.backoff;
+                    let local = list_ltx_files(&ltx_dir)
+                        .ok()
+                        .and_then(|f| f.last().map(|f| f.max))
+                        .unwrap_or_default();
+                    let shipped = st.shipped.unwrap_or_default();
+                    warn!(
+                        db = name,
+                        error = %e,
+                        backlog = local.0.saturating_sub(shipped.0),
+                        shipped = %shipped,
+                        retry_in = ?st.backoff,
+                        "archive failed; LTX files are kept until shipped"
+                    );
+                }
+            }
+        }
+    }
+
+    fn set_shipped(&mut self, db: &str, txid: TxId) {
+        if let Some(st) = self.dbs.get_mut(db) {
+            st.shipped = Some(txid);
+        }
+        self.store.set_archived(db, txid);
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(db.to_string(), txid);
+    }
+
+    async fn sync_db(&mut self, db: &str, ltx_dir: &Path, last: bool) -> Result<(), ArchiveError> {
+        let (known, snapshot) = {
+            let st = &self.dbs[db];
+            (st.shipped, st.snapshot)
+        };
+        let shipped = match known {
+            Some(t) => t,
+            None => {
+                let l0 = self.sink.list(db, 0).await?;
+                let snaps = self.sink.list(db, SNAPSHOT_LEVEL).await?;
+                let top = l0.last().map(|o| o.key.max_txid).unwrap_or(0);
+                let snap = snaps.last().map(|o| o.key.max_txid).unwrap_or(0);
+                if let Some(st) = self.dbs.get_mut(db) {
+                    st.snapshot = TxId(snap);
+                }
+                let t = TxId(top.max(snap));
+                self.set_shipped(db, t);
+                info!(db, shipped = %t, snapshot = %TxId(snap), "archive position");
+                t
+            }
+        };
+        let files =
+            list_ltx_files(ltx_dir).map_err(|e| ArchiveError::io(db, "list", ltx_dir, e))?;
+        let pending: Vec<_> = files
+            .into_iter()
+            .filter(|f| f.max > shipped)
+            .take(MAX_BATCH)
+            .collect();
+        let mut records = Vec::new();
+        let mut top = shipped;
+        let mut result = Ok(());
+        for f in &pending {
+            if f.min.0 != top.0 + 1 && f.min.0 != 1 && !self.dbs[db].gap_logged {
+                warn!(db, archive = %top, next = %f.min, "the local LTX history does not continue the archive: restores need a snapshot after this point");
+                if let Some(st) = self.dbs.get_mut(db) {
+                    st.gap_logged = true;
+                }
+            }
+            match self.ship(db, &f.path).await {
+                Ok(rec) => {
+                    records.push(rec);
+                    top = f.max;
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        if let (Some(first), Some(lastf)) = (pending.first(), records.len().checked_sub(1)) {
+            let name = positions_name(first.min, pending[lastf].max);
+            let body = serde_json::to_vec_pretty(&PositionsFile { positions: records })
+                .expect("plain strings and integers always serialize");
+            self.sink.put_meta(db, &name, body).await?;
+            debug!(db, files = lastf + 1, shipped = %top, "shipped LTX files");
+            self.set_shipped(db, top);
+        }
+        result?;
+
+        let st = &self.dbs[db];
+        if !last && top > snapshot && Instant::now() >= st.next_snapshot {
+            if let Some(st) = self.dbs.get_mut(db) {
+                st.next_snapshot = Instant::now() + self.opts.snapshot_interval;
+            }
+            self.snapshot(db, snapshot, top).await?;
+        }
+        Ok(())
+    }
+
+    /// Re-encodes one local file without checksums and puts it at level 0.
+    async fn ship(&self, db: &str, local: &Path) -> Result<PositionRecord, ArchiveError> {
+        let (header, trailer) = peek(local).map_err(|e| ArchiveError::ltx(db, e))?;
+        let tmp = self.scratch.join(format!("{db}.l0.ltx"));
+        to_archive_file(local, &tmp).map_err(|e| ArchiveError::ltx(db, e))?;
+        let key = LtxKey {
+            db: db.to_string(),
+            level: 0,
+            min_txid: header.min_txid.0,
+            max_txid: header.max_txid.0,
+        };
+        self.put(&key, &tmp).await?;
+        let _ = std::fs::remove_file(&tmp);
+        Ok(PositionRecord {
+            txid: header.max_txid.to_string(),
+            checksum: trailer.post_apply_checksum.to_string(),
+            timestamp_ms: header.timestamp,
+        })
+    }
+
+    /// Create-if-absent put; an existing identical file counts as shipped.
+    async fn put(&self, key: &LtxKey, path: &Path) -> Result<(), ArchiveError> {
+        match self.sink.put(key, path).await {
+            Ok(_) => Ok(()),
+            Err(SinkError::AlreadyExists { .. }) => {
+                let mut stored = Vec::new();
+                self.sink
+                    .open(key)
+                    .await?
+                    .read_to_end(&mut stored)
+                    .await
+                    .map_err(|e| ArchiveError::io(&key.db, "read back", path, e))?;
+                let ours =
+                    std::fs::read(path).map_err(|e| ArchiveError::io(&key.db, "read", path, e))?;
+                if stored == ours {
+                    debug!(%key, "already in the archive");
+                    Ok(())
+                } else {
+                    Err(ArchiveError::Diverged { key: key.clone() })
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Writes the level-9 snapshot at `top` from the archive: the snapshot at `base`
+    /// (or level 0 from TXID 1) plus the level-0 files after it.
+    async fn snapshot(&mut self, db: &str, base: TxId, top: TxId) -> Result<(), ArchiveError> {
+        let started = Instant::now();
+        let l0 = self.sink.list(db, 0).await?;
+        let mut inputs: Vec<LtxKey> = Vec::new();
+        let mut at = base.0;
+        // Whether `inputs` is an unbroken chain from a snapshot or TXID 1.
+        let mut ok = base.0 > 0;
+        if ok {
+            inputs.push(LtxKey {
+                db: db.to_string(),
+                level: SNAPSHOT_LEVEL,
+                min_txid: 1,
+                max_txid: base.0,
+            });
+        }
+        for o in &l0 {
+            if o.key.max_txid > top.0 {
+                break;
+            }
+            if o.key.max_txid <= at {
+                continue;
+            }
+            if o.key.min_txid == 1 {
+                // A snapshot inside level 0 (the database's first file) starts over.
+                inputs.clear();
+                ok = true;
+            } else if o.key.min_txid != at + 1 {
+                inputs.clear();
+                ok = false;
+            }
+            if ok {
+                inputs.push(o.key.clone());
+            }
+            at = o.key.max_txid;
+        }
+        if !ok || at != top.0 {
+            warn!(db, archive = %top, "no contiguous history from a snapshot or TXID 1 in the archive: snapshot skipped");
+            return Ok(());
+        }
+        if inputs.len() == 1 && inputs[0].level == SNAPSHOT_LEVEL {
+            return Ok(());
+        }
+        let dir = self.scratch.join(format!("{db}.snapshot"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| ArchiveError::io(db, "create", &dir, e))?;
+        let result = self.build_snapshot(db, &inputs, &dir, top).await;
+        let _ = std::fs::remove_dir_all(&dir);
+        result?;
+        if let Some(st) = self.dbs.get_mut(db) {
+            st.snapshot = top;
+        }
+        info!(db, txid = %top, files = inputs.len(), elapsed = ?started.elapsed(), "snapshot written to the archive");
+        Ok(())
+    }
+
+    async fn build_snapshot(
+        &self,
+        db: &str,
+        inputs: &[LtxKey],
+        dir: &Path,
+        top: TxId,
+    ) -> Result<(), ArchiveError> {
+        let mut paths = Vec::with_capacity(inputs.len());
+        for (i, key) in inputs.iter().enumerate() {
+            let p = dir.join(format!("{i:08}.ltx"));
+            super::restore::download(self.sink.as_ref(), key, &p).await?;
+            paths.push(p);
+        }
+        let out = dir.join("snapshot.ltx");
+        let header = compact_files(&paths, &out).map_err(|e| ArchiveError::ltx(db, e))?;
+        let key = LtxKey {
+            db: db.to_string(),
+            level: SNAPSHOT_LEVEL,
+            min_txid: 1,
+            max_txid: header.max_txid.0,
+        };
+        debug_assert_eq!(header.max_txid, top);
+        self.put(&key, &out).await
+    }
+}
