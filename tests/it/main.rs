@@ -1,5 +1,6 @@
 //! Integration tests: one binary, one module per area.
 
+mod archive;
 mod cli_mount;
 mod config;
 mod fuse;
