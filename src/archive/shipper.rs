@@ -11,10 +11,10 @@ use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use super::{
-    ArchiveError, PositionRecord, PositionsFile, compact_files, peek, positions_name,
-    to_archive_file,
+    ArchiveError, POSITIONS_DIR, PositionRecord, PositionsFile, compact_files, peek,
+    positions_name, to_archive_file,
 };
-use crate::ltx::TxId;
+use crate::ltx::{Pos, TxId};
 use crate::sink::{LtxKey, SNAPSHOT_LEVEL, SinkError, SnapshotSink};
 use crate::store::{Store, list_ltx_files};
 
@@ -139,6 +139,9 @@ impl Drop for Archiver {
 struct DbArchive {
     /// Newest TXID in the archive's level 0 (`None`: not listed yet).
     shipped: Option<TxId>,
+    /// The archive's position at `shipped` as the primary recorded it (`None`: not
+    /// recorded, e.g. a Litestream-written archive).
+    last: Option<Pos>,
     /// Newest level-9 snapshot.
     snapshot: TxId,
     next_snapshot: Instant,
@@ -192,6 +195,7 @@ impl Worker {
         for name in names {
             let st = self.dbs.entry(name.clone()).or_insert_with(|| DbArchive {
                 shipped: None,
+                last: None,
                 snapshot: TxId(0),
                 next_snapshot: now,
                 retry_at: now,
@@ -259,6 +263,10 @@ impl Worker {
                     st.snapshot = TxId(snap);
                 }
                 let t = TxId(top.max(snap));
+                let last = recorded_position(self.sink.as_ref(), db, t).await?;
+                if let Some(st) = self.dbs.get_mut(db) {
+                    st.last = last;
+                }
                 self.set_shipped(db, t);
                 info!(db, shipped = %t, snapshot = %TxId(snap), "archive position");
                 t
@@ -281,10 +289,13 @@ impl Worker {
                     st.gap_logged = true;
                 }
             }
-            match self.ship(db, &f.path).await {
-                Ok(rec) => {
+            match self.ship(db, &f.path, top).await {
+                Ok((rec, pos)) => {
                     records.push(rec);
                     top = f.max;
+                    if let Some(st) = self.dbs.get_mut(db) {
+                        st.last = Some(pos);
+                    }
                 }
                 Err(e) => {
                     result = Err(e);
@@ -312,24 +323,46 @@ impl Worker {
         Ok(())
     }
 
-    /// Re-encodes one local file without checksums and puts it at level 0.
-    async fn ship(&self, db: &str, local: &Path) -> Result<PositionRecord, ArchiveError> {
+    /// Re-encodes one local file without checksums and puts it at level 0. A file that
+    /// continues the archive (`archived + 1`) must start from the archive's recorded
+    /// position: otherwise this node's history diverged from the archive's.
+    async fn ship(
+        &self,
+        db: &str,
+        local: &Path,
+        archived: TxId,
+    ) -> Result<(PositionRecord, Pos), ArchiveError> {
         let (header, trailer) = peek(local).map_err(|e| ArchiveError::ltx(db, e))?;
-        let tmp = self.scratch.join(format!("{db}.l0.ltx"));
-        to_archive_file(local, &tmp).map_err(|e| ArchiveError::ltx(db, e))?;
         let key = LtxKey {
             db: db.to_string(),
             level: 0,
             min_txid: header.min_txid.0,
             max_txid: header.max_txid.0,
         };
+        if let Some(last) = self.dbs[db].last
+            && last.txid == archived
+            && header.min_txid.0 == archived.0 + 1
+            && !header.is_snapshot()
+            && !header.no_checksum()
+            && header.pre_apply_pos() != last
+        {
+            warn!(db, archive = %last, local = %header.pre_apply_pos(), "this node's history differs from the archive's");
+            return Err(ArchiveError::Diverged { key });
+        }
+        let tmp = self.scratch.join(format!("{db}.l0.ltx"));
+        to_archive_file(local, &tmp).map_err(|e| ArchiveError::ltx(db, e))?;
         self.put(&key, &tmp).await?;
         let _ = std::fs::remove_file(&tmp);
-        Ok(PositionRecord {
+        let record = PositionRecord {
             txid: header.max_txid.to_string(),
             checksum: trailer.post_apply_checksum.to_string(),
             timestamp_ms: header.timestamp,
-        })
+        };
+        let pos = Pos {
+            txid: header.max_txid,
+            post_apply_checksum: trailer.post_apply_checksum,
+        };
+        Ok((record, pos))
     }
 
     /// Create-if-absent put; an existing identical file counts as shipped.
@@ -438,4 +471,42 @@ impl Worker {
         debug_assert_eq!(header.max_txid, top);
         self.put(&key, &out).await
     }
+}
+
+/// The position recorded for `txid` (from the positions object whose range holds it).
+async fn recorded_position(
+    sink: &dyn SnapshotSink,
+    db: &str,
+    txid: TxId,
+) -> Result<Option<Pos>, ArchiveError> {
+    if txid.0 == 0 {
+        return Ok(None);
+    }
+    let names = sink.list_meta(db, POSITIONS_DIR).await?;
+    let holding = names.iter().rev().find(|n| {
+        n.strip_suffix(".json")
+            .and_then(|stem| crate::ltx::parse_filename(&format!("{stem}.ltx")))
+            .is_some_and(|(min, max)| min <= txid && txid <= max)
+    });
+    let Some(name) = holding else {
+        return Ok(None);
+    };
+    let Some(body) = sink
+        .get_meta(db, &format!("{POSITIONS_DIR}/{name}"))
+        .await?
+    else {
+        return Ok(None);
+    };
+    let file: PositionsFile = match serde_json::from_slice(&body) {
+        Ok(f) => f,
+        Err(e) => {
+            warn!(db, object = name, error = %e, "unreadable positions object");
+            return Ok(None);
+        }
+    };
+    Ok(file
+        .positions
+        .iter()
+        .filter_map(PositionRecord::pos)
+        .find(|p| p.txid == txid))
 }

@@ -42,7 +42,11 @@ struct Node {
 
 impl Node {
     fn start(sink: Arc<dyn SnapshotSink>) -> Node {
-        let dir = tempfile::tempdir().unwrap();
+        Node::start_in(tempfile::tempdir().unwrap(), sink)
+    }
+
+    /// A node on `dir/data` (which may hold a copied data directory).
+    fn start_in(dir: tempfile::TempDir, sink: Arc<dyn SnapshotSink>) -> Node {
         let store = Store::open(StoreOptions {
             data_dir: dir.path().join("data"),
             retention: Duration::ZERO,
@@ -66,6 +70,21 @@ impl Node {
             vfs,
             archiver: Some(archiver),
         }
+    }
+
+    /// Stops archiving and closes the store (clean shutdown).
+    fn stop(&mut self) {
+        if let Some(a) = self.archiver.take() {
+            a.stop();
+        }
+        self.store.close().unwrap();
+    }
+
+    /// A copy of this node's data directory, for another node.
+    fn copy_data(&self) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        crate::store_vfs::copy_dir(&self.dir.path().join("data"), &dir.path().join("data"));
+        dir
     }
 
     fn db_file(&self) -> PathBuf {
@@ -577,6 +596,15 @@ fn mount_archives_what_sqlite_writes() {
     for i in 0..5 {
         crate::ltx_support::sqlite(&db, &format!("INSERT INTO t VALUES ({i});"));
     }
+    // The first round after start writes a snapshot of what it shipped.
+    let snapshotted = crate::support::wait_until(Duration::from_secs(10), || {
+        !list_ltx_files(&archive.join(DB).join("ltx/9"))
+            .unwrap()
+            .is_empty()
+    });
+    assert!(snapshotted, "no snapshot:\n{}", p.log_text());
+    // Written after the snapshot: shipped by the last round at shutdown.
+    crate::ltx_support::sqlite(&db, "INSERT INTO t VALUES ('last');");
     assert!(p.signal(libc::SIGTERM).success(), "{}", p.log_text());
     let source = p.data.join("dbs").join(DB).join("database");
     let txid = list_ltx_files(&p.data.join("dbs").join(DB).join("ltx"))
@@ -590,12 +618,6 @@ fn mount_archives_what_sqlite_writes() {
         txid,
         "shipped before exit:\n{}",
         p.log_text()
-    );
-    assert!(
-        !list_ltx_files(&archive.join(DB).join("ltx/9"))
-            .unwrap()
-            .is_empty(),
-        "snapshot at start"
     );
 
     let out = p.config.with_file_name("litestream.db");
@@ -612,4 +634,101 @@ fn mount_archives_what_sqlite_writes() {
         "{}",
         text(&o)
     );
+}
+
+/// Failover: a new primary with the same history continues the archive from its
+/// position; the old primary, whose unshipped transactions were discarded by the
+/// cluster, comes back with a different TXID 11 and overwrites nothing.
+#[test]
+fn failover_continues_the_archive_and_a_diverged_primary_overwrites_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("archive");
+    let sink: Arc<dyn SnapshotSink> = Arc::new(ObjectStoreSink::local(&root).unwrap());
+    let mut old = Node::start(sink.clone());
+    let conn = open_db(&old);
+    let mut records = Vec::new();
+    old.record(&mut records);
+    workload(&old, &conn, 10, 1, &mut records);
+    old.wait_shipped(Duration::from_secs(20));
+    drop(conn);
+    old.stop();
+    let new_dir = old.copy_data();
+    let stale_dir = old.copy_data();
+
+    // The old primary's later transactions never reached the archive.
+    let stale = Node::start_in(stale_dir, sink.clone());
+    let mut stale_records = records.clone();
+    let stale_conn = stale.vfs.open(DB);
+    let mut stale_node = stale;
+    stale_node.archiver.take().unwrap().stop(); // partitioned from the archive
+    // More transactions than the new primary: TXIDs past the archive's end.
+    workload(&stale_node, &stale_conn, 20, 9, &mut stale_records);
+
+    // The new primary continues.
+    let new = Node::start_in(new_dir, sink.clone());
+    let conn = new.vfs.open(DB);
+    workload(&new, &conn, 10, 2, &mut records);
+    new.wait_shipped(Duration::from_secs(20));
+
+    // The stale node archives again: its TXID 11 differs from the archive's.
+    let archiver = Archiver::start(
+        stale_node.store.clone(),
+        sink.clone(),
+        ArchiverOptions {
+            sync_interval: Duration::from_millis(50),
+            snapshot_interval: Duration::from_secs(3600),
+        },
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        archiver.shipped(DB),
+        Some(TxId(new.txid())),
+        "the diverged node shipped nothing"
+    );
+    archiver.stop();
+    assert!(stale_node.txid() > new.txid());
+    assert_eq!(
+        list_ltx_files(&root.join(DB).join("ltx/0"))
+            .unwrap()
+            .last()
+            .unwrap()
+            .max
+            .0,
+        new.txid()
+    );
+
+    let out = tmp.path().join("out.db");
+    let r = run_restore(sink.as_ref(), &out, RestoreTarget::Latest);
+    assert_eq!(r.pos.txid.0, new.txid());
+    assert_eq!(sha256_file(&out), records.last().unwrap().sha);
+    check_restores(sink.as_ref(), &records, tmp.path());
+    drop((conn, stale_conn));
+}
+
+/// Deleting a database ships its commit-0 file; a restore gives an empty database.
+#[test]
+fn deleted_database_is_archived() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sink: Arc<dyn SnapshotSink> =
+        Arc::new(ObjectStoreSink::local(&tmp.path().join("archive")).unwrap());
+    let node = Node::start(sink.clone());
+    let conn = open_db(&node);
+    let mut records = Vec::new();
+    workload(&node, &conn, 3, 1, &mut records);
+    drop(conn);
+    node.store.delete_db(DB).unwrap();
+    let (_, pos) = node.store.deleted_databases().pop().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while node.archiver.as_ref().unwrap().shipped(DB) != Some(pos.txid) {
+        assert!(Instant::now() < deadline, "commit-0 file not shipped");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = tmp.path().join("out.db");
+    let r = run_restore(sink.as_ref(), &out, RestoreTarget::Latest);
+    assert_eq!(r.pos, pos);
+    assert_eq!(fs::metadata(&out).unwrap().len(), 0);
+    let last = records.last().unwrap();
+    run_restore(sink.as_ref(), &out, RestoreTarget::Txid(TxId(last.txid)));
+    assert_eq!(sha256_file(&out), last.sha);
 }
