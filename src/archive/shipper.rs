@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
@@ -31,6 +31,9 @@ pub struct ArchiverOptions {
     /// `backup.snapshot-interval`: how often a level-9 snapshot is written (one is also
     /// written at start when the archive has none at the newest shipped TXID).
     pub snapshot_interval: Duration,
+    /// `backup.retention`: after each snapshot, files only needed to restore points
+    /// older than this are removed from the archive (see [`Archiver`]).
+    pub retention: Duration,
 }
 
 impl ArchiverOptions {
@@ -39,6 +42,7 @@ impl ArchiverOptions {
         ArchiverOptions {
             sync_interval: cfg.sync_interval,
             snapshot_interval: cfg.snapshot_interval,
+            retention: cfg.retention,
         }
     }
 }
@@ -61,6 +65,13 @@ type Status = Arc<Mutex<BTreeMap<String, TxId>>>;
 /// therefore consistent by construction (every input is a verified, committed
 /// transaction) and never read the live database file, whose pages a writer may be
 /// changing.
+///
+/// Retention runs after each snapshot: the newest snapshot written before `now -
+/// retention` is the base for restoring any point inside the window, so older
+/// snapshots and the level-0 files it covers are deleted; everything after it stays.
+/// Without such a snapshot nothing is deleted, so the newest state (and every point in
+/// the window) always stays restorable. Positions objects are kept (a few bytes per
+/// transaction).
 #[derive(Debug)]
 pub struct Archiver {
     stop: watch::Sender<bool>,
@@ -444,7 +455,41 @@ impl Worker {
             st.snapshot = top;
         }
         info!(db, txid = %top, files = inputs.len(), elapsed = ?started.elapsed(), "snapshot written to the archive");
+        let removed = self.retain(db).await?;
+        if removed > 0 {
+            info!(db, files = removed, "archive retention removed files");
+        }
         Ok(())
+    }
+
+    /// Archive retention (see [`Archiver`]); returns the number of files deleted.
+    async fn retain(&self, db: &str) -> Result<usize, ArchiveError> {
+        let cutoff = SystemTime::now()
+            .checked_sub(self.opts.retention)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let snaps = self.sink.list(db, SNAPSHOT_LEVEL).await?;
+        let Some(base) = snaps
+            .iter()
+            .filter(|o| o.last_modified <= cutoff)
+            .map(|o| o.key.max_txid)
+            .max()
+        else {
+            return Ok(0);
+        };
+        let mut removed = 0;
+        let l0 = self.sink.list(db, 0).await?;
+        for o in snaps.iter().chain(&l0) {
+            let covered = if o.key.level == SNAPSHOT_LEVEL {
+                o.key.max_txid < base
+            } else {
+                o.key.max_txid <= base
+            };
+            if covered {
+                self.sink.delete(&o.key).await?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     async fn build_snapshot(

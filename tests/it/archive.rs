@@ -61,6 +61,7 @@ impl Node {
             ArchiverOptions {
                 sync_interval: Duration::from_millis(50),
                 snapshot_interval: Duration::from_millis(700),
+                retention: Duration::from_secs(3600),
             },
         )
         .unwrap();
@@ -677,6 +678,7 @@ fn failover_continues_the_archive_and_a_diverged_primary_overwrites_nothing() {
         ArchiverOptions {
             sync_interval: Duration::from_millis(50),
             snapshot_interval: Duration::from_secs(3600),
+            retention: Duration::from_secs(3600),
         },
     )
     .unwrap();
@@ -731,4 +733,69 @@ fn deleted_database_is_archived() {
     let last = records.last().unwrap();
     run_restore(sink.as_ref(), &out, RestoreTarget::Txid(TxId(last.txid)));
     assert_eq!(sha256_file(&out), last.sha);
+}
+
+/// Archive retention: once a snapshot older than the retention period exists, the
+/// files it covers go; the newest state stays restorable, by us and by Litestream.
+#[test]
+fn archive_retention_keeps_what_the_newest_state_needs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("archive");
+    let sink: Arc<dyn SnapshotSink> = Arc::new(ObjectStoreSink::local(&root).unwrap());
+    let data = tempfile::tempdir().unwrap();
+    let store = Store::open(StoreOptions {
+        data_dir: data.path().join("data"),
+        retention: Duration::from_secs(600),
+        retention_monitor_interval: Duration::ZERO,
+        node_id: 1,
+    })
+    .unwrap();
+    let vfs = HookVfs::register(store.clone(), &data.path().join("mnt"));
+    let archiver = Archiver::start(
+        store.clone(),
+        sink.clone(),
+        ArchiverOptions {
+            sync_interval: Duration::from_millis(50),
+            snapshot_interval: Duration::from_millis(300),
+            retention: Duration::ZERO,
+        },
+    )
+    .unwrap();
+    let node = Node {
+        dir: data,
+        store,
+        vfs,
+        archiver: Some(archiver),
+    };
+    let conn = open_db(&node);
+    let mut records = Vec::new();
+    for round in 0..3 {
+        workload(&node, &conn, 8, round, &mut records);
+        node.wait_shipped(Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    let top = node.txid();
+    let l9 = root.join(DB).join("ltx/9");
+    let ok = crate::support::wait_until(Duration::from_secs(10), || {
+        let snaps = list_ltx_files(&l9).unwrap();
+        snaps.len() == 1 && snaps[0].max.0 == top
+    });
+    assert!(
+        ok,
+        "one snapshot at {top}: {:?}",
+        list_ltx_files(&l9).unwrap()
+    );
+    assert!(
+        list_ltx_files(&root.join(DB).join("ltx/0"))
+            .unwrap()
+            .is_empty(),
+        "level-0 files covered by the snapshot are gone"
+    );
+    let out = tmp.path().join("out.db");
+    let r = run_restore(sink.as_ref(), &out, RestoreTarget::Latest);
+    assert_eq!(r.pos.txid.0, top);
+    assert_eq!(sha256_file(&out), records.last().unwrap().sha);
+    litestream_restore(&root.join(DB), &out, None);
+    assert_eq!(sha256_file(&out), records.last().unwrap().sha);
+    drop(conn);
 }
