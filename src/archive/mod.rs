@@ -250,3 +250,75 @@ fn compact_files(inputs: &[PathBuf], dst: &Path) -> Result<Header, LtxError> {
         acc = Some(out_path);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ltx::{Encoder, page_checksum};
+
+    /// A two-page incremental file with checksums, as the store writes them.
+    fn local_file(dir: &Path) -> (PathBuf, Checksum) {
+        let path = dir.join("0000000000000005-0000000000000005.ltx");
+        let header = Header {
+            page_size: 512,
+            commit: 2,
+            min_txid: TxId(5),
+            max_txid: TxId(5),
+            timestamp: 1_700_000_000_123,
+            pre_apply_checksum: Checksum(ltx::CHECKSUM_FLAG | 0x1234),
+            wal_offset: 32,
+            wal_size: 1088,
+            wal_salt1: 7,
+            wal_salt2: 9,
+            node_id: 3,
+            ..Header::default()
+        };
+        let mut enc = Encoder::new(File::create(&path).unwrap(), &header).unwrap();
+        enc.encode_page(1, &[1u8; 512]).unwrap();
+        enc.encode_page(2, &[2u8; 512]).unwrap();
+        let post = Checksum(
+            ltx::CHECKSUM_FLAG | page_checksum(1, &[1u8; 512]).0 ^ page_checksum(2, &[2u8; 512]).0,
+        );
+        enc.finish(post).unwrap();
+        (path, post)
+    }
+
+    #[test]
+    fn archive_files_carry_no_checksums_and_are_deterministic() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, post) = local_file(dir.path());
+        let (h, t) = peek(&src).unwrap();
+        assert_eq!((h.max_txid, t.post_apply_checksum), (TxId(5), post));
+
+        let a = dir.path().join("a.ltx");
+        let b = dir.path().join("b.ltx");
+        to_archive_file(&src, &a).unwrap();
+        to_archive_file(&src, &b).unwrap();
+        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+        let (h, t) = ltx::verify_path(&a).unwrap();
+        assert_eq!(h.flags, HEADER_FLAG_NO_CHECKSUM);
+        assert_eq!(
+            (h.pre_apply_checksum, t.post_apply_checksum),
+            (Checksum(0), Checksum(0))
+        );
+        assert_eq!((h.min_txid, h.max_txid, h.commit), (TxId(5), TxId(5), 2));
+        assert_eq!(h.timestamp, 1_700_000_000_123, "the timestamp is kept");
+        let mut dec = Decoder::new(File::open(&a).unwrap()).unwrap();
+        let mut buf = [0u8; 512];
+        assert_eq!(dec.next_page(&mut buf).unwrap(), Some(1));
+        assert_eq!(buf, [1u8; 512]);
+        assert_eq!(dec.next_page(&mut buf).unwrap(), Some(2));
+        assert_eq!(buf, [2u8; 512]);
+    }
+
+    #[test]
+    fn a_corrupt_local_file_is_not_archived() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, _) = local_file(dir.path());
+        let mut bytes = std::fs::read(&src).unwrap();
+        let n = bytes.len();
+        bytes[n - 1] ^= 1; // file checksum
+        std::fs::write(&src, bytes).unwrap();
+        assert!(to_archive_file(&src, &dir.path().join("out.ltx")).is_err());
+    }
+}
