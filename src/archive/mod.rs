@@ -20,6 +20,7 @@
 //! node wrote a different history, and the archiver stops for that database instead
 //! of overwriting anything.
 
+mod live;
 mod restore;
 mod shipper;
 

@@ -64,7 +64,8 @@ type Status = Arc<Mutex<BTreeMap<String, TxId>>>;
 /// level-0 chain from TXID 1) compacted with the level-0 files after it. They are
 /// therefore consistent by construction (every input is a verified, committed
 /// transaction) and never read the live database file, whose pages a writer may be
-/// changing.
+/// changing. Only when the archive has no history from TXID 1 is the first snapshot
+/// read from the live database, and kept only if it hashes to the database's position.
 ///
 /// Retention runs after each snapshot: the newest snapshot written before `now -
 /// retention` is the base for restoring any point inside the window, so older
@@ -439,8 +440,7 @@ impl Worker {
             at = o.key.max_txid;
         }
         if !ok || at != top.0 {
-            warn!(db, archive = %top, "no contiguous history from a snapshot or TXID 1 in the archive: snapshot skipped");
-            return Ok(());
+            return self.snapshot_from_database(db).await;
         }
         if inputs.len() == 1 && inputs[0].level == SNAPSHOT_LEVEL {
             return Ok(());
@@ -460,6 +460,48 @@ impl Worker {
             info!(db, files = removed, "archive retention removed files");
         }
         Ok(())
+    }
+
+    /// The archive cannot build a snapshot (no history from TXID 1 in it): read one from
+    /// the live database ([`super::live::snapshot_live`]); if a writer got in the way,
+    /// the next round tries again.
+    async fn snapshot_from_database(&mut self, db: &str) -> Result<(), ArchiveError> {
+        let Some(live) = self.store.db(db) else {
+            return Ok(());
+        };
+        let out = self.scratch.join(format!("{db}.live.ltx"));
+        let taken = super::live::snapshot_live(&live, &out);
+        let result = match taken {
+            Ok(Some(pos)) => {
+                let key = LtxKey {
+                    db: db.to_string(),
+                    level: SNAPSHOT_LEVEL,
+                    min_txid: 1,
+                    max_txid: pos.txid.0,
+                };
+                let put = self.put(&key, &out).await;
+                if put.is_ok() {
+                    if let Some(st) = self.dbs.get_mut(db) {
+                        st.snapshot = pos.txid;
+                    }
+                    info!(db, txid = %pos.txid, "no history from TXID 1 in the archive: snapshot read from the database");
+                }
+                put
+            }
+            Ok(None) => {
+                if let Some(st) = self.dbs.get_mut(db) {
+                    st.next_snapshot = Instant::now();
+                }
+                debug!(
+                    db,
+                    "database changed while it was read for a snapshot; retrying"
+                );
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
+        let _ = std::fs::remove_file(&out);
+        result
     }
 
     /// Archive retention (see [`Archiver`]); returns the number of files deleted.

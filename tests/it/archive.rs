@@ -799,3 +799,78 @@ fn archive_retention_keeps_what_the_newest_state_needs() {
     assert_eq!(sha256_file(&out), records.last().unwrap().sha);
     drop(conn);
 }
+
+/// Archiving enabled on a database whose early history local retention already
+/// removed: the archive cannot start from TXID 1, so the first snapshot is read from the
+/// live database (WAL mode, frames not yet checkpointed); restores work from it.
+#[test]
+fn snapshot_from_the_database_when_history_from_txid_1_is_gone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("archive");
+    let sink: Arc<dyn SnapshotSink> = Arc::new(ObjectStoreSink::local(&root).unwrap());
+    let data = tempfile::tempdir().unwrap();
+    let store = Store::open(StoreOptions {
+        data_dir: data.path().join("data"),
+        retention: Duration::ZERO,
+        retention_monitor_interval: Duration::ZERO,
+        node_id: 1,
+    })
+    .unwrap();
+    let vfs = HookVfs::register(store.clone(), &data.path().join("mnt"));
+    let mut node = Node {
+        dir: data,
+        store,
+        vfs,
+        archiver: None,
+    };
+    let conn = node.vfs.open(DB);
+    conn.execute_batch(
+        "PRAGMA journal_mode=WAL; CREATE TABLE kv(k INTEGER PRIMARY KEY, v BLOB, s TEXT);",
+    )
+    .unwrap();
+    let mut records = Vec::new();
+    workload(&node, &conn, 10, 1, &mut records);
+    node.store
+        .retention_pass(SystemTime::now() + Duration::from_secs(3600))
+        .unwrap();
+    let local = list_ltx_files(&node.ltx_dir()).unwrap();
+    assert_eq!(local.len(), 1, "only the newest file is left");
+    let t = node.txid();
+
+    node.archiver = Some(
+        Archiver::start(
+            node.store.clone(),
+            sink.clone(),
+            ArchiverOptions {
+                sync_interval: Duration::from_millis(50),
+                snapshot_interval: Duration::from_secs(3600),
+                retention: Duration::from_secs(3600),
+            },
+        )
+        .unwrap(),
+    );
+    let l9 = root.join(DB).join("ltx/9");
+    let ok = crate::support::wait_until(Duration::from_secs(10), || {
+        !list_ltx_files(&l9).unwrap().is_empty()
+    });
+    assert!(ok, "no snapshot");
+    let snap = list_ltx_files(&l9).unwrap()[0].max.0;
+    assert!(snap >= t);
+    workload(&node, &conn, 10, 2, &mut records);
+    node.wait_shipped(Duration::from_secs(20));
+
+    let out = tmp.path().join("out.db");
+    // The snapshot's TXID has a recorded position (its level-0 file was shipped).
+    let r = run_restore(sink.as_ref(), &out, RestoreTarget::Txid(TxId(snap)));
+    assert!(r.final_position_recorded && r.positions_checked == 1);
+    let r = run_restore(sink.as_ref(), &out, RestoreTarget::Latest);
+    assert_eq!(r.pos.txid.0, node.txid());
+    assert!(r.final_position_recorded);
+    conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+        .unwrap();
+    assert_eq!(node.txid(), r.pos.txid.0, "a checkpoint is no transaction");
+    assert_eq!(sha256_file(&out), sha256_file(&node.db_file()));
+    litestream_restore(&root.join(DB), &out, None);
+    assert_eq!(sha256_file(&out), sha256_file(&node.db_file()));
+    drop(conn);
+}
