@@ -436,6 +436,59 @@ fn litestream_replica_restores_at_every_txid() {
         text(&o)
     );
     assert_eq!(sha256_file(&final_db), third, "untouched on failure");
+    // -timestamp: after the last transaction gives the newest state; before the first
+    // snapshot is refused.
+    let o = litefs(args![
+        "restore",
+        "-config",
+        cfg,
+        "-name",
+        "replica",
+        "-o",
+        final_db,
+        "-f",
+        "-timestamp",
+        "2100-01-01T00:00:00Z"
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        sha256_file(&final_db),
+        sha256_file(&base.join("restored-final.db"))
+    );
+    let o = litefs(args![
+        "restore",
+        "-config",
+        cfg,
+        "-name",
+        "replica",
+        "-o",
+        final_db,
+        "-f",
+        "-timestamp",
+        "2000-01-01T00:00:00Z"
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no snapshot at or before"),
+        "{}",
+        text(&o)
+    );
+    let o = litefs(args![
+        "restore",
+        "-config",
+        cfg,
+        "-name",
+        "replica",
+        "-o",
+        final_db,
+        "-timestamp",
+        "yesterday"
+    ]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not an RFC 3339 time"),
+        "{}",
+        text(&o)
+    );
 }
 
 /// `moto_server` on a free port (killed on drop), with bucket `archive` created.
