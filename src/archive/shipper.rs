@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
+use futures_util::StreamExt;
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
@@ -20,6 +21,8 @@ use crate::store::{Store, list_ltx_files};
 
 /// Most files shipped per database in one round (one positions object each round).
 const MAX_BATCH: usize = 1000;
+/// Puts in flight at once.
+const PUT_CONCURRENCY: usize = 16;
 /// Longest wait between retries while the sink is failing.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -165,6 +168,14 @@ struct DbArchive {
     gap_logged: bool,
 }
 
+/// A file re-encoded for level 0, waiting for its put.
+struct Prepared {
+    key: LtxKey,
+    tmp: PathBuf,
+    record: PositionRecord,
+    pos: Pos,
+}
+
 struct Worker {
     store: Arc<Store>,
     sink: Arc<dyn SnapshotSink>,
@@ -177,9 +188,14 @@ struct Worker {
 impl Worker {
     async fn run(mut self, mut stop: watch::Receiver<bool>) {
         info!(sink = self.sink.type_name(), "archiver started");
+        // Rounds start every sync interval (a long round delays the next one, it does
+        // not add a full interval on top).
+        let mut ticks = tokio::time::interval(self.opts.sync_interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks.tick().await;
         loop {
             let stopping = tokio::select! {
-                _ = tokio::time::sleep(self.opts.sync_interval) => false,
+                _ = ticks.tick() => false,
                 _ = stop.changed() => true,
             };
             self.round(stopping).await;
@@ -291,23 +307,21 @@ impl Worker {
             .filter(|f| f.max > shipped)
             .take(MAX_BATCH)
             .collect();
-        let mut records = Vec::new();
-        let mut top = shipped;
+        let mut prepared = Vec::with_capacity(pending.len());
         let mut result = Ok(());
+        let (mut expect, mut last_pos) = (shipped, self.dbs[db].last);
         for f in &pending {
-            if f.min.0 != top.0 + 1 && f.min.0 != 1 && !self.dbs[db].gap_logged {
-                warn!(db, archive = %top, next = %f.min, "the local LTX history does not continue the archive: restores need a snapshot after this point");
+            if f.min.0 != expect.0 + 1 && f.min.0 != 1 && !self.dbs[db].gap_logged {
+                warn!(db, archive = %expect, next = %f.min, "the local LTX history does not continue the archive: restores need a snapshot after this point");
                 if let Some(st) = self.dbs.get_mut(db) {
                     st.gap_logged = true;
                 }
             }
-            match self.ship(db, &f.path, top).await {
-                Ok((rec, pos)) => {
-                    records.push(rec);
-                    top = f.max;
-                    if let Some(st) = self.dbs.get_mut(db) {
-                        st.last = Some(pos);
-                    }
+            match self.prepare(db, &f.path, expect, last_pos) {
+                Ok(p) => {
+                    expect = f.max;
+                    last_pos = Some(p.pos);
+                    prepared.push(p);
                 }
                 Err(e) => {
                     result = Err(e);
@@ -315,12 +329,38 @@ impl Worker {
                 }
             }
         }
-        if let (Some(first), Some(lastf)) = (pending.first(), records.len().checked_sub(1)) {
-            let name = positions_name(first.min, pending[lastf].max);
+        // Several puts in flight (an object store answers each in milliseconds); the
+        // results come back in order, and only the prefix that succeeded counts.
+        let outcomes: Vec<Result<(), ArchiveError>> =
+            futures_util::stream::iter(prepared.iter().map(|p| self.put(&p.key, &p.tmp)))
+                .buffered(PUT_CONCURRENCY)
+                .collect()
+                .await;
+        let mut records = Vec::new();
+        let mut top = shipped;
+        let mut shipped_last = None;
+        for (p, outcome) in prepared.iter().zip(outcomes) {
+            if let Err(e) = outcome {
+                result = Err(e);
+                break;
+            }
+            records.push(p.record.clone());
+            top = TxId(p.key.max_txid);
+            shipped_last = Some(p.pos);
+        }
+        for p in &prepared {
+            let _ = std::fs::remove_file(&p.tmp);
+        }
+        if let (Some(first), Some(pos)) = (pending.first(), shipped_last) {
+            let name = positions_name(first.min, top);
+            let files = records.len();
             let body = serde_json::to_vec_pretty(&PositionsFile { positions: records })
                 .expect("plain strings and integers always serialize");
             self.sink.put_meta(db, &name, body).await?;
-            debug!(db, files = lastf + 1, shipped = %top, "shipped LTX files");
+            debug!(db, files, shipped = %top, "shipped LTX files");
+            if let Some(st) = self.dbs.get_mut(db) {
+                st.last = Some(pos);
+            }
             self.set_shipped(db, top);
         }
         result?;
@@ -335,15 +375,16 @@ impl Worker {
         Ok(())
     }
 
-    /// Re-encodes one local file without checksums and puts it at level 0. A file that
-    /// continues the archive (`archived + 1`) must start from the archive's recorded
-    /// position: otherwise this node's history diverged from the archive's.
-    async fn ship(
+    /// Re-encodes one local file without checksums for level 0. A file that continues
+    /// the archive (`archived + 1`) must start from the archive's position `last`:
+    /// otherwise this node's history diverged from the archive's.
+    fn prepare(
         &self,
         db: &str,
         local: &Path,
         archived: TxId,
-    ) -> Result<(PositionRecord, Pos), ArchiveError> {
+        last: Option<Pos>,
+    ) -> Result<Prepared, ArchiveError> {
         let (header, trailer) = peek(local).map_err(|e| ArchiveError::ltx(db, e))?;
         let key = LtxKey {
             db: db.to_string(),
@@ -351,7 +392,7 @@ impl Worker {
             min_txid: header.min_txid.0,
             max_txid: header.max_txid.0,
         };
-        if let Some(last) = self.dbs[db].last
+        if let Some(last) = last
             && last.txid == archived
             && header.min_txid.0 == archived.0 + 1
             && !header.is_snapshot()
@@ -361,20 +402,21 @@ impl Worker {
             warn!(db, archive = %last, local = %header.pre_apply_pos(), "this node's history differs from the archive's");
             return Err(ArchiveError::Diverged { key });
         }
-        let tmp = self.scratch.join(format!("{db}.l0.ltx"));
+        let tmp = self.scratch.join(format!("{db}.{}.ltx", header.min_txid));
         to_archive_file(local, &tmp).map_err(|e| ArchiveError::ltx(db, e))?;
-        self.put(&key, &tmp).await?;
-        let _ = std::fs::remove_file(&tmp);
-        let record = PositionRecord {
-            txid: header.max_txid.to_string(),
-            checksum: trailer.post_apply_checksum.to_string(),
-            timestamp_ms: header.timestamp,
-        };
-        let pos = Pos {
-            txid: header.max_txid,
-            post_apply_checksum: trailer.post_apply_checksum,
-        };
-        Ok((record, pos))
+        Ok(Prepared {
+            key,
+            tmp,
+            record: PositionRecord {
+                txid: header.max_txid.to_string(),
+                checksum: trailer.post_apply_checksum.to_string(),
+                timestamp_ms: header.timestamp,
+            },
+            pos: Pos {
+                txid: header.max_txid,
+                post_apply_checksum: trailer.post_apply_checksum,
+            },
+        })
     }
 
     /// Create-if-absent put; an existing identical file counts as shipped.

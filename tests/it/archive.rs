@@ -927,3 +927,113 @@ fn snapshot_from_the_database_when_history_from_txid_1_is_gone() {
     assert_eq!(sha256_file(&out), sha256_file(&node.db_file()));
     drop(conn);
 }
+
+/// Benchmark, not run by default (`cargo test --test it archive_lag -- --ignored
+/// --nocapture`): commit-to-archived lag (object stored and its position recorded)
+/// against moto, at the commit rate and sync interval given by `ARCHIVE_LAG_RATE`
+/// (default 200 tx/s) and `ARCHIVE_LAG_SYNC_MS` (default 1000), for 10 seconds.
+#[test]
+#[ignore]
+fn archive_lag() {
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let rate = env("ARCHIVE_LAG_RATE", 200);
+    let sync = Duration::from_millis(env("ARCHIVE_LAG_SYNC_MS", 1000));
+    let moto = start_moto();
+    let cfg = BackupConfig {
+        kind: Some(BackupType::S3),
+        bucket: Some("archive".into()),
+        endpoint: Some(format!("http://127.0.0.1:{}", moto.1)),
+        region: Some("us-east-1".into()),
+        access_key_id: Some("test".into()),
+        secret_access_key: Some("test".into()),
+        force_path_style: true,
+        ..BackupConfig::default()
+    };
+    let sink: Arc<dyn SnapshotSink> = Arc::new(ObjectStoreSink::s3(&cfg).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(StoreOptions {
+        data_dir: dir.path().join("data"),
+        retention: Duration::from_secs(600),
+        retention_monitor_interval: Duration::ZERO,
+        node_id: 1,
+    })
+    .unwrap();
+    let vfs = HookVfs::register(store.clone(), &dir.path().join("mnt"));
+    let archiver = Arc::new(
+        Archiver::start(
+            store.clone(),
+            sink,
+            ArchiverOptions {
+                sync_interval: sync,
+                snapshot_interval: Duration::from_secs(3600),
+                retention: Duration::from_secs(3600),
+            },
+        )
+        .unwrap(),
+    );
+    let conn = vfs.open(DB);
+    conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; CREATE TABLE t(x);")
+        .unwrap();
+    // Poll the archiver's watermark every millisecond.
+    let done = Arc::new(AtomicBool::new(false));
+    let seen: Arc<std::sync::Mutex<Vec<(u64, Instant)>>> = Default::default();
+    let poller = {
+        let (archiver, done, seen) = (archiver.clone(), done.clone(), seen.clone());
+        std::thread::spawn(move || {
+            let mut last = 0;
+            while !done.load(Ordering::SeqCst) {
+                let now = archiver.shipped(DB).map(|t| t.0).unwrap_or(0);
+                if now > last {
+                    seen.lock().unwrap().push((now, Instant::now()));
+                    last = now;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+    let mut commits = Vec::new();
+    let start = Instant::now();
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let mut next = start;
+    while start.elapsed() < Duration::from_secs(10) {
+        conn.execute("INSERT INTO t VALUES (randomblob(100))", [])
+            .unwrap();
+        commits.push((store.db(DB).unwrap().pos().txid.0, Instant::now()));
+        next += interval;
+        if let Some(d) = next.checked_duration_since(Instant::now()) {
+            std::thread::sleep(d);
+        }
+    }
+    let achieved = commits.len() as f64 / start.elapsed().as_secs_f64();
+    let last = commits.last().unwrap().0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while archiver.shipped(DB).map(|t| t.0).unwrap_or(0) < last {
+        assert!(Instant::now() < deadline, "archive did not catch up");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(5));
+    done.store(true, Ordering::SeqCst);
+    poller.join().unwrap();
+    let seen = seen.lock().unwrap();
+    let mut lags: Vec<Duration> = commits
+        .iter()
+        .map(|(txid, at)| {
+            let (_, when) = seen.iter().find(|(t, _)| t >= txid).unwrap();
+            when.saturating_duration_since(*at)
+        })
+        .collect();
+    lags.sort();
+    let pct = |p: f64| lags[((lags.len() - 1) as f64 * p) as usize];
+    println!(
+        "archive lag, sync-interval {sync:?}, {achieved:.0} tx/s achieved: p50 {:?}, p99 {:?}, max {:?} ({} commits)",
+        pct(0.5),
+        pct(0.99),
+        lags.last().unwrap(),
+        lags.len()
+    );
+}
