@@ -21,6 +21,8 @@ use crate::store::{Store, list_ltx_files};
 
 /// Most files shipped per database in one round (one positions object each round).
 const MAX_BATCH: usize = 1000;
+/// Longest the last round at shutdown may take.
+const FINAL_ROUND_LIMIT: Duration = Duration::from_secs(10);
 /// Puts in flight at once.
 const PUT_CONCURRENCY: usize = 16;
 /// Longest wait between retries while the sink is failing.
@@ -198,10 +200,18 @@ impl Worker {
                 _ = ticks.tick() => false,
                 _ = stop.changed() => true,
             };
-            self.round(stopping).await;
             if stopping {
+                // Bounded: with the sink down, the files stay local and the next start
+                // ships them.
+                if tokio::time::timeout(FINAL_ROUND_LIMIT, self.round(true))
+                    .await
+                    .is_err()
+                {
+                    warn!("archive not caught up at shutdown; the next start ships the rest");
+                }
                 break;
             }
+            self.round(false).await;
         }
         let _ = std::fs::remove_dir_all(&self.scratch);
         info!("archiver stopped");

@@ -954,8 +954,13 @@ fn archive_lag() {
         force_path_style: true,
         ..BackupConfig::default()
     };
-    let sink: Arc<dyn SnapshotSink> = Arc::new(ObjectStoreSink::s3(&cfg).unwrap());
     let dir = tempfile::tempdir().unwrap();
+    // ARCHIVE_LAG_FILE=1: a local directory instead (tells moto's share apart).
+    let sink: Arc<dyn SnapshotSink> = if env("ARCHIVE_LAG_FILE", 0) == 1 {
+        Arc::new(ObjectStoreSink::local(&dir.path().join("archive")).unwrap())
+    } else {
+        Arc::new(ObjectStoreSink::s3(&cfg).unwrap())
+    };
     let store = Store::open(StoreOptions {
         data_dir: dir.path().join("data"),
         retention: Duration::from_secs(600),
@@ -1030,7 +1035,12 @@ fn archive_lag() {
     lags.sort();
     let pct = |p: f64| lags[((lags.len() - 1) as f64 * p) as usize];
     println!(
-        "archive lag, sync-interval {sync:?}, {achieved:.0} tx/s achieved: p50 {:?}, p99 {:?}, max {:?} ({} commits)",
+        "archive lag ({}), sync-interval {sync:?}, {achieved:.0} tx/s achieved: p50 {:?}, p99 {:?}, max {:?} ({} commits)",
+        if env("ARCHIVE_LAG_FILE", 0) == 1 {
+            "file"
+        } else {
+            "s3/moto"
+        },
         pct(0.5),
         pct(0.99),
         lags.last().unwrap(),
