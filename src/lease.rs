@@ -72,7 +72,8 @@ pub trait Leaser: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     /// [`LeaseError::PrimaryExists`] if another node holds it (retryable: try again
-    /// after it goes away); [`LeaseError::NotCandidate`] on a non-candidate;
+    /// after it goes away); [`LeaseError::Busy`] if nobody holds it but the store
+    /// refused for now (lock-delay, a lost race); [`LeaseError::NotCandidate`] on a non-candidate;
     /// [`LeaseError::Unavailable`] when the store cannot be reached.
     async fn acquire(&self) -> Result<Box<dyn Lease>, LeaseError>;
 
@@ -134,6 +135,16 @@ pub enum LeaseError {
         /// The holder.
         primary: PrimaryInfo,
     },
+    /// Nobody holds the lease, but the store would not hand it out right now: Consul's
+    /// lock-delay after a holder's session was invalidated, or another candidate won a
+    /// race between reading and acquiring. Retry after a moment.
+    #[error("{backend} lease is not available yet: {reason}")]
+    Busy {
+        /// Implementation name.
+        backend: &'static str,
+        /// What the store said.
+        reason: String,
+    },
     /// This node is not a candidate (`lease.candidate: false`).
     #[error("{backend} lease: this node is not a candidate (lease.candidate is false)")]
     NotCandidate {
@@ -181,7 +192,9 @@ impl LeaseError {
     /// Whether the same call may succeed later without a change of configuration.
     pub fn is_retryable(&self) -> bool {
         match self {
-            LeaseError::PrimaryExists { .. } | LeaseError::Unavailable { .. } => true,
+            LeaseError::PrimaryExists { .. }
+            | LeaseError::Busy { .. }
+            | LeaseError::Unavailable { .. } => true,
             LeaseError::NotCandidate { .. }
             | LeaseError::Lost { .. }
             | LeaseError::Protocol { .. }
