@@ -219,7 +219,7 @@ pub async fn holder_learns_it_lost(a: &dyn Leaser, b: &dyn Leaser, timing: Timin
     }
     match old.renew().await {
         Err(e @ LeaseError::Lost { .. }) => assert!(!e.is_retryable(), "Lost is final"),
-        Err(e) => panic!("renew after losing the lease: expected Lost, got {e}"),
+        Err(e) => panic!("renew after losing the lease: expected Lost, got {e:?}"),
         Ok(()) => panic!("renew after losing the lease succeeded"),
     }
     // Cleaning up the lost handle must not free the new holder's lease. Whether it

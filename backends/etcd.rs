@@ -345,6 +345,21 @@ pub struct EtcdLease {
 }
 
 impl EtcdLease {
+    /// etcd says "lease not found" for a lease that expired or was revoked: that is
+    /// final, not an outage.
+    fn classify(&self, e: etcd_client::Error) -> LeaseError {
+        let gone = match &e {
+            etcd_client::Error::LeaseKeepAliveError(m) => m.contains("lease not found"),
+            etcd_client::Error::GRpcStatus(s) => s.message().contains("lease not found"),
+            _ => false,
+        };
+        if gone {
+            self.lost(format!("etcd: {e}"))
+        } else {
+            unavailable(e)
+        }
+    }
+
     fn lost(&self, reason: String) -> LeaseError {
         LeaseError::Lost {
             backend: BACKEND,
@@ -379,9 +394,9 @@ impl Lease for EtcdLease {
         let (mut keeper, mut stream) = client
             .lease_keep_alive(self.id)
             .await
-            .map_err(unavailable)?;
-        keeper.keep_alive().await.map_err(unavailable)?;
-        let answer = stream.message().await.map_err(unavailable)?;
+            .map_err(|e| self.classify(e))?;
+        keeper.keep_alive().await.map_err(|e| self.classify(e))?;
+        let answer = stream.message().await.map_err(|e| self.classify(e))?;
         match answer {
             Some(resp) if resp.ttl() > 0 => {}
             Some(_) => return Err(self.lost("etcd reports the lease expired (TTL 0)".into())),
@@ -419,11 +434,12 @@ impl Lease for EtcdLease {
             return Ok(());
         }
         let mut client = self.client.clone();
-        match client.lease_revoke(self.id).await {
-            Ok(_) => {}
-            // Already expired or revoked: the key is gone either way.
-            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("lease not found") => {}
-            Err(e) => return Err(unavailable(e)),
+        if let Err(e) = client.lease_revoke(self.id).await {
+            match self.classify(e) {
+                // Already expired or revoked: the key went with it.
+                LeaseError::Lost { .. } => {}
+                other => return Err(other),
+            }
         }
         self.released.store(true, Ordering::SeqCst);
         tracing::info!(key = %self.key, lease_id = %self.id_text, "etcd: lease released");
