@@ -76,10 +76,10 @@ fn assert_primary_exists(err: LeaseError, holder: &dyn Leaser, what: &str) {
 /// refusal names `a`.
 pub async fn one_holder_at_a_time(a: &dyn Leaser, b: &dyn Leaser) {
     let lease = a.acquire().await.expect("first acquire");
-    let err = b.acquire().await.err().expect("second acquire must fail");
+    let err = b.acquire().await.expect_err("second acquire must fail");
     assert!(err.is_retryable(), "PrimaryExists is retryable");
     assert_primary_exists(err, a, "one holder (other candidate)");
-    let err = a.acquire().await.err().expect("acquiring twice must fail");
+    let err = a.acquire().await.expect_err("acquiring twice must fail");
     assert_primary_exists(err, a, "one holder (same candidate)");
     lease.release().await.expect("release");
 }
@@ -125,7 +125,7 @@ pub async fn renew_keeps_it(a: &dyn Leaser, b: &dyn Leaser, timing: Timing) {
         }
         last = now;
     }
-    let err = b.acquire().await.err().expect("still held after renewals");
+    let err = b.acquire().await.expect_err("still held after renewals");
     assert_primary_exists(err, a, "renew keeps it");
     lease.release().await.expect("release");
 }
@@ -237,10 +237,50 @@ pub async fn holder_learns_it_lost(a: &dyn Leaser, b: &dyn Leaser, timing: Timin
 /// A non-candidate never acquires, and says why.
 pub async fn non_candidate_never_acquires(replica: &dyn Leaser) {
     assert!(!replica.candidate());
-    let err = replica.acquire().await.err().expect("must refuse");
+    let err = replica.acquire().await.expect_err("must refuse");
     assert!(
         matches!(err, LeaseError::NotCandidate { .. }),
         "expected NotCandidate, got {err}"
     );
     assert!(!err.is_retryable());
+}
+
+/// [`Leaser::watch_primary`] answers soon after another candidate acquires (well
+/// before its `wait`), naming it, with a new token. For stores with change
+/// notifications (Consul, etcd); the static leaser's default implementation waits out
+/// `wait` instead.
+pub async fn watch_sees_a_new_holder(a: &dyn Leaser, b: &dyn Leaser) {
+    let (holder, token) = b
+        .watch_primary(0, Duration::from_secs(1))
+        .await
+        .expect("first watch answers at once");
+    assert_eq!(holder, None, "nobody holds it yet");
+    let wait = Duration::from_secs(20);
+    let watch = async {
+        let started = Instant::now();
+        let mut token = token;
+        loop {
+            let (holder, next) = b.watch_primary(token, wait).await.expect("watch");
+            if holder.is_some() {
+                return (holder, next, started.elapsed());
+            }
+            token = next;
+        }
+    };
+    let acquire = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        a.acquire().await.expect("acquire")
+    };
+    let ((holder, next, took), lease) = tokio::join!(watch, acquire);
+    assert_eq!(
+        holder.as_ref(),
+        Some(a.node_info()),
+        "the watch names the holder"
+    );
+    assert!(next > token, "the token moves forward");
+    assert!(
+        took < Duration::from_secs(2),
+        "the watch answered after {took:?}"
+    );
+    lease.release().await.expect("release");
 }

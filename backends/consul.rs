@@ -187,27 +187,6 @@ impl ConsulLeaser {
     pub fn ttl(&self) -> Duration {
         self.inner.ttl
     }
-
-    /// Waits until the key changes after `index` (a Consul blocking query), or `wait`
-    /// passes, and returns the holder then and the index to pass next time. Start with
-    /// index 0, which answers at once. Consul may answer early without a change
-    /// (compare the holder), and never later than `wait` plus a sixteenth of it.
-    ///
-    /// # Errors
-    /// As [`Leaser::primary_info`].
-    pub async fn watch_primary(
-        &self,
-        index: u64,
-        wait: Duration,
-    ) -> Result<(Option<PrimaryInfo>, u64), LeaseError> {
-        let wait_ms = wait.as_millis().max(1);
-        let query = [
-            ("index", index.to_string()),
-            ("wait", format!("{wait_ms}ms")),
-        ];
-        let timeout = wait + wait / 16 + self.inner.request_timeout;
-        self.inner.read_key(&query, timeout).await
-    }
 }
 
 impl Inner {
@@ -435,6 +414,23 @@ impl Leaser for ConsulLeaser {
     async fn primary_info(&self) -> Result<Option<PrimaryInfo>, LeaseError> {
         let (info, _) = self.inner.read_key(&[], self.inner.request_timeout).await?;
         Ok(info)
+    }
+
+    /// A Consul blocking query on the key (`?index=&wait=`): the token is Consul's
+    /// `X-Consul-Index`. Consul may answer early without a change, and answers no
+    /// later than `wait` plus a sixteenth of it.
+    async fn watch_primary(
+        &self,
+        index: u64,
+        wait: Duration,
+    ) -> Result<(Option<PrimaryInfo>, u64), LeaseError> {
+        let wait_ms = wait.as_millis().max(1);
+        let query = [
+            ("index", index.to_string()),
+            ("wait", format!("{wait_ms}ms")),
+        ];
+        let timeout = wait + wait / 16 + self.inner.request_timeout;
+        self.inner.read_key(&query, timeout).await
     }
 
     async fn acquire(&self) -> Result<Box<dyn Lease>, LeaseError> {

@@ -152,47 +152,6 @@ impl EtcdLeaser {
         })
     }
 
-    /// Waits until the key changes after store revision `revision`, or `wait` passes,
-    /// and returns the holder then with the store revision to pass next time.
-    /// Revision 0 answers at once.
-    ///
-    /// # Errors
-    /// As [`Leaser::primary_info`].
-    pub async fn watch_primary(
-        &self,
-        revision: i64,
-        wait: Duration,
-    ) -> Result<(Option<PrimaryInfo>, i64), LeaseError> {
-        if revision > 0 {
-            let mut client = self.client().await?;
-            let opts = WatchOptions::new().with_start_revision(revision + 1);
-            let mut stream = client
-                .watch(self.key.as_bytes(), Some(opts))
-                .await
-                .map_err(unavailable)?;
-            let changed = async {
-                loop {
-                    match stream.message().await {
-                        Ok(Some(resp)) => {
-                            if resp.events().iter().any(|e| {
-                                matches!(e.event_type(), EventType::Put | EventType::Delete)
-                            }) {
-                                return Ok(());
-                            }
-                        }
-                        Ok(None) => return Ok(()),
-                        Err(e) => return Err(unavailable(e)),
-                    }
-                }
-            };
-            // Timing out is an answer ("no change"), not an error.
-            if let Ok(result) = tokio::time::timeout(wait, changed).await {
-                result?;
-            }
-        }
-        self.read_holder().await
-    }
-
     async fn read_holder(&self) -> Result<(Option<PrimaryInfo>, i64), LeaseError> {
         let mut client = self.client().await?;
         let resp = client
@@ -223,6 +182,45 @@ impl Leaser for EtcdLeaser {
 
     async fn primary_info(&self) -> Result<Option<PrimaryInfo>, LeaseError> {
         Ok(self.read_holder().await?.0)
+    }
+
+    /// An etcd watch on the key from the revision after `after`: the token is the
+    /// store revision of the last read.
+    async fn watch_primary(
+        &self,
+        after: u64,
+        wait: Duration,
+    ) -> Result<(Option<PrimaryInfo>, u64), LeaseError> {
+        let revision = i64::try_from(after).unwrap_or(i64::MAX);
+        if revision > 0 {
+            let mut client = self.client().await?;
+            let opts = WatchOptions::new().with_start_revision(revision + 1);
+            let mut stream = client
+                .watch(self.key.as_bytes(), Some(opts))
+                .await
+                .map_err(unavailable)?;
+            let changed = async {
+                loop {
+                    match stream.message().await {
+                        Ok(Some(resp)) => {
+                            if resp.events().iter().any(|e| {
+                                matches!(e.event_type(), EventType::Put | EventType::Delete)
+                            }) {
+                                return Ok(());
+                            }
+                        }
+                        Ok(None) => return Ok(()),
+                        Err(e) => return Err(unavailable(e)),
+                    }
+                }
+            };
+            // Timing out is an answer ("no change"), not an error.
+            if let Ok(result) = tokio::time::timeout(wait, changed).await {
+                result?;
+            }
+        }
+        let (holder, revision) = self.read_holder().await?;
+        Ok((holder, u64::try_from(revision).unwrap_or(0)))
     }
 
     async fn acquire(&self) -> Result<Box<dyn Lease>, LeaseError> {

@@ -68,6 +68,27 @@ pub trait Leaser: Debug + Send + Sync + 'static {
     /// [`LeaseError::Unavailable`] when the store cannot be reached (retryable).
     async fn primary_info(&self) -> Result<Option<PrimaryInfo>, LeaseError>;
 
+    /// Waits until the holder may have changed since `after`, or `wait` passes, then
+    /// reads the holder. Returns it with the token to pass as `after` next time;
+    /// `after == 0` answers at once. A spurious early answer is allowed (compare the
+    /// holder), so callers loop on it; this is how replicas learn of a new primary
+    /// without polling. Implementations with change notifications (Consul blocking
+    /// queries, etcd watches) answer as soon as the key changes; the default waits
+    /// out `wait` and reads.
+    ///
+    /// # Errors
+    /// As [`Leaser::primary_info`].
+    async fn watch_primary(
+        &self,
+        after: u64,
+        wait: Duration,
+    ) -> Result<(Option<PrimaryInfo>, u64), LeaseError> {
+        if after != 0 {
+            tokio::time::sleep(wait).await;
+        }
+        Ok((self.primary_info().await?, after.wrapping_add(1).max(1)))
+    }
+
     /// Tries to become the holder.
     ///
     /// # Errors

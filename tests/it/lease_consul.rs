@@ -212,7 +212,7 @@ async fn consul_lock_delay_holds_off_takeover_after_a_crash() {
     let expired_at = s.expired_sessions()[0].1;
     // The key is gone (behaviour delete) but cannot be taken yet.
     assert_eq!(b.primary_info().await.unwrap(), None);
-    let err = b.acquire().await.err().expect("lock-delay refuses the key");
+    let err = b.acquire().await.expect_err("lock-delay refuses the key");
     assert!(matches!(err, LeaseError::Busy { .. }), "{err}");
     assert!(err.is_retryable());
     let lease = loop {
@@ -280,6 +280,12 @@ async fn consul_key_prefix_comes_from_the_url_path() {
     let other = leaser(&format!("{}/apps/two", s.url()), "b");
     other.acquire().await.unwrap().release().await.unwrap();
     lease.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn consul_watch_sees_a_new_holder() {
+    let s = server(2.0);
+    conformance::watch_sees_a_new_holder(&leaser(&s.url(), "a"), &leaser(&s.url(), "b")).await;
 }
 
 #[tokio::test]
@@ -392,6 +398,7 @@ async fn consul_suite_against_a_real_consul_agent() {
     conformance::value_names_the_holder(&mk("a", true), &mk("b", true)).await;
     conformance::release_hands_it_over(&mk("a", true), &mk("b", true)).await;
     conformance::non_candidate_never_acquires(&mk("r", false)).await;
+    conformance::watch_sees_a_new_holder(&mk("a", true), &mk("b", true)).await;
     conformance::renew_keeps_it(&mk("a", true), &mk("b", true), t).await;
     conformance::holder_learns_it_lost(&mk("a", true), &mk("b", true), t).await;
     let info = PrimaryInfo {

@@ -82,6 +82,13 @@ async fn etcd_non_candidate_never_acquires() {
 }
 
 #[tokio::test]
+async fn etcd_watch_sees_a_new_holder() {
+    let e = EtcdServer::start();
+    let (a, b) = pair(&e);
+    conformance::watch_sees_a_new_holder(&a, &b).await;
+}
+
+#[tokio::test]
 async fn etcd_recreated_key_means_the_lease_is_lost() {
     let e = EtcdServer::start();
     let a = leaser(&e.url(), "a", true);
