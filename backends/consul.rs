@@ -153,8 +153,10 @@ impl ConsulLeaser {
                 key: "lease.consul.url",
                 message: format!("cannot build an HTTP client: {e}"),
             })?;
+        // A renewal is two requests; together they end within TTL/2, so a renewal
+        // started at TTL/2 reports a hung store before the lease runs out.
         let request_timeout =
-            (c.ttl / 3).clamp(Duration::from_millis(200), Duration::from_secs(10));
+            (c.ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(10));
         Ok(ConsulLeaser {
             inner: Arc::new(Inner {
                 http,

@@ -178,13 +178,13 @@ impl ConsulServer {
                         }
                     });
                     let app = Router::new().fallback(handle).with_state(for_thread);
-                    let _ = axum::serve(listener, app)
-                        .with_graceful_shutdown(async move {
-                            let _ = stopped.await;
-                        })
-                        .await;
+                    // Not a graceful shutdown: blackholed requests never finish.
+                    tokio::select! {
+                        _ = axum::serve(listener, app) => {}
+                        _ = stopped => {}
+                    }
                 });
-                // Blackholed requests are still pending: dropping the runtime ends them.
+                // Connections still open (blackholed requests) end with the runtime.
                 rt.shutdown_background();
             })
             .unwrap();

@@ -116,12 +116,13 @@ async fn etcd_watch_primary_and_unreachable_store() {
     let (a, b) = pair(&e);
     let (none, rev) = b.watch_primary(0, Duration::from_secs(1)).await.unwrap();
     assert_eq!(none, None);
+    // Longer than one request's timeout: a quiet watch is not a failure.
     let started = Instant::now();
     let (still, same) = b
-        .watch_primary(rev, Duration::from_millis(300))
+        .watch_primary(rev, Duration::from_millis(1200))
         .await
         .unwrap();
-    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert!(started.elapsed() >= Duration::from_millis(1200));
     assert_eq!((still, same), (None, rev));
 
     let watcher = tokio::spawn(async move {
