@@ -363,6 +363,24 @@ async fn consul_partition_renew_fails_before_the_lease_runs_out() {
 }
 
 #[tokio::test]
+async fn consul_deleted_key_means_the_lease_is_lost() {
+    let s = server(2.0);
+    let a = leaser(&s.url(), "a");
+    let lease = a.acquire().await.unwrap();
+    // An operator deletes the key; the session lives on.
+    let deleted = http()
+        .delete(format!("{}/v1/kv/litefs/primary", s.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 200);
+    assert!(s.has_session(lease.id()));
+    let err = lease.renew().await.unwrap_err();
+    assert!(matches!(err, LeaseError::Lost { .. }), "{err}");
+    assert!(err.to_string().contains("no longer locked"), "{err}");
+}
+
+#[tokio::test]
 async fn consul_handoff_by_session_id() {
     let s = server(2.0);
     let (a, b) = (leaser(&s.url(), "a"), leaser(&s.url(), "b"));
@@ -411,7 +429,6 @@ async fn consul_suite_against_a_real_consul_agent() {
 struct RealConsul {
     child: std::process::Child,
     url: String,
-    _dir: tempfile::TempDir,
 }
 
 impl RealConsul {
@@ -427,34 +444,28 @@ impl RealConsul {
             .local_addr()
             .unwrap()
             .port();
-        let dir = tempfile::tempdir().unwrap();
+        // Its other ports on free ones too, so a consul running on this machine
+        // does not get in the way.
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
         let child = std::process::Command::new("consul")
-            .args([
-                "agent",
-                "-dev",
-                "-bind",
-                "127.0.0.1",
-                "-client",
-                "127.0.0.1",
-            ])
+            .args(["agent", "-dev", "-bind=127.0.0.1", "-client=127.0.0.1"])
             .arg(format!("-http-port={port}"))
-            .args([
-                "-dns-port=-1",
-                "-grpc-port=-1",
-                "-serf-lan-port=0",
-                "-server-port=0",
-            ])
-            .arg(format!("-data-dir={}", dir.path().display()))
+            .arg(format!("-serf-lan-port={}", free()))
+            .arg(format!("-serf-wan-port={}", free()))
+            .arg(format!("-server-port={}", free()))
+            .args(["-dns-port=-1", "-grpc-port=-1"])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
         let url = format!("http://127.0.0.1:{port}");
-        let agent = RealConsul {
-            child,
-            url,
-            _dir: dir,
-        };
+        let agent = RealConsul { child, url };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let leader = std::process::Command::new("curl")
