@@ -6,14 +6,16 @@
 //! function panics with a message naming the behaviour when the leaser breaks it.
 //!
 //! The functions take two leasers `a` and `b` for two candidate nodes of one cluster
-//! (same store, same key, different [`PrimaryInfo`]), fresh for each call: nobody
+//! (same store, same key, different [`crate::lease::PrimaryInfo`]), fresh for each call: nobody
 //! holds the lease when a function starts, and nobody holds it when it returns.
 //!
 //! What applies to the static leaser: [`one_holder_at_a_time`],
 //! [`value_names_the_holder`], [`renew_keeps_it`], [`release_hands_it_over`] and
 //! [`non_candidate_never_acquires`], with `a` and `b` the same leaser (a static lease
 //! has exactly one candidate). Expiry, takeover by a second candidate and learning of
-//! a loss do not apply: a static lease never expires and names a fixed primary.
+//! a loss do not apply: a static lease never expires and names a fixed primary. Nor
+//! do [`watch_sees_a_new_holder`] (there is no store to notify anyone) and
+//! [`handoff_names_the_new_holder`] (the lease cannot change hands).
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -283,4 +285,35 @@ pub async fn watch_sees_a_new_holder(a: &dyn Leaser, b: &dyn Leaser) {
         "the watch answered after {took:?}"
     );
     lease.release().await.expect("release");
+}
+
+/// Handoff: the holder gives [`Lease::id`] to `b`, which takes the lease over with
+/// [`Leaser::acquire_existing`] without it ever being free; every reader then names
+/// `b`, `b` renews and releases it. For stores where a lease can change hands
+/// (Consul, etcd); the static leaser refuses with `Unsupported`.
+pub async fn handoff_names_the_new_holder(a: &dyn Leaser, b: &dyn Leaser) {
+    let old = a.acquire().await.expect("acquire");
+    let new = b
+        .acquire_existing(old.id())
+        .await
+        .expect("take over the handed-over lease");
+    assert_eq!(new.id(), old.id(), "the same lease changed hands");
+    for reader in [a, b] {
+        assert_eq!(
+            reader.primary_info().await.expect("read").as_ref(),
+            Some(b.node_info()),
+            "after a handoff the value names the new holder"
+        );
+    }
+    new.renew().await.expect("the new holder renews");
+    new.release().await.expect("release");
+    assert_eq!(a.primary_info().await.expect("read"), None);
+    let err = b
+        .acquire_existing(old.id())
+        .await
+        .expect_err("a released lease cannot be taken over");
+    assert!(
+        matches!(err, LeaseError::Lost { .. }),
+        "expected Lost, got {err}"
+    );
 }

@@ -442,10 +442,7 @@ impl Leaser for ConsulLeaser {
         }
         let started = Instant::now();
         let session = inner.create_session().await?;
-        let value = serde_json::to_vec(&inner.node).map_err(|e| LeaseError::Protocol {
-            backend: BACKEND,
-            message: format!("cannot encode this node's identity: {e}"),
-        })?;
+        let value = encode_node(&inner.node)?;
         let acquired = match inner.lock_op("acquire", &session, value).await {
             Ok(acquired) => acquired,
             Err(e) => {
@@ -482,7 +479,7 @@ impl Leaser for ConsulLeaser {
     }
 
     /// Takes over the session a former holder handed over: it must still exist and
-    /// still hold the key.
+    /// still hold the key; the key's value then names this node.
     async fn acquire_existing(&self, lease_id: &str) -> Result<Box<dyn Lease>, LeaseError> {
         if !self.inner.candidate {
             return Err(LeaseError::NotCandidate { backend: BACKEND });
@@ -494,8 +491,25 @@ impl Leaser for ConsulLeaser {
             released: AtomicBool::new(false),
         };
         lease.renew().await?;
+        // The session already holds the key: acquiring again with it only rewrites
+        // the value, so that every node now reads this node as the primary.
+        let value = encode_node(&self.inner.node)?;
+        if !self.inner.lock_op("acquire", lease_id, value).await? {
+            return Err(lease.lost(format!(
+                "key {} was taken from session {lease_id} during the handoff",
+                self.inner.key
+            )));
+        }
+        tracing::info!(key = %self.inner.key, session = %lease_id, "consul: lease taken over by handoff");
         Ok(Box::new(lease))
     }
+}
+
+fn encode_node(node: &PrimaryInfo) -> Result<Vec<u8>, LeaseError> {
+    serde_json::to_vec(node).map_err(|e| LeaseError::Protocol {
+        backend: BACKEND,
+        message: format!("cannot encode this node's identity: {e}"),
+    })
 }
 
 /// A held Consul lock: the session id and the instant it is known valid until.

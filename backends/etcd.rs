@@ -293,7 +293,8 @@ impl Leaser for EtcdLeaser {
     }
 
     /// Takes over the etcd lease a former holder handed over (its id in hex): the
-    /// lease must be alive and still own the key.
+    /// lease must be alive and still own the key; the key's value then names this
+    /// node.
     async fn acquire_existing(&self, lease_id: &str) -> Result<Box<dyn Lease>, LeaseError> {
         if !self.candidate {
             return Err(LeaseError::NotCandidate { backend: BACKEND });
@@ -326,6 +327,32 @@ impl Leaser for EtcdLeaser {
             released: AtomicBool::new(false),
         };
         lease.renew().await?;
+        // Rewrite the value under the same lease, only if the key is still the one
+        // this lease created, so that every node now reads this node as the primary.
+        let value = serde_json::to_vec(&self.node).map_err(|e| LeaseError::Protocol {
+            backend: BACKEND,
+            message: format!("cannot encode this node's identity: {e}"),
+        })?;
+        let mut client = lease.client.clone();
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                self.key.as_bytes(),
+                CompareOp::Equal,
+                lease.create_revision,
+            )])
+            .and_then([TxnOp::put(
+                self.key.as_bytes(),
+                value,
+                Some(PutOptions::new().with_lease(id)),
+            )]);
+        let resp = client.txn(txn).await.map_err(unavailable)?;
+        if !resp.succeeded() {
+            return Err(lease.lost(format!(
+                "key {} was re-created during the handoff",
+                self.key
+            )));
+        }
+        tracing::info!(key = %self.key, lease_id, "etcd: lease taken over by handoff");
         Ok(Box::new(lease))
     }
 }

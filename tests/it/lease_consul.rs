@@ -381,18 +381,9 @@ async fn consul_deleted_key_means_the_lease_is_lost() {
 }
 
 #[tokio::test]
-async fn consul_handoff_by_session_id() {
+async fn consul_handoff_names_the_new_holder() {
     let s = server(2.0);
-    let (a, b) = (leaser(&s.url(), "a"), leaser(&s.url(), "b"));
-    let lease = a.acquire().await.unwrap();
-    let taken = b.acquire_existing(lease.id()).await.unwrap();
-    assert_eq!(taken.id(), lease.id());
-    taken.renew().await.unwrap();
-    taken.release().await.unwrap();
-    assert!(matches!(
-        b.acquire_existing(lease.id()).await,
-        Err(LeaseError::Lost { .. })
-    ));
+    conformance::handoff_names_the_new_holder(&leaser(&s.url(), "a"), &leaser(&s.url(), "b")).await;
 }
 
 /// The same suite against a real Consul agent, when the `consul` binary exists.
@@ -417,6 +408,7 @@ async fn consul_suite_against_a_real_consul_agent() {
     conformance::release_hands_it_over(&mk("a", true), &mk("b", true)).await;
     conformance::non_candidate_never_acquires(&mk("r", false)).await;
     conformance::watch_sees_a_new_holder(&mk("a", true), &mk("b", true)).await;
+    conformance::handoff_names_the_new_holder(&mk("a", true), &mk("b", true)).await;
     conformance::renew_keeps_it(&mk("a", true), &mk("b", true), t).await;
     conformance::holder_learns_it_lost(&mk("a", true), &mk("b", true), t).await;
     let info = PrimaryInfo {

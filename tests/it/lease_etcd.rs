@@ -153,18 +153,8 @@ async fn etcd_watch_primary_and_unreachable_store() {
 }
 
 #[tokio::test]
-async fn etcd_handoff_by_lease_id() {
+async fn etcd_handoff_names_the_new_holder() {
     let e = EtcdServer::start();
     let (a, b) = pair(&e);
-    let lease = a.acquire().await.unwrap();
-    let taken = b.acquire_existing(lease.id()).await.unwrap();
-    taken.renew().await.unwrap();
-    // The value still names the node that created the key; the handover protocol
-    // (node level) rewrites it. Releasing frees the key.
-    taken.release().await.unwrap();
-    assert_eq!(a.primary_info().await.unwrap(), None);
-    assert!(matches!(
-        b.acquire_existing(lease.id()).await,
-        Err(LeaseError::Lost { .. })
-    ));
+    conformance::handoff_names_the_new_holder(&a, &b).await;
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use litefs::backends::StaticLeaser;
 use litefs::backends::conformance::{self, Timing};
-use litefs::lease::PrimaryInfo;
+use litefs::lease::{LeaseError, Leaser, PrimaryInfo};
 
 fn info() -> PrimaryInfo {
     PrimaryInfo {
@@ -27,4 +27,7 @@ async fn static_conformance() {
     conformance::renew_keeps_it(&primary, &primary, timing).await;
     conformance::release_hands_it_over(&primary, &primary).await;
     conformance::non_candidate_never_acquires(&replica).await;
+    // Handoff does not apply: the static lease cannot change hands.
+    let err = primary.acquire_existing("static").await.unwrap_err();
+    assert!(matches!(err, LeaseError::Unsupported { .. }), "{err}");
 }
