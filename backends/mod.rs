@@ -5,7 +5,8 @@
 //! - [`object_store_sink`]: [`ObjectStoreSink`], `backup.type: file | s3`.
 //! - [`consul`]: [`ConsulLeaser`], `lease.type: consul` (session + KV lock).
 //! - [`etcd`]: [`EtcdLeaser`], `lease.type: etcd` (lease + election transaction).
-//! - [`conformance`]: the leaser conformance suite (test infrastructure).
+//! - [`conformance`]: the leaser conformance suite, and [`faulty`]: a leaser
+//!   wrapper that injects store outages (both test infrastructure).
 //!
 //! Nothing outside this module names a concrete backend: the node holds
 //! `Arc<dyn Leaser>` and `Arc<dyn SnapshotSink>`.
@@ -13,6 +14,7 @@
 pub mod conformance;
 pub mod consul;
 pub mod etcd;
+pub mod faulty;
 pub mod object_store_sink;
 pub mod static_lease;
 
