@@ -229,7 +229,8 @@ fn log_subscriber(log: &LogConfig) -> Box<dyn tracing::Subscriber + Send + Sync>
         .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(filter);
     match (log.format, log.timestamp) {
-        (LogFormat::Json, _) => Box::new(builder.json().finish()),
+        (LogFormat::Json, true) => Box::new(builder.json().finish()),
+        (LogFormat::Json, false) => Box::new(builder.json().without_time().finish()),
         (LogFormat::Text, true) => Box::new(builder.finish()),
         (LogFormat::Text, false) => Box::new(builder.without_time().finish()),
     }

@@ -2,6 +2,7 @@
 
 mod cli_mount;
 mod config;
+mod exec;
 mod fuse;
 mod ltx_apply;
 mod ltx_litestream;
