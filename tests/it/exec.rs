@@ -64,6 +64,8 @@ impl Node {
             .arg(&self.config)
             .args(args)
             .env_remove("RUST_LOG")
+            .env_remove("HOSTNAME")
+            .env("LITEFS_EXEC_TEST", "inherited")
             .stdout(std::fs::File::create(self.scratch("stdout.log")).unwrap())
             .stderr(std::fs::File::create(&self.log).unwrap())
             .spawn()
@@ -280,6 +282,50 @@ fn an_app_killed_by_the_forwarded_signal_gives_128_plus_signo() {
 }
 
 #[test]
+fn the_app_inherits_the_environment_plus_hostname() {
+    // Passed after `--`, so litefs's config expansion does not touch the `$`s.
+    let mut node = Node::new(true, "");
+    let out = node.scratch("env");
+    let script = format!("echo \"$LITEFS_EXEC_TEST $HOSTNAME\" > {}", out.display());
+    node.start(&["--", "sh", "-c", &script]);
+    let status = node.wait(Duration::from_secs(20));
+    assert!(status.success(), "{}", node.log_text());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        format!("inherited {}\n", host.trim())
+    );
+}
+
+#[test]
+fn the_app_is_stopped_when_the_mount_goes_away_underneath() {
+    let app = "sh -c 'trap \"touch {tmp}/got-term; exit 0\" TERM; touch {tmp}/started; \
+               while true; do sleep 0.1; done'";
+    let mut node = Node::new(true, &format!("exec: {}\n", yaml(app)));
+    node.start(&[]);
+    let started = node.scratch("started");
+    assert!(
+        wait_until(Duration::from_secs(20), || started.exists()),
+        "{}",
+        node.log_text()
+    );
+    let st = Command::new("fusermount3")
+        .args(["-u", "-z"])
+        .arg(&node.mnt)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    node.wait(Duration::from_secs(20));
+    let log = node.log_text();
+    assert!(log.contains("the mount was removed from outside"), "{log}");
+    assert!(
+        log.contains("exec[0] is still running while litefs stops; sending SIGTERM"),
+        "{log}"
+    );
+    assert!(node.scratch("got-term").exists(), "{log}");
+}
+
+#[test]
 fn a_single_word_after_dashes_is_split_like_a_config_entry() {
     let mut node = Node::new(true, "");
     node.start(&["--", "sh -c 'exit 6'"]);
@@ -366,6 +412,26 @@ fn exit_on_error_false_keeps_the_node_up_for_inspection() {
     assert!(log.contains("exec[0]: `sh -c 'exit 4'` failed"), "{log}");
     assert!(!node.scratch("app-ran").exists(), "{log}");
     assert_unmounted(&node.mnt, &log);
+
+    // A failure before anything is mounted (the mount point is a file) also leaves
+    // litefs up until a signal.
+    let mut node = Node::new(true, "exit-on-error: false\n");
+    std::fs::write(&node.mnt, b"").unwrap();
+    node.start(&[]);
+    let log_has_failure =
+        || std::fs::read_to_string(&node.log).is_ok_and(|l| l.contains("exit-on-error is false"));
+    assert!(
+        wait_until(Duration::from_secs(20), log_has_failure),
+        "{}",
+        node.log_text()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(node.running(), "{}", node.log_text());
+    node.signal(libc::SIGINT);
+    let status = node.wait(Duration::from_secs(10));
+    let log = node.log_text();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("is not a directory"), "{log}");
 }
 
 #[test]
