@@ -461,7 +461,7 @@ impl Running {
         let Some(pid) = self.child.id() else {
             return;
         };
-        info!(pid, "forwarding {} to {}", signal_name(sig), self.label);
+        info!(pid, "forwarding {} to {}", SignalName(sig), self.label);
         // SAFETY: kill(2) on our own child, which has not been reaped (id() is Some).
         if unsafe { libc::kill(pid as i32, sig) } != 0 {
             warn!(pid, error = %io::Error::last_os_error(), "cannot signal {}", self.label);
@@ -496,10 +496,7 @@ impl Drop for Running {
     }
 }
 
-fn signal_name(sig: i32) -> SignalName {
-    SignalName(sig)
-}
-
+/// SIGINT and SIGTERM by name in messages, anything else by number.
 struct SignalName(i32);
 
 impl fmt::Display for SignalName {
