@@ -16,11 +16,14 @@
 //! - [`fuse`]: the FUSE mount: a flat directory of databases and their side files,
 //!   POSIX locks served by the file system, virtual `-pos`/`.primary` files, and the
 //!   mount lifecycle (stale mounts, signals, clean unmount).
+//! - [`exec`]: the application litefs runs once the node is in sync (`exec`, `-- CMD`):
+//!   migrations in order, then a supervised command whose exit ends litefs.
 //! - [`cli`]: the command line (`litefs mount`, `litefs ltx ...`); the binary in
 //!   `src/main.rs` only calls into it.
 
 pub mod cli;
 pub mod config;
+pub mod exec;
 pub mod fuse;
 pub mod lease;
 pub mod ltx;

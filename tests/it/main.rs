@@ -4,6 +4,7 @@ mod cli_mount;
 mod config;
 mod consul_server;
 mod etcd_server;
+mod exec;
 mod fuse;
 mod lease_consul;
 mod lease_consul_server;
