@@ -18,12 +18,15 @@
 //!   mount lifecycle (stale mounts, signals, clean unmount).
 //! - [`archive`]: shipping every LTX file to the [`sink::SnapshotSink`] (Litestream 0.5
 //!   layout, no database checksums, recorded positions beside it) and restoring from it.
+//! - [`exec`]: the application litefs runs once the node is in sync (`exec`, `-- CMD`):
+//!   migrations in order, then a supervised command whose exit ends litefs.
 //! - [`cli`]: the command line (`litefs mount`, `litefs ltx ...`); the binary in
 //!   `src/main.rs` only calls into it.
 
 pub mod archive;
 pub mod cli;
 pub mod config;
+pub mod exec;
 pub mod fuse;
 pub mod lease;
 pub mod ltx;

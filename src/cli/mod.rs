@@ -157,10 +157,14 @@ fn run_mount(args: MountArgs) -> ExitCode {
         skip_unmount: args.skip_unmount,
         cmd: args.cmd,
     };
+    let exit_on_error = cfg.exit_on_error;
     match mount(cfg, opts) {
         Ok(code) => code,
         Err(e) => {
             tracing::error!("{e:#}");
+            if !exit_on_error && let Err(e) = crate::exec::hold_until_signal() {
+                tracing::error!("cannot wait for a signal: {e}");
+            }
             ExitCode::FAILURE
         }
     }
@@ -173,9 +177,7 @@ fn run_mount(args: MountArgs) -> ExitCode {
 /// Whatever stops the node.
 pub fn mount(cfg: Config, opts: MountOptions) -> anyhow::Result<ExitCode> {
     use anyhow::Context;
-    if !opts.cmd.is_empty() || !cfg.exec.is_empty() {
-        tracing::warn!("exec is not supported by this build yet; the command is not started");
-    }
+    let plan = crate::exec::Plan::new(&cfg.exec, &opts.cmd)?;
     let mut fuse_opts = crate::fuse::MountOptions::new(&cfg.fuse.dir, &cfg.data.dir);
     fuse_opts.allow_other = cfg.fuse.allow_other;
     fuse_opts.debug = cfg.fuse.debug;
@@ -206,9 +208,22 @@ pub fn mount(cfg: Config, opts: MountOptions) -> anyhow::Result<ExitCode> {
         .build()
         .context("starting the async runtime")?;
     let result = rt.block_on(async {
-        let shutdown = crate::fuse::shutdown_signal().context("installing signal handlers")?;
-        match crate::fuse::run(fuse_opts, store, shutdown).await {
-            Ok(()) => Ok(ExitCode::SUCCESS),
+        let mut signals = crate::exec::Signals::install().context("installing signal handlers")?;
+        let exec_opts = crate::exec::Options {
+            candidate: cfg.lease.candidate,
+            skip_sync: cfg.skip_sync,
+            exit_on_error: cfg.exit_on_error,
+        };
+        // The point exec waits for (unless skip-sync): replication replaces this with
+        // "caught up with the primary".
+        let in_sync = crate::exec::in_sync_without_replication(&cfg.lease);
+        let mut outcome = None;
+        // fuse::run polls this only once the file system is mounted, and stops at its end.
+        let node = async {
+            outcome = Some(crate::exec::run(&plan, exec_opts, in_sync, &mut signals).await);
+        };
+        match crate::fuse::run(fuse_opts, store, node).await {
+            Ok(()) => Ok(ExitCode::from(outcome.map_or(0, |o| o.exit_code()))),
             Err(e @ crate::fuse::MountError::Fatal(_)) => {
                 tracing::error!("{e}");
                 Ok(ExitCode::from(99))
@@ -234,7 +249,8 @@ fn log_subscriber(log: &LogConfig) -> Box<dyn tracing::Subscriber + Send + Sync>
         .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(filter);
     match (log.format, log.timestamp) {
-        (LogFormat::Json, _) => Box::new(builder.json().finish()),
+        (LogFormat::Json, true) => Box::new(builder.json().finish()),
+        (LogFormat::Json, false) => Box::new(builder.json().without_time().finish()),
         (LogFormat::Text, true) => Box::new(builder.finish()),
         (LogFormat::Text, false) => Box::new(builder.without_time().finish()),
     }
