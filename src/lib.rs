@@ -16,6 +16,7 @@
 //! - [`fuse`]: the FUSE mount: a flat directory of databases and their side files,
 //!   POSIX locks served by the file system, virtual `-pos`/`.primary` files, and the
 //!   mount lifecycle (stale mounts, signals, clean unmount).
+//! - [`replicate`]: the primary's per-replica streams and the replica's apply loop.
 //! - [`cli`]: the command line (`litefs mount`, `litefs ltx ...`); the binary in
 //!   `src/main.rs` only calls into it.
 
@@ -24,6 +25,7 @@ pub mod config;
 pub mod fuse;
 pub mod lease;
 pub mod ltx;
+pub mod replicate;
 pub mod sink;
 pub mod store;
 pub mod transport;

@@ -113,6 +113,8 @@ pub mod journal;
 mod ltxio;
 mod record;
 mod recovery;
+mod replica;
+mod snapshot;
 pub mod wal;
 
 use std::collections::BTreeMap;
@@ -131,6 +133,8 @@ use crate::ltx::Pos;
 pub use db::Db;
 pub use error::StoreError;
 pub use ltxio::{LtxFile, list as list_ltx_files};
+pub use replica::Applied;
+pub use snapshot::read_ltx_ends;
 use record::{CleanRecord, Stamp};
 use recovery::Recovered;
 
@@ -204,6 +208,10 @@ pub struct Store {
     inner: Mutex<Inner>,
     retention: Mutex<Option<Retention>>,
     spare_maker: Mutex<Option<SpareMaker>>,
+    /// Whether this node takes writes (see [`Store::set_primary`]).
+    primary: std::sync::atomic::AtomicBool,
+    /// Bumped after every change of a position or of the set of databases.
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// The thread that pre-creates LTX temp files (see `ltxio::Spare`).
@@ -283,7 +291,12 @@ impl Store {
             inner: Mutex::new(inner),
             retention: Mutex::new(None),
             spare_maker: Mutex::new(None),
+            primary: std::sync::atomic::AtomicBool::new(true),
+            changes: Arc::new(tokio::sync::watch::Sender::new(0)),
         });
+        for db in store.inner().dbs.values() {
+            db.set_changes(store.changes.clone());
+        }
         store.start_spare_maker();
         if !store.opts.retention_monitor_interval.is_zero() {
             store.start_retention();
@@ -369,8 +382,10 @@ impl Store {
         {
             db.set_refill(m.tx.clone());
         }
+        db.set_changes(self.changes.clone());
         let db = Arc::new(db);
         inner.dbs.insert(name.to_string(), db.clone());
+        self.notify_change();
         info!(db = name, "database created");
         Ok(db)
     }
@@ -395,6 +410,7 @@ impl Store {
         } else {
             inner.tombstones.insert(name.to_string(), pos);
         }
+        self.notify_change();
         Ok(())
     }
 
@@ -468,9 +484,10 @@ impl Store {
         }
     }
 
-    /// Whether this node takes writes. The static lease of this issue: always true.
+    /// Whether this node takes writes: true unless [`Store::set_primary`] made it a
+    /// replica.
     pub fn is_primary(&self) -> bool {
-        true
+        self.primary.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// One retention pass at time `now`: removes every LTX file whose modification time is
