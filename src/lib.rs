@@ -17,6 +17,7 @@
 //!   POSIX locks served by the file system, virtual `-pos`/`.primary` files, and the
 //!   mount lifecycle (stale mounts, signals, clean unmount).
 //! - [`replicate`]: the primary's per-replica streams and the replica's apply loop.
+//! - [`node`]: the node's role (static lease: primary or replica) and its services.
 //! - [`cli`]: the command line (`litefs mount`, `litefs ltx ...`); the binary in
 //!   `src/main.rs` only calls into it.
 
@@ -25,6 +26,7 @@ pub mod config;
 pub mod fuse;
 pub mod lease;
 pub mod ltx;
+pub mod node;
 pub mod replicate;
 pub mod sink;
 pub mod store;

@@ -186,13 +186,23 @@ pub fn mount(cfg: Config, opts: MountOptions) -> anyhow::Result<ExitCode> {
     })
     .with_context(|| format!("opening the data directory {}", cfg.data.dir.display()))?;
     store.set_strict_verify(cfg.strict_verify);
-    let rt = tokio::runtime::Builder::new_current_thread()
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async {
         let shutdown = crate::fuse::shutdown_signal().context("installing signal handlers")?;
-        match crate::fuse::run(fuse_opts, store, shutdown).await {
+        let node = crate::node::Node::prepare(&cfg, store.clone()).await?;
+        // Replication stops before the unmount and the store's clean close.
+        let stopper = node.stopper();
+        let shutdown = async move {
+            shutdown.await;
+            let _ = stopper.send(true);
+        };
+        let result = crate::fuse::run_with(fuse_opts, store, shutdown, |m| node.on_mount(m)).await;
+        node.stop().await;
+        match result {
             Ok(()) => Ok(ExitCode::SUCCESS),
             Err(e @ crate::fuse::MountError::Fatal(_)) => {
                 tracing::error!("{e}");

@@ -8,6 +8,7 @@ mod ltx_litestream;
 mod ltx_props;
 mod ltx_support;
 mod ltx_testdata;
+mod repl;
 mod store;
 mod store_bench;
 mod store_vfs;

@@ -1,0 +1,152 @@
+//! Replication with real processes: a static-lease primary and replicas on 127.0.0.1
+//! ports, real FUSE mounts, SQLite through the mounts.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::Connection;
+use sha2::{Digest, Sha256};
+
+use crate::support::{Process, wait_until};
+
+/// A free TCP port on 127.0.0.1 (bound and released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts a primary serving on `port`, with extra YAML appended.
+pub fn primary(port: u16, extra: &str) -> Process {
+    let extra = extra.to_string();
+    Process::start_with(move |mnt, data| {
+        format!(
+            "fuse:\n  dir: {}\ndata:\n  dir: {}\n{extra}lease:\n  type: static\n  candidate: true\n  hostname: primary-host\n  advertise-url: http://127.0.0.1:{port}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            mnt.display(),
+            data.display()
+        )
+    })
+}
+
+/// Starts a replica of the primary on `port`.
+pub fn replica(port: u16) -> Process {
+    Process::start_with(move |mnt, data| replica_config(mnt, data, port))
+}
+
+/// The config of a replica of the primary on `port`.
+pub fn replica_config(mnt: &Path, data: &Path, port: u16) -> String {
+    format!(
+        "fuse:\n  dir: {}\ndata:\n  dir: {}\nlease:\n  type: static\n  candidate: false\n  advertise-url: http://127.0.0.1:{port}\nhttp:\n  addr: 127.0.0.1:{}\n",
+        mnt.display(),
+        data.display(),
+        free_port()
+    )
+}
+
+/// The `<db>-pos` of a mount, if the database exists there.
+pub fn pos(p: &Process, db: &str) -> Option<String> {
+    std::fs::read_to_string(p.path(&format!("{db}-pos"))).ok()
+}
+
+/// Waits until every replica shows the primary's position for `db`.
+pub fn wait_converged(primary: &Process, replicas: &[&Process], db: &str) {
+    let want = pos(primary, db).expect("primary has the database");
+    for r in replicas {
+        let ok = wait_until(Duration::from_secs(30), || pos(r, db).as_deref() == Some(&want));
+        assert!(
+            ok,
+            "replica did not reach {want} for {db} (has {:?}); replica log:\n{}\nprimary log:\n{}",
+            pos(r, db),
+            r.log_text(),
+            primary.log_text()
+        );
+    }
+}
+
+fn sha(path: &Path) -> String {
+    hex::encode(Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+fn write_txs(p: &Process, db: &str, mode: &str, n: usize) {
+    let c = Connection::open(p.path(db)).unwrap();
+    c.busy_timeout(Duration::from_secs(5)).unwrap();
+    c.query_row(&format!("PRAGMA journal_mode={mode}"), [], |_| Ok(()))
+        .unwrap();
+    c.execute_batch("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, v TEXT)")
+        .unwrap();
+    for i in 0..n {
+        c.execute("INSERT INTO t (v) VALUES (?1)", [format!("row {i} {}", "x".repeat(i % 300))])
+            .unwrap();
+    }
+}
+
+fn count(p: &Process, db: &str) -> rusqlite::Result<i64> {
+    let c = Connection::open_with_flags(p.path(db), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+}
+
+/// Primary + 2 replicas; 1,000 transactions in WAL mode and 1,000 in DELETE mode:
+/// both replicas reach the primary's position, their database files are byte-identical
+/// to the primary's (after a checkpoint there), SQLite reads the rows through the
+/// replicas' mounts, and writes there fail as "readonly".
+#[test]
+fn three_nodes_replicate_both_journal_modes_byte_identically() {
+    let port = free_port();
+    let p = primary(port, "");
+    let r1 = replica(port);
+    let r2 = replica(port);
+    write_txs(&p, "wal.db", "wal", 1000);
+    write_txs(&p, "del.db", "delete", 1000);
+    // The primary's database file holds every page once the WAL is checkpointed (a
+    // checkpoint changes no page of the logical database, so no new TXID).
+    let c = Connection::open(p.path("wal.db")).unwrap();
+    c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    drop(c);
+    for db in ["wal.db", "del.db"] {
+        wait_converged(&p, &[&r1, &r2], db);
+        let want = sha(&p.data.join("dbs").join(db).join("database"));
+        for r in [&r1, &r2] {
+            assert_eq!(sha(&r.data.join("dbs").join(db).join("database")), want, "{db}");
+            assert_eq!(count(r, db).unwrap(), 1000, "{db} through the replica's mount");
+        }
+    }
+    assert!(pos(&p, "wal.db").unwrap().starts_with("00000000000003e"), "TXIDs: {:?}", pos(&p, "wal.db"));
+
+    // Read-only replica.
+    for db in ["wal.db", "del.db"] {
+        let c = Connection::open(r1.path(db)).unwrap();
+        let err = c
+            .execute("INSERT INTO t (v) VALUES ('no')", [])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("readonly"), "{db}: {err}");
+    }
+    assert!(std::fs::write(r1.path("new.db"), b"x").is_err());
+    assert_eq!(
+        std::fs::read_to_string(r1.path(".primary")).unwrap(),
+        "127.0.0.1\n"
+    );
+    let lag: u64 = std::fs::read_to_string(r1.path(".lag"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(lag < 60_000, "lag {lag}");
+    assert!(!p.path(".primary").exists());
+
+    // New transactions keep flowing; a deleted database disappears.
+    write_txs(&p, "del.db", "delete", 5);
+    wait_converged(&p, &[&r1, &r2], "del.db");
+    assert_eq!(count(&r2, "del.db").unwrap(), 1005);
+    std::fs::remove_file(p.path("wal.db")).unwrap();
+    for r in [&r1, &r2] {
+        assert!(
+            wait_until(Duration::from_secs(10), || !r.path("wal.db").exists()),
+            "deleted database still on a replica"
+        );
+    }
+}
