@@ -150,3 +150,111 @@ fn three_nodes_replicate_both_journal_modes_byte_identically() {
         );
     }
 }
+
+fn db_file(p: &Process, db: &str) -> std::path::PathBuf {
+    p.data.join("dbs").join(db).join("database")
+}
+
+/// Retention removes the files a replica needs (1 s here): a replica started late, one
+/// restarted after falling behind, and one whose data directory was deleted each catch
+/// up by snapshot and end byte-identical to the primary.
+#[test]
+fn late_behind_and_wiped_replicas_catch_up_by_snapshot() {
+    let port = free_port();
+    let p = primary(port, "  retention: 1s\n  retention-monitor-interval: 1s\n");
+    write_txs(&p, "app.db", "delete", 50);
+    // Files 1..=49 expire; the newest is kept.
+    assert!(wait_until(Duration::from_secs(10), || {
+        crate::support::ltx_files(&p.data, "app.db").len() == 1
+    }));
+    let mut r = replica(port);
+    wait_converged(&p, &[&r], "app.db");
+    assert_eq!(sha(&db_file(&r, "app.db")), sha(&db_file(&p, "app.db")));
+    assert!(p.log_text().contains("BehindRetention"), "{}", p.log_text());
+
+    // Restarted after the primary moved on and dropped the files in between.
+    assert!(r.signal(libc::SIGTERM).success());
+    write_txs(&p, "app.db", "delete", 20);
+    std::thread::sleep(Duration::from_millis(2500));
+    r.spawn();
+    wait_converged(&p, &[&r], "app.db");
+    assert_eq!(sha(&db_file(&r, "app.db")), sha(&db_file(&p, "app.db")));
+
+    // Data directory deleted.
+    assert!(r.signal(libc::SIGTERM).success());
+    std::fs::remove_dir_all(&r.data).unwrap();
+    r.spawn();
+    wait_converged(&p, &[&r], "app.db");
+    assert_eq!(sha(&db_file(&r, "app.db")), sha(&db_file(&p, "app.db")));
+    assert_eq!(count(&r, "app.db").unwrap(), 70);
+    assert_eq!(
+        p.log_text().matches("sending snapshot").count(),
+        3,
+        "{}",
+        p.log_text()
+    );
+}
+
+/// Split brain: a replica that ran as a primary on its own (static config changed)
+/// diverged in two databases: ahead of the primary in one, at the same TXID with other
+/// content in the other. Back as a replica it is re-snapshotted to the primary's state
+/// and its log names the discarded TXIDs.
+#[test]
+fn diverged_replica_is_resnapshotted_and_logs_discarded_txids() {
+    let pa = free_port();
+    let a = primary(pa, "");
+    let mut b = replica(pa);
+    write_txs(&a, "ahead.db", "delete", 10);
+    write_txs(&a, "same.db", "wal", 10);
+    wait_converged(&a, &[&b], "ahead.db");
+    wait_converged(&a, &[&b], "same.db");
+    let replica_cfg = std::fs::read_to_string(&b.config).unwrap();
+
+    // B runs as a primary of its own for a while.
+    assert!(b.signal(libc::SIGTERM).success());
+    let pb = free_port();
+    std::fs::write(
+        &b.config,
+        format!(
+            "fuse:\n  dir: {}\ndata:\n  dir: {}\nlease:\n  type: static\n  candidate: true\n  advertise-url: http://127.0.0.1:{pb}\nhttp:\n  addr: 127.0.0.1:{pb}\n",
+            b.mnt.display(),
+            b.data.display()
+        ),
+    )
+    .unwrap();
+    b.spawn();
+    write_txs(&b, "ahead.db", "delete", 3); // B at 10 + 3
+    // B at 11, with other content than A's 11th.
+    Connection::open(b.path("same.db"))
+        .unwrap()
+        .execute("INSERT INTO t (v) VALUES ('written on b')", [])
+        .unwrap();
+    write_txs(&a, "ahead.db", "delete", 1); // A at 11: B is ahead
+    write_txs(&a, "same.db", "wal", 1); // A at 11: same TXID, other content
+    assert!(b.signal(libc::SIGTERM).success());
+
+    std::fs::write(&b.config, replica_cfg).unwrap();
+    b.spawn();
+    for db in ["ahead.db", "same.db"] {
+        wait_converged(&a, &[&b], db);
+        assert_eq!(count(&b, db).unwrap(), 11, "{db}");
+    }
+    assert_eq!(sha(&db_file(&b, "ahead.db")), sha(&db_file(&a, "ahead.db")));
+    let log = b.log_text();
+    // ahead.db: B had two TXIDs more than A (B's 3 writes against A's 1); same.db:
+    // one TXID each, B's is discarded.
+    let discarded = |db: &str| {
+        log.lines()
+            .find(|l| l.contains("local transactions discarded") && l.contains(&format!("db=\"{db}\"")))
+            .and_then(|l| l.split("discarded_txids=").nth(1))
+            .map(|s| s.split_whitespace().next().unwrap_or("").to_string())
+    };
+    let ahead = discarded("ahead.db").unwrap_or_else(|| panic!("ahead.db: no discarded TXIDs logged:\n{log}"));
+    let same = discarded("same.db").unwrap_or_else(|| panic!("same.db: no discarded TXIDs logged:\n{log}\nprimary:\n{}", a.log_text()));
+    let a_ahead = u64::from_str_radix(&pos(&a, "ahead.db").unwrap()[..16], 16).unwrap();
+    let a_same = u64::from_str_radix(&pos(&a, "same.db").unwrap()[..16], 16).unwrap();
+    assert_eq!(ahead, format!("{}..={}", a_ahead + 1, a_ahead + 2), "{log}");
+    assert_eq!(same, format!("{a_same}..={a_same}"), "{log}");
+    let alog = a.log_text();
+    assert!(alog.contains("ReplicaAhead") && alog.contains("Diverged"), "{alog}");
+}
