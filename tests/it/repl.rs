@@ -258,3 +258,128 @@ fn diverged_replica_is_resnapshotted_and_logs_discarded_txids() {
     let alog = a.log_text();
     assert!(alog.contains("ReplicaAhead") && alog.contains("Diverged"), "{alog}");
 }
+
+/// A stand-in primary: answers one `POST /stream` with `body` (after the HTTP head)
+/// and keeps the connection open until `hold` returns true, then closes it.
+fn serve_once(listener: &TcpListener, body: &[u8], hold: impl Fn() -> bool) {
+    use std::io::{Read, Write};
+    let (mut s, _) = listener.accept().unwrap();
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 4096];
+    loop {
+        let n = s.read(&mut tmp).unwrap();
+        assert!(n > 0, "request cut short");
+        buf.extend_from_slice(&tmp[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..i]).to_lowercase();
+            assert!(head.starts_with("post /stream "), "{head}");
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse().unwrap())
+                .unwrap_or(0);
+            while buf.len() < i + 4 + len {
+                let n = s.read(&mut tmp).unwrap();
+                buf.extend_from_slice(&tmp[..n]);
+            }
+            let req = litefs::transports::http::wire::decode_request(&buf[i + 4..]).unwrap();
+            assert!(req.positions.iter().all(|p| p.db != "app.db" || p.txid == 0));
+            break;
+        }
+    }
+    s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-litefs-stream\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    s.write_all(body).unwrap();
+    s.flush().unwrap();
+    assert!(wait_until(Duration::from_secs(30), &hold), "hold condition never met");
+}
+
+/// A corrupt LTX file, a truncated stream and a malformed frame from a test server:
+/// nothing is applied (no database appears on the replica), and the replica
+/// reconnects and applies the valid file served next.
+#[test]
+fn corrupt_or_truncated_streams_apply_nothing_and_the_replica_recovers() {
+    use litefs::transport::Frame;
+    use litefs::transports::http::wire;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src.db");
+    let c = Connection::open(&src).unwrap();
+    c.execute_batch(
+        "PRAGMA page_size=4096; CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT);
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100)
+         INSERT INTO t (v) SELECT hex(randomblob(300)) FROM n;",
+    )
+    .unwrap();
+    drop(c);
+    let ltx = tmp.path().join("snap.ltx");
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_litefs"))
+        .args(["ltx", "encode-db", "-o"])
+        .arg(&ltx)
+        .arg(&src)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let file = std::fs::read(&ltx).unwrap();
+    let sum = litefs::ltx::database_checksum(std::fs::File::open(&src).unwrap(), 4096).unwrap();
+
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let r = replica(port);
+    let preamble = wire::encode_preamble("LFSC00000000000000A1");
+    let ltx_frames = |bytes: &[u8]| {
+        let mut out = Vec::new();
+        let chunks: Vec<&[u8]> = bytes.chunks(8192).collect();
+        for (i, c) in chunks.iter().enumerate() {
+            out.extend_from_slice(&wire::encode_frame(&Frame::Ltx {
+                db: "app.db".into(),
+                chunk: c.to_vec(),
+                last: i + 1 == chunks.len(),
+            }));
+        }
+        out
+    };
+    let nothing_applied = || {
+        !r.path("app.db").exists() && !r.data.join("dbs/app.db").exists()
+    };
+
+    // 1: a byte of a page flipped.
+    let mut bad = file.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x40;
+    let body = [&preamble[..], &ltx_frames(&bad), &wire::encode_frame(&Frame::Ready)].concat();
+    serve_once(&listener, &body, || r.log_text().contains("cannot apply a file from the primary"));
+    assert!(nothing_applied());
+
+    // 2: the stream ends in the middle of the file.
+    let half = ltx_frames(&file[..file.len() / 2]);
+    let body = [&preamble[..], &half[..half.len() - 10]].concat();
+    serve_once(&listener, &body, || true);
+    assert!(wait_until(Duration::from_secs(10), || r
+        .log_text()
+        .contains("closed unexpectedly")));
+    assert!(nothing_applied());
+
+    // 3: a frame of an unknown type.
+    let body = [&preamble[..], &[9u8, 0, 0, 0, 1, 0][..]].concat();
+    serve_once(&listener, &body, || true);
+    assert!(wait_until(Duration::from_secs(10), || r
+        .log_text()
+        .contains("unknown frame type 9")));
+    assert!(nothing_applied());
+
+    // 4: the valid file.
+    let body = [&preamble[..], &ltx_frames(&file), &wire::encode_frame(&Frame::Ready)].concat();
+    let want = format!("{:016x}/{:016x}\n", 1, sum.0);
+    serve_once(&listener, &body, || pos(&r, "app.db").as_deref() == Some(&want));
+    assert_eq!(
+        sha(&r.data.join("dbs/app.db/database")),
+        sha(&src),
+        "replica's database differs from the source"
+    );
+    assert_eq!(count(&r, "app.db").unwrap(), 100);
+    assert_eq!(
+        std::fs::read_to_string(r.data.join("clusterid")).unwrap(),
+        "LFSC00000000000000A1\n"
+    );
+}
