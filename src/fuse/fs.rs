@@ -162,16 +162,27 @@ impl Shared {
     pub(crate) fn try_replica_locks(&self, db: &str) -> bool {
         let mut tables = lock(&self.locks);
         let steps = [
-            (FileKind::Database, DB_LOCKS.0, DB_LOCKS.0 + 1, LockKind::Write),
+            (
+                FileKind::Database,
+                DB_LOCKS.0,
+                DB_LOCKS.0 + 1,
+                LockKind::Write,
+            ),
             (FileKind::Shm, SHM_LOCKS.0, SHM_LOCKS.0 + 2, LockKind::Write),
-            (FileKind::Database, DB_LOCKS.0 + 2, DB_LOCKS.1, LockKind::Write),
+            (
+                FileKind::Database,
+                DB_LOCKS.0 + 2,
+                DB_LOCKS.1,
+                LockKind::Write,
+            ),
             (FileKind::Shm, SHM_LOCKS.0 + 3, SHM_LOCKS.1, LockKind::Write),
             (FileKind::Shm, SHM_DMS, SHM_DMS, LockKind::Read),
         ];
         let mut all = true;
         for (kind, start, end, lk) in steps {
-            let t = tables.entry((db.to_string(), kind)).or_insert_with(LockTable::new);
-            if t.holds(REPLICA_OWNER, end) == Some(lk) && t.holds(REPLICA_OWNER, start) == Some(lk) {
+            let t = tables.entry((db.to_string(), kind)).or_default();
+            if t.holds(REPLICA_OWNER, end) == Some(lk) && t.holds(REPLICA_OWNER, start) == Some(lk)
+            {
                 continue;
             }
             if t.lock(REPLICA_OWNER, 0, start, end, lk).is_err() {
@@ -802,7 +813,8 @@ impl Shared {
             return Err(Errno::EACCES);
         }
         let (dbname, kind) = parse_mount_name(name).ok_or(Errno::EPERM)?;
-        if !self.store.is_primary() && !(replica_writable(kind) && self.store.db(dbname).is_some()) {
+        let replica_may = replica_writable(kind) && self.store.db(dbname).is_some();
+        if !self.store.is_primary() && !replica_may {
             return Err(Errno::EACCES);
         }
         let mut flags = flags;

@@ -41,7 +41,10 @@ impl Apply for ReplicaApplier {
         let mut warned = false;
         while !self.shared.try_replica_locks(db) {
             if !warned && start.elapsed() > Duration::from_secs(5) {
-                warn!(db, "waiting for local readers to end their transactions before applying");
+                warn!(
+                    db,
+                    "waiting for local readers to end their transactions before applying"
+                );
                 warned = true;
             }
             std::thread::sleep(Duration::from_micros(200));
@@ -56,10 +59,9 @@ impl Apply for ReplicaApplier {
             }
             if !applied.deleted
                 && let Some(d) = self.shared.store().db(db)
+                && let Err(e) = self.reset_wal_index(db, d.commit(), d.page_size())
             {
-                if let Err(e) = self.reset_wal_index(db, d.commit(), d.page_size()) {
-                    warn!(db, error = %e, "cannot reset the WAL index");
-                }
+                warn!(db, error = %e, "cannot reset the WAL index");
             }
             debug!(db, pos = %applied.pos, "applied");
         }
@@ -72,7 +74,12 @@ impl ReplicaApplier {
     /// Writes a fresh, valid WAL-index header (mxFrame 0, change counter + 1) through
     /// the mount, so that it reaches the page cache every reader has mapped. Readers
     /// see a changed header, drop their page caches and read the database file.
-    fn reset_wal_index(&self, db: &str, commit: u32, page_size: Option<u32>) -> std::io::Result<()> {
+    fn reset_wal_index(
+        &self,
+        db: &str,
+        commit: u32,
+        page_size: Option<u32>,
+    ) -> std::io::Result<()> {
         let path = self.mount_dir.join(format!("{db}-shm"));
         let f = match OpenOptions::new().read(true).write(true).open(&path) {
             Ok(f) => f,

@@ -56,7 +56,10 @@ impl Node {
             },
             (Some(LeaseType::Static), true) | (None, _) => Role::Primary,
             (Some(k), _) => {
-                warn!(lease = k.as_str(), "elections are not in this build: running as primary");
+                warn!(
+                    lease = k.as_str(),
+                    "elections are not in this build: running as primary"
+                );
                 Role::Primary
             }
         };
@@ -88,7 +91,10 @@ impl Node {
             }
             Role::Replica { url, .. } => {
                 store.set_primary(false);
-                info!(primary = url, "replica (static lease): the mount is read-only");
+                info!(
+                    primary = url,
+                    "replica (static lease): the mount is read-only"
+                );
             }
         }
         Ok(Node {
@@ -147,7 +153,11 @@ impl Node {
     /// Stops the replica loop and the server (open streams are dropped).
     pub async fn stop(mut self) {
         let _ = self.stop_tx.send(true);
-        let replica = self.replica.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let replica = self
+            .replica
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         if let Some(h) = replica {
             let _ = h.await;
         }

@@ -20,7 +20,10 @@ pub fn read(data_dir: &Path) -> io::Result<Option<String>> {
             } else {
                 Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!("{}: not a cluster id: {id:?}", data_dir.join(FILE).display()),
+                    format!(
+                        "{}: not a cluster id: {id:?}",
+                        data_dir.join(FILE).display()
+                    ),
                 ))
             }
         }
@@ -60,9 +63,7 @@ pub fn read_or_create(data_dir: &Path) -> io::Result<String> {
 
 /// Whether `id` has the form `LFSC` + 16 hex digits.
 pub fn is_valid(id: &str) -> bool {
-    id.len() == 20
-        && id.starts_with("LFSC")
-        && id[4..].bytes().all(|b| b.is_ascii_hexdigit())
+    id.len() == 20 && id.starts_with("LFSC") && id[4..].bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 #[cfg(test)]

@@ -139,10 +139,18 @@ mod tests {
         let mut cases = 0;
         for head in 0..=6u64 {
             let primary = pos(head, if head == 0 { Checksum(0) } else { sum(head) });
-            let oldests: Vec<u64> = if head == 0 { vec![0] } else { (0..=head).collect() };
+            let oldests: Vec<u64> = if head == 0 {
+                vec![0]
+            } else {
+                (0..=head).collect()
+            };
             for oldest in oldests {
                 // oldest == 0: no file kept at all.
-                let kept = if oldest == 0 { Vec::new() } else { files(oldest, head) };
+                let kept = if oldest == 0 {
+                    Vec::new()
+                } else {
+                    files(oldest, head)
+                };
                 let mut replicas: Vec<Option<(u64, bool)>> = vec![None];
                 for t in 0..=8u64 {
                     replicas.push(Some((t, true)));
@@ -162,11 +170,7 @@ mod tests {
                         pos(t, c)
                     });
                     let same = r.map(|(t, s)| s && t <= head);
-                    let model = expected(
-                        r.map(|(t, _)| (t, same.unwrap_or(true))),
-                        head,
-                        oldest,
-                    );
+                    let model = expected(r.map(|(t, _)| (t, same.unwrap_or(true))), head, oldest);
                     assert_eq!(
                         decide(rpos, primary, &kept),
                         model,

@@ -74,7 +74,9 @@ pub async fn serve(
         changes.borrow_and_update();
         let mut sent_any = false;
         for db in store.databases() {
-            while let Some(next) = step(&store, &db, known.get(db.name()).copied(), &tmp_dir, node, &tx).await? {
+            while let Some(next) =
+                step(&db, known.get(db.name()).copied(), &tmp_dir, node, &tx).await?
+            {
                 known.insert(db.name().to_string(), next);
                 sent_any = true;
             }
@@ -100,7 +102,9 @@ pub async fn serve(
             }
         }
         if !ready_sent && !sent_any {
-            tx.send(Frame::Ready).await.map_err(|_| StreamError::Disconnected)?;
+            tx.send(Frame::Ready)
+                .await
+                .map_err(|_| StreamError::Disconnected)?;
             ready_sent = true;
             info!(replica = node, "replica caught up");
         }
@@ -130,7 +134,6 @@ pub async fn serve(
 /// Sends what database `db` needs next for a replica at `have`; returns the replica's
 /// new position, or `None` when it is up to date.
 async fn step(
-    store: &Arc<Store>,
     db: &Arc<Db>,
     have: Option<Pos>,
     tmp_dir: &Path,
@@ -163,7 +166,6 @@ async fn step(
                 ?reason,
                 "sending snapshot"
             );
-            let _ = store;
             tokio::fs::create_dir_all(tmp_dir)
                 .await
                 .map_err(|source| StreamError::Io {

@@ -93,7 +93,12 @@ impl Replica {
                 Err(SessionError::Apply { db, error }) => {
                     let n = failures.entry(db.clone()).or_insert(0);
                     *n += 1;
-                    error!(db, error, failures = *n, "cannot apply a file from the primary; dropping the connection");
+                    error!(
+                        db,
+                        error,
+                        failures = *n,
+                        "cannot apply a file from the primary; dropping the connection"
+                    );
                 }
                 Err(SessionError::Local(e)) => {
                     error!(error = e, "replica error");
@@ -130,7 +135,10 @@ impl Replica {
             .collect();
         for p in &mut positions {
             if failures.get(&p.db).copied().unwrap_or(0) >= SNAPSHOT_AFTER_FAILURES {
-                info!(db = p.db, "asking the primary for a snapshot after repeated failures");
+                info!(
+                    db = p.db,
+                    "asking the primary for a snapshot after repeated failures"
+                );
                 p.txid = SNAPSHOT_REQUEST_TXID;
                 p.post_apply_checksum = 0;
             }

@@ -133,10 +133,10 @@ use crate::ltx::Pos;
 pub use db::Db;
 pub use error::StoreError;
 pub use ltxio::{LtxFile, list as list_ltx_files};
-pub use replica::Applied;
-pub use snapshot::read_ltx_ends;
 use record::{CleanRecord, Stamp};
 use recovery::Recovered;
+pub use replica::Applied;
+pub use snapshot::read_ltx_ends;
 
 /// The kind of a file in the mount.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

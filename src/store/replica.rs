@@ -88,7 +88,8 @@ impl Store {
         let io_err = |op, e| StoreError::io(name, op, &db_path, e);
         if snapshot && st.page_size != Some(header.page_size) {
             // Verified above: only now may the old content go.
-            file.set_len(0).map_err(|e| io_err("truncate database", e))?;
+            file.set_len(0)
+                .map_err(|e| io_err("truncate database", e))?;
         }
         let check_from = if snapshot || current.txid.0 == 0 {
             None
@@ -109,7 +110,8 @@ impl Store {
             let mut dec = Decoder::new(io::BufReader::new(lf))
                 .map_err(|e| StoreError::ltx(name, ltx_path, e))?;
             let mut buf = vec![0u8; ps as usize];
-            st.checksums.resize(header.commit as usize, ltx::Checksum(0));
+            st.checksums
+                .resize(header.commit as usize, ltx::Checksum(0));
             while let Some(pgno) = dec
                 .next_page(&mut buf)
                 .map_err(|e| StoreError::ltx(name, ltx_path, e))?
@@ -117,7 +119,8 @@ impl Store {
                 st.checksums[pgno as usize - 1] = ltx::page_checksum(pgno, &buf);
             }
         }
-        st.checksums.resize(header.commit as usize, ltx::Checksum(0));
+        st.checksums
+            .resize(header.commit as usize, ltx::Checksum(0));
         let lock = ltx::lock_pgno(ps);
         if let Some(c) = st.checksums.get_mut(lock as usize - 1) {
             *c = ltx::Checksum(0);
@@ -132,11 +135,9 @@ impl Store {
         st.pos = pos;
         // Provably diverged: the local history reaches the snapshot's TXID (or beyond)
         // with other content. (A replica that was merely behind loses nothing.)
-        let discarded = (snapshot
-            && current.txid.0 > 0
-            && current.txid >= pos.txid
-            && current != pos)
-            .then_some(current);
+        let discarded =
+            (snapshot && current.txid.0 > 0 && current.txid >= pos.txid && current != pos)
+                .then_some(current);
         // Keep the file as this node's history (a replica may become primary).
         let ltx_dir = db.ltx_dir();
         if snapshot {

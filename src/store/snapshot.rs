@@ -68,7 +68,8 @@ impl Db {
         };
         let w = File::create(out).map_err(|e| StoreError::io(name, "create snapshot", out, e))?;
         let ltx_err = |e| StoreError::ltx(name, out, e);
-        let mut enc = Encoder::new(BufWriter::with_capacity(1 << 20, w), &header).map_err(ltx_err)?;
+        let mut enc =
+            Encoder::new(BufWriter::with_capacity(1 << 20, w), &header).map_err(ltx_err)?;
         let lock = ltx::lock_pgno(ps);
         let mut buf = vec![0u8; ps as usize];
         let mut rolling = RollingChecksum::new();

@@ -55,7 +55,9 @@ pub fn pos(p: &Process, db: &str) -> Option<String> {
 pub fn wait_converged(primary: &Process, replicas: &[&Process], db: &str) {
     let want = pos(primary, db).expect("primary has the database");
     for r in replicas {
-        let ok = wait_until(Duration::from_secs(30), || pos(r, db).as_deref() == Some(&want));
+        let ok = wait_until(Duration::from_secs(30), || {
+            pos(r, db).as_deref() == Some(&want)
+        });
         assert!(
             ok,
             "replica did not reach {want} for {db} (has {:?}); replica log:\n{}\nprimary log:\n{}",
@@ -78,8 +80,11 @@ fn write_txs(p: &Process, db: &str, mode: &str, n: usize) {
     c.execute_batch("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, v TEXT)")
         .unwrap();
     for i in 0..n {
-        c.execute("INSERT INTO t (v) VALUES (?1)", [format!("row {i} {}", "x".repeat(i % 300))])
-            .unwrap();
+        c.execute(
+            "INSERT INTO t (v) VALUES (?1)",
+            [format!("row {i} {}", "x".repeat(i % 300))],
+        )
+        .unwrap();
     }
 }
 
@@ -110,11 +115,23 @@ fn three_nodes_replicate_both_journal_modes_byte_identically() {
         wait_converged(&p, &[&r1, &r2], db);
         let want = sha(&p.data.join("dbs").join(db).join("database"));
         for r in [&r1, &r2] {
-            assert_eq!(sha(&r.data.join("dbs").join(db).join("database")), want, "{db}");
-            assert_eq!(count(r, db).unwrap(), 1000, "{db} through the replica's mount");
+            assert_eq!(
+                sha(&r.data.join("dbs").join(db).join("database")),
+                want,
+                "{db}"
+            );
+            assert_eq!(
+                count(r, db).unwrap(),
+                1000,
+                "{db} through the replica's mount"
+            );
         }
     }
-    assert!(pos(&p, "wal.db").unwrap().starts_with("00000000000003e"), "TXIDs: {:?}", pos(&p, "wal.db"));
+    assert!(
+        pos(&p, "wal.db").unwrap().starts_with("00000000000003e"),
+        "TXIDs: {:?}",
+        pos(&p, "wal.db")
+    );
 
     // Read-only replica.
     for db in ["wal.db", "del.db"] {
@@ -245,18 +262,29 @@ fn diverged_replica_is_resnapshotted_and_logs_discarded_txids() {
     // one TXID each, B's is discarded.
     let discarded = |db: &str| {
         log.lines()
-            .find(|l| l.contains("local transactions discarded") && l.contains(&format!("db=\"{db}\"")))
+            .find(|l| {
+                l.contains("local transactions discarded") && l.contains(&format!("db=\"{db}\""))
+            })
             .and_then(|l| l.split("discarded_txids=").nth(1))
             .map(|s| s.split_whitespace().next().unwrap_or("").to_string())
     };
-    let ahead = discarded("ahead.db").unwrap_or_else(|| panic!("ahead.db: no discarded TXIDs logged:\n{log}"));
-    let same = discarded("same.db").unwrap_or_else(|| panic!("same.db: no discarded TXIDs logged:\n{log}\nprimary:\n{}", a.log_text()));
+    let ahead = discarded("ahead.db")
+        .unwrap_or_else(|| panic!("ahead.db: no discarded TXIDs logged:\n{log}"));
+    let same = discarded("same.db").unwrap_or_else(|| {
+        panic!(
+            "same.db: no discarded TXIDs logged:\n{log}\nprimary:\n{}",
+            a.log_text()
+        )
+    });
     let a_ahead = u64::from_str_radix(&pos(&a, "ahead.db").unwrap()[..16], 16).unwrap();
     let a_same = u64::from_str_radix(&pos(&a, "same.db").unwrap()[..16], 16).unwrap();
     assert_eq!(ahead, format!("{}..={}", a_ahead + 1, a_ahead + 2), "{log}");
     assert_eq!(same, format!("{a_same}..={a_same}"), "{log}");
     let alog = a.log_text();
-    assert!(alog.contains("ReplicaAhead") && alog.contains("Diverged"), "{alog}");
+    assert!(
+        alog.contains("ReplicaAhead") && alog.contains("Diverged"),
+        "{alog}"
+    );
 }
 
 /// A stand-in primary: answers one `POST /stream` with `body` (after the HTTP head)
@@ -283,7 +311,11 @@ fn serve_once(listener: &TcpListener, body: &[u8], hold: impl Fn() -> bool) {
                 buf.extend_from_slice(&tmp[..n]);
             }
             let req = litefs::transports::http::wire::decode_request(&buf[i + 4..]).unwrap();
-            assert!(req.positions.iter().all(|p| p.db != "app.db" || p.txid == 0));
+            assert!(
+                req.positions
+                    .iter()
+                    .all(|p| p.db != "app.db" || p.txid == 0)
+            );
             break;
         }
     }
@@ -291,7 +323,10 @@ fn serve_once(listener: &TcpListener, body: &[u8], hold: impl Fn() -> bool) {
         .unwrap();
     s.write_all(body).unwrap();
     s.flush().unwrap();
-    assert!(wait_until(Duration::from_secs(30), &hold), "hold condition never met");
+    assert!(
+        wait_until(Duration::from_secs(30), &hold),
+        "hold condition never met"
+    );
 }
 
 /// A corrupt LTX file, a truncated stream and a malformed frame from a test server:
@@ -339,16 +374,22 @@ fn corrupt_or_truncated_streams_apply_nothing_and_the_replica_recovers() {
         }
         out
     };
-    let nothing_applied = || {
-        !r.path("app.db").exists() && !r.data.join("dbs/app.db").exists()
-    };
+    let nothing_applied = || !r.path("app.db").exists() && !r.data.join("dbs/app.db").exists();
 
     // 1: a byte of a page flipped.
     let mut bad = file.clone();
     let mid = bad.len() / 2;
     bad[mid] ^= 0x40;
-    let body = [&preamble[..], &ltx_frames(&bad), &wire::encode_frame(&Frame::Ready)].concat();
-    serve_once(&listener, &body, || r.log_text().contains("cannot apply a file from the primary"));
+    let body = [
+        &preamble[..],
+        &ltx_frames(&bad),
+        &wire::encode_frame(&Frame::Ready),
+    ]
+    .concat();
+    serve_once(&listener, &body, || {
+        r.log_text()
+            .contains("cannot apply a file from the primary")
+    });
     assert!(nothing_applied());
 
     // 2: the stream ends in the middle of the file.
@@ -369,9 +410,16 @@ fn corrupt_or_truncated_streams_apply_nothing_and_the_replica_recovers() {
     assert!(nothing_applied());
 
     // 4: the valid file.
-    let body = [&preamble[..], &ltx_frames(&file), &wire::encode_frame(&Frame::Ready)].concat();
+    let body = [
+        &preamble[..],
+        &ltx_frames(&file),
+        &wire::encode_frame(&Frame::Ready),
+    ]
+    .concat();
     let want = format!("{:016x}/{:016x}\n", 1, sum.0);
-    serve_once(&listener, &body, || pos(&r, "app.db").as_deref() == Some(&want));
+    serve_once(&listener, &body, || {
+        pos(&r, "app.db").as_deref() == Some(&want)
+    });
     assert_eq!(
         sha(&r.data.join("dbs/app.db/database")),
         sha(&src),

@@ -262,7 +262,11 @@ async fn stream(State(st): State<ServerState>, body: Bytes) -> Response {
     if !st.store.is_primary() {
         return (StatusCode::SERVICE_UNAVAILABLE, "not the primary\n").into_response();
     }
-    info!(replica = request.node_id, databases = request.positions.len(), "replica connected");
+    info!(
+        replica = request.node_id,
+        databases = request.positions.len(),
+        "replica connected"
+    );
     let (tx, rx) = mpsc::channel(CHANNEL_FRAMES);
     let node = request.node_id;
     tokio::spawn(async move {

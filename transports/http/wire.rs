@@ -242,7 +242,8 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
     };
     let frame = match t {
         T_LTX => {
-            let db = get_str(&mut p, "database name").map_err(|_| WireError::Malformed { what: "ltx" })?;
+            let db = get_str(&mut p, "database name")
+                .map_err(|_| WireError::Malformed { what: "ltx" })?;
             if p.is_empty() {
                 return Err(WireError::Malformed { what: "ltx" });
             }
@@ -273,7 +274,8 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
             }
         }
         T_HANDOFF => {
-            let lease_id = get_str(&mut p, "lease id").map_err(|_| WireError::Malformed { what: "handoff" })?;
+            let lease_id = get_str(&mut p, "lease id")
+                .map_err(|_| WireError::Malformed { what: "handoff" })?;
             exact(p, "handoff")?;
             Frame::Handoff { lease_id }
         }
