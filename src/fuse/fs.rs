@@ -155,31 +155,39 @@ impl Shared {
     }
 
     /// Takes, for a replica applying a file to `db`, the locks a writer would hold
-    /// against local readers (database: PENDING, RESERVED, SHARED; WAL index: WRITE,
-    /// CKPT, RECOVER, READ0-4 exclusive, DMS shared). Locks already taken are kept, so
-    /// repeated calls make progress while readers come and go (PENDING first keeps new
-    /// rollback-mode readers out). Returns true once all are held.
-    pub(crate) fn try_replica_locks(&self, db: &str) -> bool {
+    /// against local readers: in WAL mode (`wal`) WRITE, CKPT, RECOVER and READ0-4
+    /// exclusively and DMS shared on the WAL index (WAL-mode connections hold SHARED on
+    /// the database for as long as they are open, so the database's bytes are left
+    /// alone); in rollback mode PENDING, RESERVED and SHARED on the database. Locks
+    /// already taken are kept, so repeated calls make progress while readers come and
+    /// go (PENDING and WRITE first keep new transactions out). Returns true once all
+    /// are held.
+    pub(crate) fn try_replica_locks(&self, db: &str, wal: bool) -> bool {
         let mut tables = lock(&self.locks);
-        let steps = [
-            (
-                FileKind::Database,
-                DB_LOCKS.0,
-                DB_LOCKS.0 + 1,
-                LockKind::Write,
-            ),
-            (FileKind::Shm, SHM_LOCKS.0, SHM_LOCKS.0 + 2, LockKind::Write),
-            (
-                FileKind::Database,
-                DB_LOCKS.0 + 2,
-                DB_LOCKS.1,
-                LockKind::Write,
-            ),
-            (FileKind::Shm, SHM_LOCKS.0 + 3, SHM_LOCKS.1, LockKind::Write),
-            (FileKind::Shm, SHM_DMS, SHM_DMS, LockKind::Read),
-        ];
+        let steps: &[(FileKind, u64, u64, LockKind)] = if wal {
+            &[
+                (FileKind::Shm, SHM_LOCKS.0, SHM_LOCKS.0 + 2, LockKind::Write),
+                (FileKind::Shm, SHM_LOCKS.0 + 3, SHM_LOCKS.1, LockKind::Write),
+                (FileKind::Shm, SHM_DMS, SHM_DMS, LockKind::Read),
+            ]
+        } else {
+            &[
+                (
+                    FileKind::Database,
+                    DB_LOCKS.0,
+                    DB_LOCKS.0 + 1,
+                    LockKind::Write,
+                ),
+                (
+                    FileKind::Database,
+                    DB_LOCKS.0 + 2,
+                    DB_LOCKS.1,
+                    LockKind::Write,
+                ),
+            ]
+        };
         let mut all = true;
-        for (kind, start, end, lk) in steps {
+        for &(kind, start, end, lk) in steps {
             let t = tables.entry((db.to_string(), kind)).or_default();
             if t.holds(REPLICA_OWNER, end) == Some(lk) && t.holds(REPLICA_OWNER, start) == Some(lk)
             {

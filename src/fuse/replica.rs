@@ -39,7 +39,8 @@ impl Apply for ReplicaApplier {
     fn apply(&self, db: &str, ltx: &Path) -> Result<Applied, StoreError> {
         let start = Instant::now();
         let mut warned = false;
-        while !self.shared.try_replica_locks(db) {
+        let wal = self.wal_mode(db);
+        while !self.shared.try_replica_locks(db, wal) {
             if !warned && start.elapsed() > Duration::from_secs(5) {
                 warn!(
                     db,
@@ -71,6 +72,18 @@ impl Apply for ReplicaApplier {
 }
 
 impl ReplicaApplier {
+    /// Whether the replica's copy of `db` is in WAL mode (header bytes 18 and 19 are 2),
+    /// which decides the locks local readers hold.
+    fn wal_mode(&self, db: &str) -> bool {
+        let Some(d) = self.shared.store().db(db) else {
+            return false;
+        };
+        let mut b = [0u8; 2];
+        std::fs::File::open(d.path(crate::store::FileKind::Database))
+            .and_then(|f| f.read_exact_at(&mut b, 18))
+            .is_ok_and(|()| b == [2, 2])
+    }
+
     /// Writes a fresh, valid WAL-index header (mxFrame 0, change counter + 1) through
     /// the mount, so that it reaches the page cache every reader has mapped. Readers
     /// see a changed header, drop their page caches and read the database file.

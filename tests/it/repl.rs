@@ -431,3 +431,115 @@ fn corrupt_or_truncated_streams_apply_nothing_and_the_replica_recovers() {
         "LFSC00000000000000A1\n"
     );
 }
+
+/// A reader holds a read transaction open on a replica while 100 transactions arrive:
+/// it keeps its snapshot without errors, the database stays intact, and it sees the
+/// new rows once its transaction ends. Both journal modes.
+#[test]
+fn a_reader_on_a_replica_keeps_its_snapshot_while_transactions_arrive() {
+    let port = free_port();
+    let p = primary(port, "");
+    let r = replica(port);
+    for (db, mode) in [("rwal.db", "wal"), ("rdel.db", "delete")] {
+        write_txs(&p, db, mode, 10);
+        wait_converged(&p, &[&r], db);
+        let reader =
+            Connection::open_with_flags(r.path(db), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        let n: i64 = reader
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 10);
+        write_txs(&p, db, mode, 100);
+        std::thread::sleep(Duration::from_millis(500));
+        for _ in 0..5 {
+            let n: i64 = reader
+                .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(n, 10, "{db}: the snapshot moved inside a read transaction");
+            let ok: String = reader
+                .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(ok, "ok", "{db}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        reader.execute_batch("COMMIT").unwrap();
+        wait_converged(&p, &[&r], db);
+        let n: i64 = reader
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(
+            n, 110,
+            "{db}: new rows not visible after the read transaction"
+        );
+        let ok: String = reader
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(ok, "ok", "{db}");
+    }
+}
+
+/// A replica of another cluster is refused on both sides, with a clear log line, and
+/// receives nothing.
+#[test]
+fn a_replica_of_another_cluster_is_refused() {
+    let port = free_port();
+    let p = primary(port, "");
+    write_txs(&p, "app.db", "delete", 3);
+    let r = Process::start_with(move |mnt, data| {
+        std::fs::create_dir_all(data).unwrap();
+        std::fs::write(data.join("clusterid"), "LFSC00000000000000FF\n").unwrap();
+        replica_config(mnt, data, port)
+    });
+    assert!(
+        wait_until(Duration::from_secs(10), || r
+            .log_text()
+            .contains("refusing a primary of another cluster")),
+        "{}",
+        r.log_text()
+    );
+    assert!(
+        p.log_text()
+            .contains("refusing a replica of another cluster")
+    );
+    assert!(!r.path("app.db").exists());
+}
+
+/// A replica that never reads its stream does not hold up the primary's commits nor
+/// another replica.
+#[test]
+fn a_stalled_replica_blocks_neither_commits_nor_other_replicas() {
+    use std::io::Write;
+    let port = free_port();
+    let p = primary(port, "");
+    let body = litefs::transports::http::wire::encode_request(&litefs::transport::StreamRequest {
+        node_id: 7,
+        cluster_id: None,
+        positions: Vec::new(),
+    });
+    let mut stalled = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        stalled,
+        "POST /stream HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    stalled.write_all(&body).unwrap();
+    let r = replica(port);
+    // 200 transactions of 32 KiB each: several MB, far more than the socket buffers and
+    // the stalled stream's channel hold.
+    let c = Connection::open(p.path("big.db")).unwrap();
+    c.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
+        .unwrap();
+    let start = std::time::Instant::now();
+    for _ in 0..200 {
+        c.execute("INSERT INTO t (v) VALUES (randomblob(32768))", [])
+            .unwrap();
+    }
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(30), "commits took {took:?}");
+    wait_converged(&p, &[&r], "big.db");
+    assert_eq!(count(&r, "big.db").unwrap(), 200);
+    drop(stalled);
+}
