@@ -18,11 +18,14 @@
 //!   mount lifecycle (stale mounts, signals, clean unmount).
 //! - [`replicate`]: the primary's per-replica streams and the replica's apply loop.
 //! - [`node`]: the node's role (static lease: primary or replica) and its services.
+//! - [`exec`]: the application litefs runs once the node is in sync (`exec`, `-- CMD`):
+//!   migrations in order, then a supervised command whose exit ends litefs.
 //! - [`cli`]: the command line (`litefs mount`, `litefs ltx ...`); the binary in
 //!   `src/main.rs` only calls into it.
 
 pub mod cli;
 pub mod config;
+pub mod exec;
 pub mod fuse;
 pub mod lease;
 pub mod ltx;

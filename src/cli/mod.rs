@@ -153,10 +153,14 @@ fn run_mount(args: MountArgs) -> ExitCode {
         skip_unmount: args.skip_unmount,
         cmd: args.cmd,
     };
+    let exit_on_error = cfg.exit_on_error;
     match mount(cfg, opts) {
         Ok(code) => code,
         Err(e) => {
             tracing::error!("{e:#}");
+            if !exit_on_error && let Err(e) = crate::exec::hold_until_signal() {
+                tracing::error!("cannot wait for a signal: {e}");
+            }
             ExitCode::FAILURE
         }
     }
@@ -169,9 +173,7 @@ fn run_mount(args: MountArgs) -> ExitCode {
 /// Whatever stops the node.
 pub fn mount(cfg: Config, opts: MountOptions) -> anyhow::Result<ExitCode> {
     use anyhow::Context;
-    if !opts.cmd.is_empty() || !cfg.exec.is_empty() {
-        tracing::warn!("exec is not supported by this build yet; the command is not started");
-    }
+    let plan = crate::exec::Plan::new(&cfg.exec, &opts.cmd)?;
     let mut fuse_opts = crate::fuse::MountOptions::new(&cfg.fuse.dir, &cfg.data.dir);
     fuse_opts.allow_other = cfg.fuse.allow_other;
     fuse_opts.debug = cfg.fuse.debug;
@@ -192,18 +194,27 @@ pub fn mount(cfg: Config, opts: MountOptions) -> anyhow::Result<ExitCode> {
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async {
-        let shutdown = crate::fuse::shutdown_signal().context("installing signal handlers")?;
+        let mut signals = crate::exec::Signals::install().context("installing signal handlers")?;
+        let exec_opts = crate::exec::Options {
+            candidate: cfg.lease.candidate,
+            skip_sync: cfg.skip_sync,
+            exit_on_error: cfg.exit_on_error,
+        };
         let node = crate::node::Node::prepare(&cfg, store.clone()).await?;
-        // Replication stops before the unmount and the store's clean close.
+        // A static primary is in sync at once; a replica once the primary said Ready.
+        let in_sync = node.in_sync(&cfg.lease);
         let stopper = node.stopper();
-        let shutdown = async move {
-            shutdown.await;
+        let mut outcome = None;
+        // fuse::run polls this only once the file system is mounted, and stops at its
+        // end; replication stops first, before the unmount and the store's clean close.
+        let work = async {
+            outcome = Some(crate::exec::run(&plan, exec_opts, in_sync, &mut signals).await);
             let _ = stopper.send(true);
         };
-        let result = crate::fuse::run_with(fuse_opts, store, shutdown, |m| node.on_mount(m)).await;
+        let result = crate::fuse::run_with(fuse_opts, store, work, |m| node.on_mount(m)).await;
         node.stop().await;
         match result {
-            Ok(()) => Ok(ExitCode::SUCCESS),
+            Ok(()) => Ok(ExitCode::from(outcome.map_or(0, |o| o.exit_code()))),
             Err(e @ crate::fuse::MountError::Fatal(_)) => {
                 tracing::error!("{e}");
                 Ok(ExitCode::from(99))
@@ -224,7 +235,8 @@ fn log_subscriber(log: &LogConfig) -> Box<dyn tracing::Subscriber + Send + Sync>
         .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(filter);
     match (log.format, log.timestamp) {
-        (LogFormat::Json, _) => Box::new(builder.json().finish()),
+        (LogFormat::Json, true) => Box::new(builder.json().finish()),
+        (LogFormat::Json, false) => Box::new(builder.json().without_time().finish()),
         (LogFormat::Text, true) => Box::new(builder.finish()),
         (LogFormat::Text, false) => Box::new(builder.without_time().finish()),
     }

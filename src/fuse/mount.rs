@@ -265,6 +265,10 @@ impl Drop for Mount {
 /// a committed transaction could not be captured), then unmounts and closes the
 /// store. This is what `litefs mount` runs.
 ///
+/// `shutdown` is first polled once the file system is mounted, and is dropped before
+/// it is unmounted, so it may run work that needs the mount (`exec`'s application)
+/// and stop that work when dropped.
+///
 /// # Errors
 /// Mount problems ([`MountError`]), a busy mount point at shutdown, the store
 /// failing to close, or [`MountError::Fatal`] (exit status 99).
@@ -289,7 +293,7 @@ pub async fn run_with(
 ) -> Result<(), MountError> {
     let mount = Mount::start(&opts, store.clone())?;
     on_mount(&mount);
-    tokio::pin!(shutdown);
+    let mut shutdown = Box::pin(shutdown);
     let mut fatal = None;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
@@ -310,6 +314,7 @@ pub async fn run_with(
             }
         }
     }
+    drop(shutdown);
     if opts.skip_unmount {
         warn!(dir = %opts.fuse_dir.display(), "-skip-unmount: leaving the file system mounted");
         store.close()?;

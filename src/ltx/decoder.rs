@@ -11,7 +11,7 @@ use crc_fast::Digest;
 use lz4_flex::frame::FrameDecoder;
 
 use super::checksum::{crc64_digest, read_full};
-use super::encoder::{PAGE_FLAG_SIZE, next_snapshot_pgno};
+use super::encoder::{PAGE_FLAG_SIZE, check_page_order, next_snapshot_pgno};
 use super::{
     CHECKSUM_FLAG, Checksum, Format, HEADER_FLAG_COMPRESS_LZ4, HEADER_SIZE, Header, LtxError,
     ResultExt, RollingChecksum, TRAILER_SIZE, Trailer, lock_pgno, page_checksum,
@@ -316,7 +316,7 @@ impl<R: Read> Decoder<R> {
         if flags & !PAGE_FLAG_SIZE != 0 {
             return Err(invalid());
         }
-        self.check_pgno(pgno)?;
+        check_page_order(&self.header, self.lock, self.prev_pgno, pgno)?;
         self.hash.update(&ph[..hs]);
 
         match (self.format, flags) {
@@ -340,35 +340,6 @@ impl<R: Read> Decoder<R> {
         });
         self.prev_pgno = pgno;
         Ok(Some(pgno))
-    }
-
-    fn check_pgno(&self, pgno: u32) -> Result<(), LtxError> {
-        let h = &self.header;
-        if pgno <= self.prev_pgno {
-            return Err(LtxError::PageOutOfOrder {
-                pgno,
-                prev: self.prev_pgno,
-            });
-        }
-        if pgno > h.commit {
-            return Err(LtxError::PageBeyondCommit {
-                pgno,
-                commit: h.commit,
-            });
-        }
-        if pgno == self.lock {
-            return Err(LtxError::LockPage { pgno });
-        }
-        if h.is_snapshot() {
-            let expected = next_snapshot_pgno(self.prev_pgno, self.lock);
-            if pgno != expected {
-                return Err(LtxError::MissingPage {
-                    expected,
-                    found: pgno,
-                });
-            }
-        }
-        Ok(())
     }
 
     /// Current format 3: u32 size, then one LZ4 block.

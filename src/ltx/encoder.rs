@@ -27,6 +27,38 @@ pub(crate) fn put_uvarint(out: &mut Vec<u8>, mut v: u64) {
 }
 
 /// The page that must follow `prev` in a snapshot (the lock page is skipped).
+/// The page-order rules shared by the encoder and the decoder: strictly ascending,
+/// within `commit`, never the lock page, and contiguous in a snapshot.
+pub(crate) fn check_page_order(
+    h: &Header,
+    lock: u32,
+    prev: u32,
+    pgno: u32,
+) -> Result<(), LtxError> {
+    if pgno <= prev {
+        return Err(LtxError::PageOutOfOrder { pgno, prev });
+    }
+    if pgno > h.commit {
+        return Err(LtxError::PageBeyondCommit {
+            pgno,
+            commit: h.commit,
+        });
+    }
+    if pgno == lock {
+        return Err(LtxError::LockPage { pgno });
+    }
+    if h.is_snapshot() {
+        let expected = next_snapshot_pgno(prev, lock);
+        if pgno != expected {
+            return Err(LtxError::MissingPage {
+                expected,
+                found: pgno,
+            });
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn next_snapshot_pgno(prev: u32, lock: u32) -> u32 {
     let next = prev.saturating_add(1);
     if next == lock {
@@ -104,30 +136,7 @@ impl<W: Write> Encoder<W> {
                 offset: self.offset,
             });
         }
-        if pgno <= self.prev_pgno {
-            return Err(LtxError::PageOutOfOrder {
-                pgno,
-                prev: self.prev_pgno,
-            });
-        }
-        if pgno > h.commit {
-            return Err(LtxError::PageBeyondCommit {
-                pgno,
-                commit: h.commit,
-            });
-        }
-        if pgno == self.lock {
-            return Err(LtxError::LockPage { pgno });
-        }
-        if h.is_snapshot() {
-            let expected = next_snapshot_pgno(self.prev_pgno, self.lock);
-            if pgno != expected {
-                return Err(LtxError::MissingPage {
-                    expected,
-                    found: pgno,
-                });
-            }
-        }
+        check_page_order(h, self.lock, self.prev_pgno, pgno)?;
 
         let size =
             lz4_flex::block::compress_into(data, &mut self.frame[FRAME_PREFIX..]).map_err(|e| {

@@ -38,6 +38,8 @@ pub struct Node {
     stop_tx: watch::Sender<bool>,
     replica: Mutex<Option<JoinHandle<()>>>,
     node_id: u64,
+    /// Turns true when a replica first caught up with the primary.
+    synced: Arc<watch::Sender<bool>>,
 }
 
 impl Node {
@@ -104,6 +106,7 @@ impl Node {
             stop_tx,
             replica: Mutex::new(None),
             node_id,
+            synced: Arc::new(watch::Sender::new(false)),
         })
     }
 
@@ -111,6 +114,21 @@ impl Node {
     /// waiting).
     pub fn stopper(&self) -> watch::Sender<bool> {
         self.stop_tx.clone()
+    }
+
+    /// Resolves once the node is in sync: at once on a static primary (as
+    /// [`crate::exec::in_sync_without_replication`] says for other leases), on a
+    /// replica when the primary first reports it caught up (`Ready`).
+    pub fn in_sync(&self, lease: &crate::config::LeaseConfig) -> crate::exec::InSync {
+        match self.role {
+            Role::Primary => crate::exec::in_sync_without_replication(lease),
+            Role::Replica { .. } => {
+                let mut rx = self.synced.subscribe();
+                Box::pin(async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                })
+            }
+        }
     }
 
     /// This node's role.
@@ -144,6 +162,7 @@ impl Node {
             applier: applier as Arc<dyn Apply>,
             node_id: self.node_id,
             lag,
+            synced: self.synced.clone(),
         };
         let stop = self.stop_tx.subscribe();
         let handle = tokio::spawn(replica.run(stop));

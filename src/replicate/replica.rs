@@ -60,6 +60,8 @@ pub struct Replica {
     pub node_id: u64,
     /// Where `.lag` reads from.
     pub lag: Arc<Lag>,
+    /// Set to true at the first `Ready` (the node is in sync; `exec` may start).
+    pub synced: Arc<watch::Sender<bool>>,
 }
 
 impl Replica {
@@ -219,7 +221,10 @@ impl Replica {
                         }
                     }
                 }
-                Frame::Ready => info!("caught up with the primary"),
+                Frame::Ready => {
+                    info!("caught up with the primary");
+                    self.synced.send_replace(true);
+                }
                 Frame::Heartbeat { primary_time_ms } => self.lag.set_since(primary_time_ms),
                 Frame::Handoff { .. } => {
                     warn!("handoff offered, but this build's static lease cannot take it")

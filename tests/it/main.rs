@@ -2,6 +2,7 @@
 
 mod cli_mount;
 mod config;
+mod exec;
 mod fuse;
 mod ltx_apply;
 mod ltx_litestream;
@@ -9,6 +10,7 @@ mod ltx_props;
 mod ltx_support;
 mod ltx_testdata;
 mod repl;
+mod repl_bench;
 mod store;
 mod store_bench;
 mod store_vfs;
