@@ -33,6 +33,13 @@
 //!   (positions of deleted databases whose commit-0 LTX file is still kept), [`Db::verify`]
 //!   (full re-hash), [`Store::set_strict_verify`] (`strict-verify`: a full re-hash after
 //!   every capture fails the hook on a mismatch), [`Db::commit`], [`Db::ltx_dir`].
+//! - Added for replication (`src/store/replica.rs`, `src/store/snapshot.rs`):
+//!   [`Store::set_primary`] (a replica's mount is read-only and captures nothing),
+//!   [`Store::subscribe_changes`] (a `tokio::sync::watch` bumped after every capture,
+//!   creation and deletion: what wakes the primary's streams), [`Store::apply_replicated`]
+//!   (verify a received LTX file completely, then apply it; the caller holds the FUSE
+//!   locks), [`Db::write_snapshot`] (a consistent snapshot under the state lock) and
+//!   [`read_ltx_ends`] (header and trailer of an LTX file).
 //! - After [`Store::close`] every hook fails with [`StoreError::Closed`]: nothing may
 //!   change once the clean-shutdown record is written.
 //! - An `Err` from `wal_write_lock_released` means SQLite considers the transaction

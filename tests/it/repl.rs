@@ -289,9 +289,14 @@ fn diverged_replica_is_resnapshotted_and_logs_discarded_txids() {
 
 /// A stand-in primary: answers one `POST /stream` with `body` (after the HTTP head)
 /// and keeps the connection open until `hold` returns true, then closes it.
-fn serve_once(listener: &TcpListener, body: &[u8], hold: impl Fn() -> bool) {
+fn serve_once(
+    listener: &TcpListener,
+    body: &[u8],
+    hold: impl Fn() -> bool,
+) -> litefs::transport::StreamRequest {
     use std::io::{Read, Write};
     let (mut s, _) = listener.accept().unwrap();
+    let mut request = None;
     let mut buf = Vec::new();
     let mut tmp = [0u8; 4096];
     loop {
@@ -327,6 +332,7 @@ fn serve_once(listener: &TcpListener, body: &[u8], hold: impl Fn() -> bool) {
         wait_until(Duration::from_secs(30), &hold),
         "hold condition never met"
     );
+    request.unwrap()
 }
 
 /// A corrupt LTX file, a truncated stream and a malformed frame from a test server:
@@ -386,10 +392,11 @@ fn corrupt_or_truncated_streams_apply_nothing_and_the_replica_recovers() {
         &wire::encode_frame(&Frame::Ready),
     ]
     .concat();
-    serve_once(&listener, &body, || {
+    let req = serve_once(&listener, &body, || {
         r.log_text()
             .contains("cannot apply a file from the primary")
     });
+    assert!(req.positions.is_empty(), "{req:?}");
     assert!(nothing_applied());
 
     // 2: the stream ends in the middle of the file.
@@ -430,6 +437,37 @@ fn corrupt_or_truncated_streams_apply_nothing_and_the_replica_recovers() {
         std::fs::read_to_string(r.data.join("clusterid")).unwrap(),
         "LFSC00000000000000A1\n"
     );
+
+    // The next file fails to apply three times in a row: the replica then asks for a
+    // snapshot (TXID all ones) instead of its position, and takes the one it gets.
+    let garbage = [&preamble[..], &ltx_frames(&[7u8; 300])].concat();
+    for attempt in 1..=3 {
+        let req = serve_once(&listener, &garbage, || {
+            r.log_text()
+                .matches("cannot apply a file from the primary")
+                .count()
+                > attempt
+        });
+        let p = req.positions.iter().find(|p| p.db == "app.db").unwrap();
+        assert_eq!(
+            (p.txid, p.post_apply_checksum),
+            (1, sum.0),
+            "attempt {attempt}"
+        );
+    }
+    let body = [
+        &preamble[..],
+        &ltx_frames(&file),
+        &wire::encode_frame(&Frame::Ready),
+    ]
+    .concat();
+    let req = serve_once(&listener, &body, || {
+        r.log_text().matches("caught up").count() >= 2
+    });
+    let p = req.positions.iter().find(|p| p.db == "app.db").unwrap();
+    assert_eq!(p.txid, u64::MAX, "no snapshot asked for: {req:?}");
+    assert_eq!(pos(&r, "app.db").as_deref(), Some(want.as_str()));
+    assert_eq!(sha(&r.data.join("dbs/app.db/database")), sha(&src));
 }
 
 /// A reader holds a read transaction open on a replica while 100 transactions arrive:

@@ -22,7 +22,8 @@ fn run(rate: u32, seconds: u32) {
     let p = primary(port, "");
     let r = replica(port);
     let c = Connection::open(p.path("lag.db")).unwrap();
-    c.query_row("PRAGMA journal_mode=wal", [], |_| Ok(())).unwrap();
+    c.query_row("PRAGMA journal_mode=wal", [], |_| Ok(()))
+        .unwrap();
     c.execute_batch("PRAGMA synchronous=NORMAL; CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
         .unwrap();
     wait_converged(&p, &[&r], "lag.db");
@@ -82,4 +83,61 @@ fn run(rate: u32, seconds: u32) {
 fn repl_bench_lag() {
     run(100, 5);
     run(1000, 3);
+}
+
+/// Peak resident memory of a process (VmHWM), in MiB.
+fn peak_rss_mib(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: f64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb / 1024.0
+}
+
+/// Snapshot catch-up: a database of `LITEFS_BENCH_SNAPSHOT_MB` (default 256) MiB whose
+/// early LTX files retention removed; a replica started afterwards gets it as one
+/// snapshot. Prints MB/s (database size over the time from replica start to the
+/// primary's position on its mount) and the replica's and primary's peak RSS.
+#[test]
+#[ignore = "benchmark"]
+fn repl_bench_snapshot() {
+    let mb: usize = std::env::var("LITEFS_BENCH_SNAPSHOT_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
+    let port = free_port();
+    let p = primary(port, "  retention: 1s\n  retention-monitor-interval: 1s\n");
+    let mut c = Connection::open(p.path("big.db")).unwrap();
+    c.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
+        .unwrap();
+    // In 8 transactions, so that retention can drop all but the last.
+    for _ in 0..8 {
+        let tx = c.transaction().unwrap();
+        for _ in 0..mb * 1024 / 8 {
+            tx.execute("INSERT INTO t (v) VALUES (randomblob(1000))", [])
+                .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    assert!(crate::support::wait_until(Duration::from_secs(20), || {
+        crate::support::ltx_files(&p.data, "big.db").len() == 1
+    }));
+    let size = std::fs::metadata(p.data.join("dbs/big.db/database"))
+        .unwrap()
+        .len();
+    let t0 = Instant::now();
+    let r = replica(port);
+    wait_converged(&p, &[&r], "big.db");
+    let took = t0.elapsed();
+    println!(
+        "snapshot catch-up of {:.0} MiB: {:?}, {:.0} MB/s (including replica start-up); \
+         replica peak RSS {:.1} MiB, primary peak RSS {:.1} MiB",
+        size as f64 / 1048576.0,
+        took,
+        size as f64 / 1e6 / took.as_secs_f64(),
+        peak_rss_mib(r.pid()),
+        peak_rss_mib(p.pid()),
+    );
 }
