@@ -238,6 +238,12 @@ pub async fn serve(
         .route("/stream", axum::routing::post(stream))
         .with_state(state);
     info!(addr = ?listener.local_addr().ok(), "HTTP server listening");
+    // Frames are small and latency matters: no Nagle delay on the stream.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            warn!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
