@@ -73,8 +73,9 @@ pub async fn serve(
     loop {
         changes.borrow_and_update();
         let mut sent_any = false;
+        // One file per database per round: a busy database does not starve the others.
         for db in store.databases() {
-            while let Some(next) =
+            if let Some(next) =
                 step(&db, known.get(db.name()).copied(), &tmp_dir, node, &tx).await?
             {
                 known.insert(db.name().to_string(), next);

@@ -296,7 +296,7 @@ fn serve_once(
 ) -> litefs::transport::StreamRequest {
     use std::io::{Read, Write};
     let (mut s, _) = listener.accept().unwrap();
-    let mut request = None;
+    let request;
     let mut buf = Vec::new();
     let mut tmp = [0u8; 4096];
     loop {
