@@ -576,3 +576,38 @@ fn a_stalled_replica_blocks_neither_commits_nor_other_replicas() {
     assert_eq!(count(&r, "big.db").unwrap(), 200);
     drop(stalled);
 }
+
+/// `exec` on a replica starts only once the replica caught up with the primary: the
+/// application's first query already sees every row the primary had.
+#[test]
+fn exec_on_a_replica_starts_after_it_caught_up() {
+    let port = free_port();
+    let p = primary(port, "");
+    write_txs(&p, "app.db", "delete", 300);
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = out_dir.path().join("count");
+    let out2 = out.clone();
+    let r = Process::start_with(move |mnt, data| {
+        let script = format!(
+            "sqlite3 {}/app.db 'SELECT count(*) FROM t' > {} 2>&1; sleep 60",
+            mnt.display(),
+            out2.display()
+        );
+        format!(
+            "{}exec: {}\n",
+            replica_config(mnt, data, port),
+            serde_json::to_string(&format!("sh -c {}", shell_quote(&script))).unwrap()
+        )
+    });
+    assert!(
+        wait_until(Duration::from_secs(20), || std::fs::read_to_string(&out)
+            .is_ok_and(|s| s.ends_with('\n'))),
+        "{}",
+        r.log_text()
+    );
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "300\n");
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
