@@ -611,3 +611,27 @@ fn exec_on_a_replica_starts_after_it_caught_up() {
 fn shell_quote(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
+
+/// The primary goes away and comes back on the same address: the replica reconnects
+/// (with backoff) and continues from its position without a snapshot.
+#[test]
+fn a_replica_reconnects_when_the_primary_restarts() {
+    let port = free_port();
+    let mut p = primary(port, "");
+    let r = replica(port);
+    write_txs(&p, "app.db", "wal", 20);
+    wait_converged(&p, &[&r], "app.db");
+    assert!(p.signal(libc::SIGTERM).success());
+    assert!(wait_until(Duration::from_secs(10), || r
+        .log_text()
+        .contains("replication stream failed")));
+    p.spawn();
+    write_txs(&p, "app.db", "wal", 20);
+    wait_converged(&p, &[&r], "app.db");
+    assert_eq!(count(&r, "app.db").unwrap(), 40);
+    assert!(
+        !p.log_text().contains("sending snapshot"),
+        "{}",
+        p.log_text()
+    );
+}
