@@ -3,17 +3,25 @@
 //!
 //! - [`static_lease`]: [`StaticLeaser`], `lease.type: static`.
 //! - [`object_store_sink`]: [`ObjectStoreSink`], `backup.type: file | s3`.
-//! - Consul and etcd leasers come with their issue; until then [`build_leaser`] says
-//!   so instead of pretending.
+//! - [`consul`]: [`ConsulLeaser`], `lease.type: consul` (session + KV lock).
+//! - [`etcd`]: [`EtcdLeaser`], `lease.type: etcd` (lease + election transaction).
+//! - [`conformance`]: the leaser conformance suite, and [`faulty`]: a leaser
+//!   wrapper that injects store outages (both test infrastructure).
 //!
 //! Nothing outside this module names a concrete backend: the node holds
 //! `Arc<dyn Leaser>` and `Arc<dyn SnapshotSink>`.
 
+pub mod conformance;
+pub mod consul;
+pub mod etcd;
+pub mod faulty;
 pub mod object_store_sink;
 pub mod static_lease;
 
 use std::sync::Arc;
 
+pub use consul::{ConsulLease, ConsulLeaser};
+pub use etcd::{EtcdLease, EtcdLeaser};
 pub use object_store_sink::ObjectStoreSink;
 pub use static_lease::{StaticLease, StaticLeaser};
 
@@ -27,16 +35,6 @@ pub enum BuildError {
     /// `lease.type` is not set (a config that passed validation always has it).
     #[error("lease.type is not set: one of consul, static, etcd")]
     MissingLeaseType,
-    /// The backend exists in the schema but not in this build yet.
-    #[error("{key}: '{kind}' is not implemented in this build yet (available: {available})")]
-    NotImplemented {
-        /// Config key that selects it (`lease.type`, `backup.type`).
-        key: &'static str,
-        /// The value asked for.
-        kind: &'static str,
-        /// What this build offers.
-        available: &'static str,
-    },
     /// The backend could not be set up (directory not creatable, client not
     /// configurable).
     #[error("{key}: {message}")]
@@ -59,8 +57,10 @@ pub enum BuildError {
 /// Builds the leaser `lease.type` names.
 ///
 /// # Errors
-/// [`BuildError::NotImplemented`] for consul and etcd (not in this build yet),
+/// [`BuildError::Invalid`] for a consul URL or etcd settings that cannot work,
 /// [`BuildError::MissingLeaseType`] for an unvalidated config without a type.
+/// Nothing is contacted here: an unreachable store shows up as a retryable
+/// [`crate::lease::LeaseError::Unavailable`] on first use.
 pub fn build_leaser(cfg: &LeaseConfig) -> Result<Arc<dyn Leaser>, BuildError> {
     match cfg.kind {
         None => Err(BuildError::MissingLeaseType),
@@ -71,11 +71,11 @@ pub fn build_leaser(cfg: &LeaseConfig) -> Result<Arc<dyn Leaser>, BuildError> {
             };
             Ok(Arc::new(StaticLeaser::new(primary, cfg.candidate)))
         }
-        Some(kind @ (LeaseType::Consul | LeaseType::Etcd)) => Err(BuildError::NotImplemented {
-            key: "lease.type",
-            kind: kind.as_str(),
-            available: "static",
-        }),
+        Some(LeaseType::Consul) => Ok(Arc::new(ConsulLeaser::new(
+            cfg,
+            std::env::var("CONSUL_HTTP_TOKEN").ok(),
+        )?)),
+        Some(LeaseType::Etcd) => Ok(Arc::new(EtcdLeaser::new(cfg)?)),
     }
 }
 
@@ -136,20 +136,31 @@ mod tests {
     }
 
     #[test]
-    fn consul_and_etcd_say_they_are_not_implemented() {
-        for kind in [LeaseType::Consul, LeaseType::Etcd] {
-            let cfg = LeaseConfig {
-                kind: Some(kind),
-                ..LeaseConfig::default()
-            };
-            let err = build_leaser(&cfg).unwrap_err();
-            assert_eq!(
-                err.to_string(),
-                format!(
-                    "lease.type: '{kind}' is not implemented in this build yet (available: static)"
-                )
-            );
-        }
+    fn consul_and_etcd_configs_build_their_leasers() {
+        let mut cfg = LeaseConfig {
+            kind: Some(LeaseType::Consul),
+            hostname: "n1".into(),
+            advertise_url: "http://n1:20202".into(),
+            ..LeaseConfig::default()
+        };
+        cfg.consul.url = "http://127.0.0.1:8500/prefix".into();
+        cfg.consul.key = "litefs".into();
+        assert_eq!(build_leaser(&cfg).unwrap().type_name(), "consul");
+        cfg.consul.url = "127.0.0.1:8500".into();
+        assert!(matches!(
+            build_leaser(&cfg).unwrap_err(),
+            BuildError::Invalid {
+                key: "lease.consul.url",
+                ..
+            }
+        ));
+
+        cfg.kind = Some(LeaseType::Etcd);
+        cfg.etcd.endpoints = vec!["http://127.0.0.1:2379".into()];
+        cfg.etcd.key = "litefs".into();
+        let leaser = build_leaser(&cfg).unwrap();
+        assert_eq!(leaser.type_name(), "etcd");
+        assert_eq!(leaser.node_info().hostname, "n1");
         assert_eq!(
             build_leaser(&LeaseConfig::default()).unwrap_err(),
             BuildError::MissingLeaseType

@@ -68,11 +68,33 @@ pub trait Leaser: Debug + Send + Sync + 'static {
     /// [`LeaseError::Unavailable`] when the store cannot be reached (retryable).
     async fn primary_info(&self) -> Result<Option<PrimaryInfo>, LeaseError>;
 
+    /// Waits until the holder may have changed since `after`, or `wait` passes, then
+    /// reads the holder. Returns it with the token to pass as `after` next time;
+    /// `after == 0` answers at once. A spurious early answer is allowed (compare the
+    /// holder), so callers loop on it; this is how replicas learn of a new primary
+    /// without polling. Implementations with change notifications (Consul blocking
+    /// queries, etcd watches) answer as soon as the key changes; the default waits
+    /// out `wait` and reads.
+    ///
+    /// # Errors
+    /// As [`Leaser::primary_info`].
+    async fn watch_primary(
+        &self,
+        after: u64,
+        wait: Duration,
+    ) -> Result<(Option<PrimaryInfo>, u64), LeaseError> {
+        if after != 0 {
+            tokio::time::sleep(wait).await;
+        }
+        Ok((self.primary_info().await?, after.wrapping_add(1).max(1)))
+    }
+
     /// Tries to become the holder.
     ///
     /// # Errors
     /// [`LeaseError::PrimaryExists`] if another node holds it (retryable: try again
-    /// after it goes away); [`LeaseError::NotCandidate`] on a non-candidate;
+    /// after it goes away); [`LeaseError::Busy`] if nobody holds it but the store
+    /// refused for now (lock-delay, a lost race); [`LeaseError::NotCandidate`] on a non-candidate;
     /// [`LeaseError::Unavailable`] when the store cannot be reached.
     async fn acquire(&self) -> Result<Box<dyn Lease>, LeaseError>;
 
@@ -134,6 +156,16 @@ pub enum LeaseError {
         /// The holder.
         primary: PrimaryInfo,
     },
+    /// Nobody holds the lease, but the store would not hand it out right now: Consul's
+    /// lock-delay after a holder's session was invalidated, or another candidate won a
+    /// race between reading and acquiring. Retry after a moment.
+    #[error("{backend} lease is not available yet: {reason}")]
+    Busy {
+        /// Implementation name.
+        backend: &'static str,
+        /// What the store said.
+        reason: String,
+    },
     /// This node is not a candidate (`lease.candidate: false`).
     #[error("{backend} lease: this node is not a candidate (lease.candidate is false)")]
     NotCandidate {
@@ -181,7 +213,9 @@ impl LeaseError {
     /// Whether the same call may succeed later without a change of configuration.
     pub fn is_retryable(&self) -> bool {
         match self {
-            LeaseError::PrimaryExists { .. } | LeaseError::Unavailable { .. } => true,
+            LeaseError::PrimaryExists { .. }
+            | LeaseError::Busy { .. }
+            | LeaseError::Unavailable { .. } => true,
             LeaseError::NotCandidate { .. }
             | LeaseError::Lost { .. }
             | LeaseError::Protocol { .. }

@@ -2,8 +2,14 @@
 
 mod cli_mount;
 mod config;
+mod consul_server;
+mod etcd_server;
 mod exec;
 mod fuse;
+mod lease_consul;
+mod lease_consul_server;
+mod lease_etcd;
+mod lease_static;
 mod ltx_apply;
 mod ltx_litestream;
 mod ltx_props;
