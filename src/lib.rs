@@ -18,6 +18,8 @@
 //!   mount lifecycle (stale mounts, signals, clean unmount).
 //! - [`archive`]: shipping every LTX file to the [`sink::SnapshotSink`] (Litestream 0.5
 //!   layout, no database checksums, recorded positions beside it) and restoring from it.
+//! - [`replicate`]: the primary's per-replica streams and the replica's apply loop.
+//! - [`node`]: the node's role (static lease: primary or replica) and its services.
 //! - [`exec`]: the application litefs runs once the node is in sync (`exec`, `-- CMD`):
 //!   migrations in order, then a supervised command whose exit ends litefs.
 //! - [`cli`]: the command line (`litefs mount`, `litefs ltx ...`); the binary in
@@ -30,6 +32,8 @@ pub mod exec;
 pub mod fuse;
 pub mod lease;
 pub mod ltx;
+pub mod node;
+pub mod replicate;
 pub mod sink;
 pub mod store;
 pub mod transport;

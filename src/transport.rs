@@ -97,6 +97,12 @@ pub trait FrameStream: Send {
     /// [`TransportError::Closed`] when the connection ends without `End`; any other
     /// variant for a malformed stream or a refusal.
     async fn next_frame(&mut self) -> Result<Option<Frame>, TransportError>;
+
+    /// The primary's cluster id, when the transport learned it while connecting (a
+    /// replica that has none adopts it).
+    fn cluster_id(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Client side of a replication transport. Held as `Arc<dyn Transport>`.

@@ -1,3 +1,5 @@
-//! Implementations of [`crate::transport::Transport`]. The HTTP transport comes with
-//! the replication issue; nothing here yet, and nothing outside this folder will name
-//! a concrete transport.
+//! Implementations of [`crate::transport::Transport`]: [`http`] (LiteFS's `/stream`
+//! over HTTP/1.1, with this project's versioned binary frames). Nothing outside this
+//! folder names a concrete transport.
+
+pub mod http;

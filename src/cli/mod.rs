@@ -203,7 +203,8 @@ pub fn mount(cfg: Config, opts: MountOptions) -> anyhow::Result<ExitCode> {
         ),
         None => None,
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
@@ -214,15 +215,20 @@ pub fn mount(cfg: Config, opts: MountOptions) -> anyhow::Result<ExitCode> {
             skip_sync: cfg.skip_sync,
             exit_on_error: cfg.exit_on_error,
         };
-        // The point exec waits for (unless skip-sync): replication replaces this with
-        // "caught up with the primary".
-        let in_sync = crate::exec::in_sync_without_replication(&cfg.lease);
+        let node = crate::node::Node::prepare(&cfg, store.clone()).await?;
+        // A static primary is in sync at once; a replica once the primary said Ready.
+        let in_sync = node.in_sync(&cfg.lease);
+        let stopper = node.stopper();
         let mut outcome = None;
-        // fuse::run polls this only once the file system is mounted, and stops at its end.
-        let node = async {
+        // fuse::run polls this only once the file system is mounted, and stops at its
+        // end; replication stops first, before the unmount and the store's clean close.
+        let work = async {
             outcome = Some(crate::exec::run(&plan, exec_opts, in_sync, &mut signals).await);
+            let _ = stopper.send(true);
         };
-        match crate::fuse::run(fuse_opts, store, node).await {
+        let result = crate::fuse::run_with(fuse_opts, store, work, |m| node.on_mount(m)).await;
+        node.stop().await;
+        match result {
             Ok(()) => Ok(ExitCode::from(outcome.map_or(0, |o| o.exit_code()))),
             Err(e @ crate::fuse::MountError::Fatal(_)) => {
                 tracing::error!("{e}");

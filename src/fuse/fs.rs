@@ -30,6 +30,16 @@ const TTL: Duration = Duration::from_secs(1);
 
 const ROOT: u64 = 1;
 const PRIMARY_FILE: &str = ".primary";
+const LAG_FILE: &str = ".lag";
+/// Lock owner under which a replica applying an LTX file holds SQLite's locks.
+const REPLICA_OWNER: u64 = u64::MAX;
+/// Database-file lock bytes a rollback-mode writer holds: PENDING, RESERVED, SHARED.
+const DB_LOCKS: (u64, u64) = (0x4000_0000, 0x4000_0000 + 2 + 510 - 1);
+/// WAL-index lock bytes taken exclusively while applying: WRITE, CKPT, RECOVER,
+/// READ0-4.
+const SHM_LOCKS: (u64, u64) = (120, 127);
+/// The WAL-index dead-man switch, held shared.
+const SHM_DMS: u64 = 128;
 const POS_SUFFIX: &str = "-pos";
 
 /// Byte offsets of the WAL-index locks SQLite takes on the `-shm` file.
@@ -42,6 +52,7 @@ enum Node {
     File { db: String, kind: FileKind },
     Pos { db: String },
     Primary,
+    Lag,
 }
 
 /// Inode numbers, handed out per name and kept while the name exists, so `ls -i`
@@ -96,6 +107,8 @@ pub(crate) struct Shared {
     next_fh: AtomicU64,
     locks: Mutex<HashMap<(String, FileKind), LockTable>>,
     primary_hostname: RwLock<Option<String>>,
+    /// What `.lag` shows on a replica.
+    lag: RwLock<Option<Arc<crate::replicate::replica::Lag>>>,
     /// Set when a committed transaction could not be captured (see `set_fatal`).
     fatal: Mutex<Option<String>>,
     /// `fuse.debug`: log every operation that changes something or takes a lock.
@@ -116,6 +129,7 @@ impl Shared {
             next_fh: AtomicU64::new(1),
             locks: Mutex::new(HashMap::new()),
             primary_hostname: RwLock::new(None),
+            lag: RwLock::new(None),
             fatal: Mutex::new(None),
             debug,
             uid,
@@ -125,6 +139,75 @@ impl Shared {
 
     pub(crate) fn set_primary_hostname(&self, hostname: Option<String>) {
         *write_lock(&self.primary_hostname) = hostname;
+    }
+
+    pub(crate) fn set_lag(&self, lag: Arc<crate::replicate::replica::Lag>) {
+        *write_lock(&self.lag) = Some(lag);
+    }
+
+    pub(crate) fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// The inode number the kernel knows `name` by, if it looked it up.
+    pub(crate) fn ino_of(&self, name: &str) -> Option<u64> {
+        lock(&self.inodes).by_name.get(name).copied()
+    }
+
+    /// Takes, for a replica applying a file to `db`, the locks a writer would hold
+    /// against local readers: in WAL mode (`wal`) WRITE, CKPT, RECOVER and READ0-4
+    /// exclusively and DMS shared on the WAL index (WAL-mode connections hold SHARED on
+    /// the database for as long as they are open, so the database's bytes are left
+    /// alone); in rollback mode PENDING, RESERVED and SHARED on the database. Locks
+    /// already taken are kept, so repeated calls make progress while readers come and
+    /// go (PENDING and WRITE first keep new transactions out). Returns true once all
+    /// are held.
+    pub(crate) fn try_replica_locks(&self, db: &str, wal: bool) -> bool {
+        let mut tables = lock(&self.locks);
+        let steps: &[(FileKind, u64, u64, LockKind)] = if wal {
+            &[
+                (FileKind::Shm, SHM_LOCKS.0, SHM_LOCKS.0 + 2, LockKind::Write),
+                (FileKind::Shm, SHM_LOCKS.0 + 3, SHM_LOCKS.1, LockKind::Write),
+                (FileKind::Shm, SHM_DMS, SHM_DMS, LockKind::Read),
+            ]
+        } else {
+            &[
+                (
+                    FileKind::Database,
+                    DB_LOCKS.0,
+                    DB_LOCKS.0 + 1,
+                    LockKind::Write,
+                ),
+                (
+                    FileKind::Database,
+                    DB_LOCKS.0 + 2,
+                    DB_LOCKS.1,
+                    LockKind::Write,
+                ),
+            ]
+        };
+        let mut all = true;
+        for &(kind, start, end, lk) in steps {
+            let t = tables.entry((db.to_string(), kind)).or_default();
+            if t.holds(REPLICA_OWNER, end) == Some(lk) && t.holds(REPLICA_OWNER, start) == Some(lk)
+            {
+                continue;
+            }
+            if t.lock(REPLICA_OWNER, 0, start, end, lk).is_err() {
+                all = false;
+            }
+        }
+        all
+    }
+
+    /// Releases what [`Shared::try_replica_locks`] took.
+    pub(crate) fn release_replica_locks(&self, db: &str) {
+        let mut tables = lock(&self.locks);
+        for kind in [FileKind::Database, FileKind::Shm] {
+            if let Some(t) = tables.get_mut(&(db.to_string(), kind)) {
+                t.release_owner(REPLICA_OWNER);
+            }
+        }
     }
 }
 
@@ -220,9 +303,11 @@ impl Shared {
 
     /// Resolves a name in the root directory.
     fn resolve(&self, name: &str) -> Result<Node, Errno> {
-        if name == PRIMARY_FILE {
+        if name == PRIMARY_FILE || name == LAG_FILE {
             return if self.store.is_primary() {
                 Err(Errno::ENOENT)
+            } else if name == LAG_FILE {
+                Ok(Node::Lag)
             } else {
                 Ok(Node::Primary)
             };
@@ -249,6 +334,11 @@ impl Shared {
             Node::Primary => Ok(format!(
                 "{}\n",
                 read_lock(&self.primary_hostname).as_deref().unwrap_or("")
+            )
+            .into_bytes()),
+            Node::Lag => Ok(format!(
+                "{}\n",
+                read_lock(&self.lag).as_ref().map_or(0, |l| l.millis())
             )
             .into_bytes()),
             Node::File { .. } => Err(Errno::EINVAL),
@@ -335,7 +425,7 @@ impl Shared {
                 let meta = meta.map_err(Errno::from)?;
                 Ok(self.file_attr(ino, &meta))
             }
-            Node::Pos { .. } | Node::Primary => {
+            Node::Pos { .. } | Node::Primary | Node::Lag => {
                 let len = self.virtual_content(node)?.len() as u64;
                 Ok(self.virtual_attr(ino, len))
             }
@@ -388,7 +478,9 @@ impl Shared {
         );
         let acc = OpenFlags(flags).acc_mode();
         let writable = acc != OpenAccMode::O_RDONLY;
-        if writable && !self.store.is_primary() {
+        // A replica's readers keep the WAL index (and, in WAL mode, an empty WAL) of
+        // their own; only the database and its journal are read-only.
+        if writable && !self.store.is_primary() && !replica_writable(kind) {
             return Err(Errno::EACCES);
         }
         let mut opts = OpenOptions::new();
@@ -603,6 +695,7 @@ impl Shared {
     fn do_unlink(&self, name: &str) -> Result<(), Errno> {
         self.trace("unlink", format_args!("{name}"));
         if name == PRIMARY_FILE
+            || name == LAG_FILE
             || self
                 .resolve(name)
                 .is_ok_and(|n| matches!(n, Node::Pos { .. }))
@@ -724,13 +817,14 @@ impl Shared {
             "create",
             format_args!("{name} mode={mode:o} flags={flags:#x}"),
         );
-        if !self.store.is_primary() {
-            return Err(Errno::EACCES);
-        }
-        if name == PRIMARY_FILE || name.ends_with(POS_SUFFIX) {
+        if name == PRIMARY_FILE || name == LAG_FILE || name.ends_with(POS_SUFFIX) {
             return Err(Errno::EACCES);
         }
         let (dbname, kind) = parse_mount_name(name).ok_or(Errno::EPERM)?;
+        let replica_may = replica_writable(kind) && self.store.db(dbname).is_some();
+        if !self.store.is_primary() && !replica_may {
+            return Err(Errno::EACCES);
+        }
         let mut flags = flags;
         let db = match kind {
             FileKind::Database => match self.store.db(dbname) {
@@ -806,7 +900,7 @@ impl Shared {
         };
         if let Some(size) = size {
             self.trace("truncate", format_args!("{} {kind:?} to {size}", db.name()));
-            if !self.store.is_primary() {
+            if !self.store.is_primary() && !replica_writable(*kind) {
                 return Err(Errno::EACCES);
             }
             self.truncate(&db, *kind, file, size)?;
@@ -845,6 +939,7 @@ impl Shared {
         let mut names = Vec::new();
         if !self.store.is_primary() {
             names.push((PRIMARY_FILE.to_string(), Node::Primary));
+            names.push((LAG_FILE.to_string(), Node::Lag));
         }
         for db in self.store.databases() {
             for kind in [
@@ -1382,6 +1477,11 @@ impl fuser::Filesystem for LiteFs {
             Err(e) => reply.error(e),
         }
     }
+}
+
+/// Files a replica's local readers may open for writing (SQLite's WAL index and WAL).
+fn replica_writable(kind: FileKind) -> bool {
+    matches!(kind, FileKind::Wal | FileKind::Shm)
 }
 
 fn statvfs(path: &Path) -> io::Result<libc::statvfs> {

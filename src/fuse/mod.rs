@@ -61,5 +61,7 @@
 mod fs;
 pub mod locks;
 mod mount;
+mod replica;
 
-pub use mount::{Mount, MountError, MountOptions, prepare, run, shutdown_signal};
+pub use mount::{Mount, MountError, MountOptions, prepare, run, run_with, shutdown_signal};
+pub use replica::ReplicaApplier;

@@ -175,6 +175,21 @@ impl Mount {
         &self.dir
     }
 
+    /// The applier a replica hands received LTX files to (see [`ReplicaApplier`]), and
+    /// the source of the mount's `.lag`.
+    pub fn replica_applier(
+        &self,
+        lag: Arc<crate::replicate::replica::Lag>,
+    ) -> Option<Arc<super::ReplicaApplier>> {
+        let notifier = self.session.as_ref()?.notifier();
+        self.shared.set_lag(lag);
+        Some(Arc::new(super::ReplicaApplier {
+            shared: self.shared.clone(),
+            notifier,
+            mount_dir: self.dir.clone(),
+        }))
+    }
+
     /// Sets what `.primary` shows on a replica (`None` before the primary is known).
     pub fn set_primary_hostname(&self, hostname: Option<String>) {
         self.shared.set_primary_hostname(hostname);
@@ -262,7 +277,22 @@ pub async fn run(
     store: Arc<Store>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), MountError> {
+    run_with(opts, store, shutdown, |_| {}).await
+}
+
+/// As [`run`], calling `on_mount` once the file system is mounted (a replica starts
+/// its replication loop there, with [`Mount::replica_applier`]).
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_with(
+    opts: MountOptions,
+    store: Arc<Store>,
+    shutdown: impl Future<Output = ()>,
+    on_mount: impl FnOnce(&Mount),
+) -> Result<(), MountError> {
     let mount = Mount::start(&opts, store.clone())?;
+    on_mount(&mount);
     let mut shutdown = Box::pin(shutdown);
     let mut fatal = None;
     let mut tick = tokio::time::interval(Duration::from_millis(250));

@@ -108,6 +108,8 @@ pub struct Db {
     /// Asks the store's spare maker to refill `spares` (by database name).
     refill: Mutex<Option<mpsc::Sender<Option<String>>>>,
     pub(crate) state: Mutex<DbState>,
+    /// The store's change counter, bumped after the position changes.
+    changes: std::sync::OnceLock<std::sync::Arc<tokio::sync::watch::Sender<u64>>>,
 }
 
 /// Page changes of one capture, before they are made visible in the state.
@@ -128,6 +130,18 @@ impl Db {
             spares: Mutex::new(Vec::new()),
             refill: Mutex::new(None),
             state: Mutex::new(state),
+            changes: std::sync::OnceLock::new(),
+        }
+    }
+
+    pub(crate) fn set_changes(&self, tx: std::sync::Arc<tokio::sync::watch::Sender<u64>>) {
+        let _ = self.changes.set(tx);
+    }
+
+    /// Wakes whoever waits for a change (the primary's replication streams).
+    pub(crate) fn notify_change(&self) {
+        if let Some(tx) = self.changes.get() {
+            tx.send_modify(|n| *n = n.wrapping_add(1));
         }
     }
 
@@ -579,6 +593,7 @@ impl Db {
             txid,
             post_apply_checksum: post,
         };
+        self.notify_change();
     }
 
     /// Captures every transaction committed in the WAL since the cursor.

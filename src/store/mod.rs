@@ -33,6 +33,13 @@
 //!   (positions of deleted databases whose commit-0 LTX file is still kept), [`Db::verify`]
 //!   (full re-hash), [`Store::set_strict_verify`] (`strict-verify`: a full re-hash after
 //!   every capture fails the hook on a mismatch), [`Db::commit`], [`Db::ltx_dir`].
+//! - Added for replication (`src/store/replica.rs`, `src/store/snapshot.rs`):
+//!   [`Store::set_primary`] (a replica's mount is read-only and captures nothing),
+//!   [`Store::subscribe_changes`] (a `tokio::sync::watch` bumped after every capture,
+//!   creation and deletion: what wakes the primary's streams), [`Store::apply_replicated`]
+//!   (verify a received LTX file completely, then apply it; the caller holds the FUSE
+//!   locks), [`Db::write_snapshot`] (a consistent snapshot under the state lock) and
+//!   [`read_ltx_ends`] (header and trailer of an LTX file).
 //! - After [`Store::close`] every hook fails with [`StoreError::Closed`]: nothing may
 //!   change once the clean-shutdown record is written.
 //! - An `Err` from `wal_write_lock_released` means SQLite considers the transaction
@@ -115,6 +122,8 @@ pub mod journal;
 mod ltxio;
 mod record;
 mod recovery;
+mod replica;
+mod snapshot;
 pub mod wal;
 
 use std::collections::BTreeMap;
@@ -135,6 +144,8 @@ pub use error::StoreError;
 pub use ltxio::{LtxFile, list as list_ltx_files};
 use record::{CleanRecord, Stamp};
 use recovery::Recovered;
+pub use replica::Applied;
+pub use snapshot::read_ltx_ends;
 
 /// The kind of a file in the mount.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -208,6 +219,10 @@ pub struct Store {
     spare_maker: Mutex<Option<SpareMaker>>,
     /// Archive watermarks (`None`: no archive, retention by age only).
     archived: Mutex<Option<BTreeMap<String, TxId>>>,
+    /// Whether this node takes writes (see [`Store::set_primary`]).
+    primary: std::sync::atomic::AtomicBool,
+    /// Bumped after every change of a position or of the set of databases.
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// The thread that pre-creates LTX temp files (see `ltxio::Spare`).
@@ -288,7 +303,12 @@ impl Store {
             retention: Mutex::new(None),
             spare_maker: Mutex::new(None),
             archived: Mutex::new(None),
+            primary: std::sync::atomic::AtomicBool::new(true),
+            changes: Arc::new(tokio::sync::watch::Sender::new(0)),
         });
+        for db in store.inner().dbs.values() {
+            db.set_changes(store.changes.clone());
+        }
         store.start_spare_maker();
         if !store.opts.retention_monitor_interval.is_zero() {
             store.start_retention();
@@ -374,8 +394,10 @@ impl Store {
         {
             db.set_refill(m.tx.clone());
         }
+        db.set_changes(self.changes.clone());
         let db = Arc::new(db);
         inner.dbs.insert(name.to_string(), db.clone());
+        self.notify_change();
         info!(db = name, "database created");
         Ok(db)
     }
@@ -400,6 +422,7 @@ impl Store {
         } else {
             inner.tombstones.insert(name.to_string(), pos);
         }
+        self.notify_change();
         Ok(())
     }
 
@@ -473,9 +496,10 @@ impl Store {
         }
     }
 
-    /// Whether this node takes writes. The static lease of this issue: always true.
+    /// Whether this node takes writes: true unless [`Store::set_primary`] made it a
+    /// replica.
     pub fn is_primary(&self) -> bool {
-        true
+        self.primary.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// From now on retention keeps every LTX file not yet shipped to the archive: a

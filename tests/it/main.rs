@@ -16,6 +16,8 @@ mod ltx_litestream;
 mod ltx_props;
 mod ltx_support;
 mod ltx_testdata;
+mod repl;
+mod repl_bench;
 mod store;
 mod store_bench;
 mod store_vfs;

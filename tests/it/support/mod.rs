@@ -215,6 +215,25 @@ impl Process {
         p
     }
 
+    /// Like [`Process::start`] with the config written by `config(mnt, data)`.
+    pub fn start_with(config: impl Fn(&Path, &Path) -> String) -> Process {
+        let tmp = Arc::new(tempfile::tempdir().unwrap());
+        let mnt = tmp.path().join("mnt");
+        let data = tmp.path().join("data");
+        let path = tmp.path().join("litefs.yml");
+        std::fs::write(&path, config(&mnt, &data)).unwrap();
+        let mut p = Process {
+            child: None,
+            config: path,
+            mnt,
+            data,
+            log: tmp.path().join("litefs.log"),
+            _tmp: tmp,
+        };
+        p.spawn();
+        p
+    }
+
     /// Starts (again) the process on the same directories and waits for the mount.
     pub fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()

@@ -1,0 +1,32 @@
+//! Replication: what the primary streams to each replica, and how a replica applies it.
+//!
+//! - [`decide`]: the pure per-database decision (next file, snapshot, or nothing).
+//! - [`primary`]: one stream per connected replica, as [`Frame`](crate::transport::Frame)s
+//!   into a channel that the transport's server writes out. Each stream is its own task
+//!   reading LTX files from disk and woken by the store's change counter, so a slow
+//!   replica only ever slows its own stream; commits never wait for replicas.
+//! - [`replica`]: the replica's loop: connect through a [`Transport`](crate::transport::Transport),
+//!   receive each file into a temp file, hand it to an [`Apply`] (the FUSE layer, which
+//!   takes the writer's locks against local readers), reconnect with backoff.
+//! - [`cluster_id`]: the cluster id kept in the data directory.
+
+pub mod cluster_id;
+pub mod decide;
+pub mod primary;
+pub mod replica;
+
+use std::path::Path;
+
+use crate::store::{Applied, StoreError};
+
+/// Applies a verified-on-arrival LTX file on a replica. The FUSE mount implements it
+/// (locks against local readers, shm reset, kernel cache invalidation around
+/// [`Store::apply_replicated`](crate::store::Store::apply_replicated)).
+pub trait Apply: Send + Sync {
+    /// Applies the LTX file at `ltx` (a temp file the callee may move) to database `db`.
+    ///
+    /// # Errors
+    /// As [`Store::apply_replicated`](crate::store::Store::apply_replicated); nothing is
+    /// applied from a file that does not verify.
+    fn apply(&self, db: &str, ltx: &Path) -> Result<Applied, StoreError>;
+}

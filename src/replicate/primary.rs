@@ -1,0 +1,263 @@
+//! The primary's side of one replication stream.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::decide::{Decision, FileMeta, decide};
+use crate::ltx::{self, Checksum, Pos, TxId};
+use crate::store::{Db, Store, StoreError, list_ltx_files, read_ltx_ends};
+use crate::transport::{Frame, StreamRequest};
+
+/// How often an idle stream sends a heartbeat.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// Size of the LTX chunks put in frames.
+const CHUNK: usize = 256 * 1024;
+
+/// Why a stream stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The replica went away (the frame channel closed).
+    #[error("replica disconnected")]
+    Disconnected,
+    /// Reading the store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Reading an LTX file failed.
+    #[error("reading {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Serves one replica until it disconnects or `tx` is closed: brings every database to
+/// the primary's position (next files, or snapshots where [`decide`] says so), sends
+/// `Ready` once all are caught up, then follows new commits, with a heartbeat every
+/// [`HEARTBEAT_INTERVAL`] when idle. Snapshots are written to `tmp_dir` and removed
+/// after sending.
+///
+/// # Errors
+/// [`StreamError::Disconnected`] when the replica goes away (the normal end); store and
+/// I/O errors end the stream (the replica reconnects).
+pub async fn serve(
+    store: Arc<Store>,
+    request: StreamRequest,
+    tmp_dir: PathBuf,
+    tx: mpsc::Sender<Frame>,
+) -> Result<(), StreamError> {
+    let node = request.node_id;
+    let mut known: HashMap<String, Pos> = request
+        .positions
+        .iter()
+        .map(|p| {
+            (
+                p.db.clone(),
+                Pos {
+                    txid: TxId(p.txid),
+                    post_apply_checksum: Checksum(p.post_apply_checksum),
+                },
+            )
+        })
+        .collect();
+    let mut changes = store.subscribe_changes();
+    let mut ready_sent = false;
+    loop {
+        changes.borrow_and_update();
+        let mut sent_any = false;
+        // One file per database per round: a busy database does not starve the others.
+        for db in store.databases() {
+            if let Some(next) =
+                step(&db, known.get(db.name()).copied(), &tmp_dir, node, &tx).await?
+            {
+                known.insert(db.name().to_string(), next);
+                sent_any = true;
+            }
+        }
+        for (name, pos) in store.deleted_databases() {
+            // Replicas that have the database, or an older life of it, get the commit-0
+            // file (it deletes whatever they have).
+            if let Some(have) = known.get(&name).copied()
+                && have != pos
+                && have.txid.0 > 0
+            {
+                let path = store
+                    .options()
+                    .data_dir
+                    .join("dbs")
+                    .join(&name)
+                    .join("ltx")
+                    .join(ltx::format_filename(pos.txid, pos.txid));
+                send_file(&name, &path, &tx).await?;
+                info!(replica = node, db = name, "sent deletion");
+                known.insert(name, pos);
+                sent_any = true;
+            }
+        }
+        if !ready_sent && !sent_any {
+            tx.send(Frame::Ready)
+                .await
+                .map_err(|_| StreamError::Disconnected)?;
+            ready_sent = true;
+            info!(replica = node, "replica caught up");
+        }
+        if sent_any {
+            continue;
+        }
+        tokio::select! {
+            r = changes.changed() => {
+                if r.is_err() {
+                    return Ok(());
+                }
+            }
+            _ = tokio::time::sleep(HEARTBEAT_INTERVAL) => {
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0);
+                tx.send(Frame::Heartbeat { primary_time_ms: now })
+                    .await
+                    .map_err(|_| StreamError::Disconnected)?;
+            }
+            _ = tx.closed() => return Err(StreamError::Disconnected),
+        }
+    }
+}
+
+/// Sends what database `db` needs next for a replica at `have`; returns the replica's
+/// new position, or `None` when it is up to date.
+async fn step(
+    db: &Arc<Db>,
+    have: Option<Pos>,
+    tmp_dir: &Path,
+    node: u64,
+    tx: &mpsc::Sender<Frame>,
+) -> Result<Option<Pos>, StreamError> {
+    let current = db.pos();
+    let next_txid = TxId(have.map_or(0, |p| p.txid.0).saturating_add(1));
+    let files = next_file(db, next_txid)?;
+    let metas: Vec<FileMeta> = files.iter().map(|(m, _, _)| *m).collect();
+    match decide(have, current, &metas) {
+        Decision::UpToDate => Ok(None),
+        Decision::SendFile(meta) => {
+            let Some((_, path, post)) = files.into_iter().find(|(m, _, _)| *m == meta) else {
+                return Ok(None);
+            };
+            send_file(db.name(), &path, tx).await?;
+            debug!(replica = node, db = db.name(), txid = %meta.max, "sent ltx");
+            Ok(Some(Pos {
+                txid: meta.max,
+                post_apply_checksum: post,
+            }))
+        }
+        Decision::SendSnapshot(reason) => {
+            info!(
+                replica = node,
+                db = db.name(),
+                replica_pos = %have.unwrap_or_default(),
+                primary_pos = %current,
+                ?reason,
+                "sending snapshot"
+            );
+            tokio::fs::create_dir_all(tmp_dir)
+                .await
+                .map_err(|source| StreamError::Io {
+                    path: tmp_dir.to_path_buf(),
+                    source,
+                })?;
+            let path = tmp_dir.join(format!(
+                "snapshot-{}-{node}-{}.ltx.tmp",
+                db.name(),
+                std::process::id()
+            ));
+            let (d, p) = (db.clone(), path.clone());
+            let pos = tokio::task::spawn_blocking(move || d.write_snapshot(&p))
+                .await
+                .map_err(|e| StreamError::Io {
+                    path: path.clone(),
+                    source: std::io::Error::other(e),
+                })??;
+            let Some(pos) = pos else {
+                let _ = tokio::fs::remove_file(&path).await;
+                return Ok(None);
+            };
+            let sent = send_file(db.name(), &path, tx).await;
+            let _ = tokio::fs::remove_file(&path).await;
+            sent?;
+            Ok(Some(pos))
+        }
+    }
+}
+
+/// The kept file starting at `txid` (the one-TXID name first, else a directory scan),
+/// with its path and post-apply checksum.
+fn next_file(db: &Db, txid: TxId) -> Result<Vec<(FileMeta, PathBuf, Checksum)>, StreamError> {
+    let dir = db.ltx_dir();
+    let direct = dir.join(ltx::format_filename(txid, txid));
+    let path = if direct.exists() {
+        Some(direct)
+    } else {
+        list_ltx_files(&dir)
+            .map_err(|source| StreamError::Io {
+                path: dir.clone(),
+                source,
+            })?
+            .into_iter()
+            .find(|f| f.min == txid)
+            .map(|f| f.path)
+    };
+    let Some(path) = path else {
+        return Ok(Vec::new());
+    };
+    match read_ltx_ends(db.name(), &path) {
+        Ok((h, t)) => Ok(vec![(
+            FileMeta {
+                min: h.min_txid,
+                max: h.max_txid,
+                pre_apply: h.pre_apply_checksum,
+            },
+            path,
+            t.post_apply_checksum,
+        )]),
+        Err(e) => {
+            // Removed by retention in between, or unreadable: a snapshot serves instead.
+            warn!(db = db.name(), error = %e, "cannot read LTX file; the replica gets a snapshot");
+            Ok(Vec::new())
+        }
+    }
+}
+
+/// Streams one LTX file as `Ltx` frames.
+async fn send_file(db: &str, path: &Path, tx: &mpsc::Sender<Frame>) -> Result<(), StreamError> {
+    let io = |source| StreamError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = tokio::fs::File::open(path).await.map_err(io)?;
+    let len = f.metadata().await.map_err(io)?.len();
+    let mut left = len;
+    loop {
+        let n = left.min(CHUNK as u64) as usize;
+        let mut chunk = vec![0u8; n];
+        f.read_exact(&mut chunk).await.map_err(io)?;
+        left -= n as u64;
+        tx.send(Frame::Ltx {
+            db: db.to_string(),
+            chunk,
+            last: left == 0,
+        })
+        .await
+        .map_err(|_| StreamError::Disconnected)?;
+        if left == 0 {
+            return Ok(());
+        }
+    }
+}
