@@ -63,5 +63,5 @@ pub mod locks;
 mod mount;
 mod replica;
 
-pub use mount::{Mount, MountError, MountOptions, prepare, run, run_with, shutdown_signal};
+pub use mount::{Mount, MountError, MountOptions, prepare, run, run_with};
 pub use replica::ReplicaApplier;

@@ -338,22 +338,6 @@ pub async fn run_with(
     Ok(())
 }
 
-/// Resolves on the first SIGINT or SIGTERM.
-///
-/// # Errors
-/// When the signal handlers cannot be installed.
-pub fn shutdown_signal() -> io::Result<impl Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut term = signal(SignalKind::terminate())?;
-    Ok(async move {
-        tokio::select! {
-            _ = int.recv() => info!("received SIGINT"),
-            _ = term.recv() => info!("received SIGTERM"),
-        }
-    })
-}
-
 /// Checks the mount point before anything else touches the data directory: creates
 /// it if missing, clears a stale litefs mount nobody uses, and refuses a live mount
 /// (another litefs on the same directories must not see its store recovered under it).
