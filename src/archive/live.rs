@@ -12,21 +12,7 @@ use crate::ltx::{
     Checksum, Encoder, HEADER_FLAG_NO_CHECKSUM, Header, Pos, RollingChecksum, TxId, lock_pgno,
     page_checksum,
 };
-use crate::store::{Db, FileKind, wal};
-
-/// Reads a page; the part past the end of the file reads as zeros (SQLite's view).
-fn read_page(f: &File, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        let n = f.read_at(&mut buf[done..], offset + done as u64)?;
-        if n == 0 {
-            buf[done..].fill(0);
-            break;
-        }
-        done += n;
-    }
-    Ok(())
-}
+use crate::store::{Db, FileKind, read_page_or_zeros as read_page, wal};
 
 /// Writes a no-checksum snapshot (TXID 1 to the current TXID) of `db` to `dst`, reading
 /// the database file overlaid with the captured WAL frames, without holding the
