@@ -42,6 +42,8 @@ pub(super) struct Election {
     pub node_id: u64,
     pub synced: Arc<watch::Sender<bool>>,
     pub reconnect_delay: Duration,
+    /// Where the primary serves replicas (`http.addr`), bound while it leads.
+    pub http_addr: std::net::SocketAddr,
 }
 
 /// How leading ended.
@@ -116,7 +118,11 @@ impl Election {
                                 LeaseError::Unavailable { .. } => self.reconnect_delay,
                                 _ => ACQUIRE_RETRY,
                             };
-                            debug!(error = %e, "lease not acquired");
+                            if e.is_retryable() {
+                                debug!(error = %e, "lease not acquired");
+                            } else {
+                                warn!(error = %e, "cannot acquire the lease");
+                            }
                             if !pause(wait, &mut stop).await {
                                 return;
                             }
@@ -190,15 +196,52 @@ impl Election {
             lease = lease.id(),
             "acquired the lease: this node is the primary"
         );
+        // A node that never joined a cluster founds one; a former replica keeps its id.
+        let server = match self.start_server().await {
+            Ok(s) => s,
+            Err(e) => {
+                error!(error = %e, "cannot serve replicas: giving the lease up");
+                self.step_down(lease.as_ref()).await;
+                let _ = pause(self.reconnect_delay, stop).await;
+                return Led::Demoted;
+            }
+        };
         self.applier.set_primary_hostname(None);
         self.store.set_primary(true);
         self.synced.send_replace(true);
+        let led = self.renew_loop(lease.as_ref(), stop).await;
+        let _ = server.send(true);
+        led
+    }
+
+    /// Binds `http.addr` and serves the stream until the returned sender says true.
+    async fn start_server(&self) -> Result<watch::Sender<bool>, String> {
+        let data_dir = &self.store.options().data_dir;
+        let id = crate::replicate::cluster_id::read_or_create(data_dir)
+            .map_err(|e| format!("cluster id in {}: {e}", data_dir.display()))?;
+        let listener = tokio::net::TcpListener::bind(self.http_addr)
+            .await
+            .map_err(|e| format!("binding http.addr {}: {e}", self.http_addr))?;
+        let (tx, mut rx) = watch::channel(false);
+        let shutdown = async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::transports::http::serve(listener, store, id, shutdown).await {
+                error!(error = %e, "HTTP server failed");
+            }
+        });
+        Ok(tx)
+    }
+
+    async fn renew_loop(&self, lease: &dyn Lease, stop: &mut watch::Receiver<bool>) -> Led {
         let mut failing = false;
         loop {
             let (Some(ttl), Some(expires)) = (lease.ttl(), lease.expires_at()) else {
                 // A lease that never expires: nothing to renew.
                 stopped(stop).await;
-                self.step_down(lease.as_ref()).await;
+                self.step_down(lease).await;
                 return Led::Stopped;
             };
             let deadline = Instant::from_std(expires) - safety_margin(ttl);
@@ -207,29 +250,26 @@ impl Election {
             tokio::select! {
                 _ = tokio::time::sleep_until(next) => {}
                 _ = stopped(stop) => {
-                    self.step_down(lease.as_ref()).await;
+                    self.step_down(lease).await;
                     return Led::Stopped;
                 }
             }
             if Instant::now() >= deadline {
-                self.demote(
-                    lease.as_ref(),
-                    "could not renew the lease before it could expire",
-                )
-                .await;
+                self.demote(lease, "could not renew the lease before it could expire")
+                    .await;
                 return Led::Demoted;
             }
             let renewed = tokio::select! {
                 r = tokio::time::timeout_at(deadline, lease.renew()) => r,
                 _ = stopped(stop) => {
-                    self.step_down(lease.as_ref()).await;
+                    self.step_down(lease).await;
                     return Led::Stopped;
                 }
             };
             match renewed {
                 Ok(Ok(())) => failing = false,
                 Ok(Err(e @ LeaseError::Lost { .. })) => {
-                    self.demote(lease.as_ref(), &e.to_string()).await;
+                    self.demote(lease, &e.to_string()).await;
                     return Led::Demoted;
                 }
                 Ok(Err(e)) => {
@@ -237,8 +277,7 @@ impl Election {
                     failing = true;
                 }
                 Err(_) => {
-                    self.demote(lease.as_ref(), "renewing the lease timed out")
-                        .await;
+                    self.demote(lease, "renewing the lease timed out").await;
                     return Led::Demoted;
                 }
             }

@@ -53,6 +53,7 @@ pub struct Node {
     /// The lease client of an elected node.
     leaser: Option<Arc<dyn Leaser>>,
     reconnect_delay: std::time::Duration,
+    http_addr: std::net::SocketAddr,
     election: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -82,23 +83,28 @@ impl Node {
         let (stop_tx, _) = watch::channel(false);
         let node_id = u64::from(std::process::id());
         let mut server = None;
+        let http_addr = http::parse_addr(&cfg.http.addr)
+            .with_context(|| format!("http.addr {:?}", cfg.http.addr))?;
         match &role {
-            Role::Primary | Role::Elected => {
-                // An elected node serves too: the server answers 503 until it is primary.
-                store.set_primary(role == Role::Primary);
+            Role::Elected => {
+                // The election binds http.addr once this node leads: a node that joins
+                // a cluster must not found its own before it learnt the primary's id.
+                store.set_primary(false);
+                info!(
+                    candidate = cfg.lease.candidate,
+                    "elected role: waiting for the lease"
+                );
+            }
+            Role::Primary => {
+                store.set_primary(true);
                 let data_dir = &store.options().data_dir;
                 let id = cluster_id::read_or_create(data_dir)
                     .with_context(|| format!("cluster id in {}", data_dir.display()))?;
-                let addr = http::parse_addr(&cfg.http.addr)
-                    .with_context(|| format!("http.addr {:?}", cfg.http.addr))?;
+                let addr = http_addr;
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("binding http.addr {addr}"))?;
-                if role == Role::Primary {
-                    info!(%addr, cluster_id = id, "primary (static lease): serving replicas");
-                } else {
-                    info!(%addr, cluster_id = id, candidate = cfg.lease.candidate, "elected role: waiting for the lease");
-                }
+                info!(%addr, cluster_id = id, "primary (static lease): serving replicas");
                 let mut stop = stop_tx.subscribe();
                 let shutdown = async move {
                     let _ = stop.wait_for(|s| *s).await;
@@ -128,6 +134,7 @@ impl Node {
             synced: Arc::new(watch::Sender::new(false)),
             leaser,
             reconnect_delay: cfg.lease.reconnect_delay,
+            http_addr,
             election: Mutex::new(None),
         })
     }
@@ -220,6 +227,7 @@ impl Node {
             node_id: self.node_id,
             synced: self.synced.clone(),
             reconnect_delay: self.reconnect_delay,
+            http_addr: self.http_addr,
         };
         let handle = tokio::spawn(election.run(self.stop_tx.subscribe()));
         *self.election.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
