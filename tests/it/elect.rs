@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 
-use crate::consul_server::{ConsulServer, Fault};
+use crate::consul_server::{ConsulServer, ConsulServerOptions, Fault};
 use crate::etcd_server::EtcdServer;
 use crate::repl::{free_port, pos};
 use crate::support::{Process, wait_until};
@@ -32,6 +32,16 @@ fn etcd_lease(etcd: &EtcdServer) -> String {
         "  type: etcd\n  etcd:\n    endpoints: [{}]\n    key: litefs-test\n    ttl: 2s\n",
         etcd.url()
     )
+}
+
+/// The in-repo Consul server, accepting the short test TTL (real Consul's minimum is
+/// 10 s) and expiring sessions exactly at their TTL.
+fn consul() -> ConsulServer {
+    ConsulServer::start_with(ConsulServerOptions {
+        min_ttl: Duration::from_secs(1),
+        expiry_factor: 1.0,
+        ..Default::default()
+    })
 }
 
 fn consul_lease(consul: &ConsulServer) -> String {
@@ -180,14 +190,14 @@ fn etcd_crash_takeover_after_ttl() {
 
 #[test]
 fn consul_two_nodes_handoff_and_rejoin() {
-    let consul = ConsulServer::start();
+    let consul = consul();
     let lease = consul_lease(&consul);
     clean_handoff(&lease);
 }
 
 #[test]
 fn consul_crash_takeover_after_ttl_and_lock_delay() {
-    let consul = ConsulServer::start();
+    let consul = consul();
     let lease = consul_lease(&consul);
     let mut a = node("node-a", &lease);
     wait_primary(&a, Duration::from_secs(10), "a first");
@@ -219,7 +229,7 @@ fn etcd_partitioned_primary_turns_read_only_before_ttl() {
 
 #[test]
 fn consul_blackholed_primary_turns_read_only_before_ttl() {
-    let consul = ConsulServer::start();
+    let consul = consul();
     let a = node("node-a", &consul_lease(&consul));
     wait_primary(&a, Duration::from_secs(10), "a first");
     let t0 = Instant::now();
