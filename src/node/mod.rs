@@ -58,9 +58,11 @@ pub struct Node {
 }
 
 impl Node {
-    /// Decides the role from the config; a primary binds `http.addr` and starts serving
-    /// (streams are served once the store is open; the mount comes next), a replica
-    /// switches the store to read-only before anything is mounted.
+    /// Decides the role from the config; a static primary binds `http.addr` and starts
+    /// serving (streams are served once the store is open; the mount comes next), a
+    /// static replica and every elected node (Consul, etcd) switch the store to
+    /// read-only before anything is mounted: an elected node turns writable only once
+    /// it holds the lease (see [`Node::on_mount`]).
     ///
     /// # Errors
     /// When `http.addr` cannot be parsed or bound, or the cluster id cannot be read or
@@ -146,8 +148,9 @@ impl Node {
     }
 
     /// Resolves once the node is in sync: at once on a static primary (as
-    /// [`crate::exec::in_sync_without_replication`] says for other leases), on a
-    /// replica when the primary first reports it caught up (`Ready`).
+    /// [`crate::exec::in_sync_without_replication`] says), on a replica when the
+    /// primary first reports it caught up (`Ready`), on an elected node at that moment
+    /// or when it became the primary.
     pub fn in_sync(&self, lease: &crate::config::LeaseConfig) -> crate::exec::InSync {
         match self.role {
             Role::Primary => crate::exec::in_sync_without_replication(lease),
