@@ -240,3 +240,33 @@ fn consul_blackholed_primary_turns_read_only_before_ttl() {
     assert!(took < TTL, "read-only only after {took:?}");
     assert!(a.log_text().contains("lost the lease"), "{}", a.log_text());
 }
+
+/// After a partition from etcd heals, exactly one of the two nodes takes the lease
+/// again and the other follows it to a byte-identical database.
+#[test]
+fn etcd_partition_heals_with_one_primary_and_a_converged_replica() {
+    let mut etcd = EtcdServer::start();
+    let lease = etcd_lease(&etcd);
+    let a = node("node-a", &lease);
+    wait_primary(&a, Duration::from_secs(10), "a first");
+    let b = node("node-b", &lease);
+    for i in 0..10 {
+        assert!(try_write(&a, &format!("a {i}")));
+    }
+    converge(&a, &b);
+    etcd.stop();
+    assert!(wait_until(TTL * 2, || !try_write(&a, "partition")));
+    etcd.restart();
+    let ok = wait_until(TTL * 5, || {
+        try_write(&a, "after heal a") || try_write(&b, "after heal b")
+    });
+    assert!(ok, "nobody took over; a:\n{}\nb:\n{}", a.log_text(), b.log_text());
+    let (primary, replica) = if try_write(&a, "which") {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    assert!(try_write(primary, "primary again"));
+    assert!(!try_write(replica, "second writer"), "two writable nodes");
+    converge(primary, replica);
+}
