@@ -16,11 +16,16 @@ const TTL: Duration = Duration::from_secs(2);
 /// A candidate node named `name`, with `lease` as the YAML under `lease:` (type and its
 /// store settings).
 fn node(name: &str, lease: &str) -> Process {
+    node_with(name, lease, true)
+}
+
+/// As [`node`], with `lease.candidate` set to `candidate`.
+fn node_with(name: &str, lease: &str, candidate: bool) -> Process {
     let port = free_port();
     let (name, lease) = (name.to_string(), lease.to_string());
     Process::start_with(move |mnt, data| {
         format!(
-            "fuse:\n  dir: {}\ndata:\n  dir: {}\nlease:\n  candidate: true\n  hostname: {name}\n  advertise-url: http://127.0.0.1:{port}\n{lease}http:\n  addr: 127.0.0.1:{port}\n",
+            "fuse:\n  dir: {}\ndata:\n  dir: {}\nlease:\n  candidate: {candidate}\n  hostname: {name}\n  advertise-url: http://127.0.0.1:{port}\n{lease}http:\n  addr: 127.0.0.1:{port}\n",
             mnt.display(),
             data.display()
         )
@@ -260,7 +265,12 @@ fn etcd_partition_heals_with_one_primary_and_a_converged_replica() {
     let ok = wait_until(TTL * 5, || {
         try_write(&a, "after heal a") || try_write(&b, "after heal b")
     });
-    assert!(ok, "nobody took over; a:\n{}\nb:\n{}", a.log_text(), b.log_text());
+    assert!(
+        ok,
+        "nobody took over; a:\n{}\nb:\n{}",
+        a.log_text(),
+        b.log_text()
+    );
     let (primary, replica) = if try_write(&a, "which") {
         (&a, &b)
     } else {
@@ -269,4 +279,26 @@ fn etcd_partition_heals_with_one_primary_and_a_converged_replica() {
     assert!(try_write(primary, "primary again"));
     assert!(!try_write(replica, "second writer"), "two writable nodes");
     converge(primary, replica);
+}
+
+/// A non-candidate replicates from the holder but never takes the lease, even when the
+/// primary steps down.
+#[test]
+fn etcd_non_candidate_follows_but_never_leads() {
+    let etcd = EtcdServer::start();
+    let lease = etcd_lease(&etcd);
+    let mut a = node("node-a", &lease);
+    wait_primary(&a, Duration::from_secs(10), "a first");
+    let c = node_with("node-c", &lease, false);
+    assert!(try_write(&a, "a"));
+    converge(&a, &c);
+    a.signal(libc::SIGTERM);
+    std::thread::sleep(TTL);
+    assert!(
+        !try_write(&c, "non-candidate"),
+        "a non-candidate took writes"
+    );
+    a.spawn();
+    wait_primary(&a, Duration::from_secs(5), "a back");
+    converge(&a, &c);
 }
