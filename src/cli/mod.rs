@@ -225,6 +225,8 @@ pub fn mount(cfg: Config, opts: MountOptions) -> anyhow::Result<ExitCode> {
         let work = async {
             outcome = Some(crate::exec::run(&plan, exec_opts, in_sync, &mut signals).await);
             let _ = stopper.send(true);
+            // A primary releases its lease before the unmount.
+            node.step_down().await;
         };
         let result = crate::fuse::run_with(fuse_opts, store, work, |m| node.on_mount(m)).await;
         node.stop().await;

@@ -134,3 +134,11 @@ impl ReplicaApplier {
         Ok(())
     }
 }
+
+impl ReplicaApplier {
+    /// Sets what `.primary` shows (`None` on the primary itself or while the primary
+    /// is unknown); the election task holds the applier, not the mount.
+    pub fn set_primary_hostname(&self, hostname: Option<String>) {
+        self.shared.set_primary_hostname(hostname);
+    }
+}

@@ -1,16 +1,23 @@
 //! The node's role and the services it runs around the mount: with the static lease,
 //! a candidate is the primary (it serves the replication stream on `http.addr`), a
-//! non-candidate is a read-only replica of `lease.advertise-url`.
+//! non-candidate is a read-only replica of `lease.advertise-url`. With Consul or etcd
+//! the role follows the lease ([`elect`]): the holder is the primary, the others
+//! replicate from it.
+
+mod elect;
+
+pub use elect::safety_margin;
 
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use crate::config::{Config, LeaseType};
 use crate::fuse::Mount;
+use crate::lease::Leaser;
 use crate::replicate::replica::{Lag, Replica};
 use crate::replicate::{Apply, cluster_id};
 use crate::store::Store;
@@ -28,6 +35,8 @@ pub enum Role {
         /// The primary's hostname.
         hostname: String,
     },
+    /// Primary or replica as the lease store decides, changing at run time.
+    Elected,
 }
 
 /// Services of a running node. Built before the mount, started on it, stopped after.
@@ -38,14 +47,22 @@ pub struct Node {
     stop_tx: watch::Sender<bool>,
     replica: Mutex<Option<JoinHandle<()>>>,
     node_id: u64,
-    /// Turns true when a replica first caught up with the primary.
+    /// Turns true when a replica first caught up with the primary (or an elected node
+    /// became the primary).
     synced: Arc<watch::Sender<bool>>,
+    /// The lease client of an elected node.
+    leaser: Option<Arc<dyn Leaser>>,
+    reconnect_delay: std::time::Duration,
+    http_addr: std::net::SocketAddr,
+    election: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Node {
-    /// Decides the role from the config; a primary binds `http.addr` and starts serving
-    /// (streams are served once the store is open; the mount comes next), a replica
-    /// switches the store to read-only before anything is mounted.
+    /// Decides the role from the config; a static primary binds `http.addr` and starts
+    /// serving (streams are served once the store is open; the mount comes next), a
+    /// static replica and every elected node (Consul, etcd) switch the store to
+    /// read-only before anything is mounted: an elected node turns writable only once
+    /// it holds the lease (see [`Node::on_mount`]).
     ///
     /// # Errors
     /// When `http.addr` cannot be parsed or bound, or the cluster id cannot be read or
@@ -57,25 +74,35 @@ impl Node {
                 hostname: cfg.lease.hostname.clone(),
             },
             (Some(LeaseType::Static), true) | (None, _) => Role::Primary,
-            (Some(k), _) => {
-                warn!(
-                    lease = k.as_str(),
-                    "elections are not in this build: running as primary"
-                );
-                Role::Primary
+            (Some(LeaseType::Consul | LeaseType::Etcd), _) => Role::Elected,
+        };
+        let leaser = match role {
+            Role::Elected => {
+                Some(crate::backends::build_leaser(&cfg.lease).context("setting up the lease")?)
             }
+            _ => None,
         };
         let (stop_tx, _) = watch::channel(false);
         let node_id = u64::from(std::process::id());
         let mut server = None;
+        let http_addr = http::parse_addr(&cfg.http.addr)
+            .with_context(|| format!("http.addr {:?}", cfg.http.addr))?;
         match &role {
+            Role::Elected => {
+                // The election binds http.addr once this node leads: a node that joins
+                // a cluster must not found its own before it learnt the primary's id.
+                store.set_primary(false);
+                info!(
+                    candidate = cfg.lease.candidate,
+                    "elected role: waiting for the lease"
+                );
+            }
             Role::Primary => {
                 store.set_primary(true);
                 let data_dir = &store.options().data_dir;
                 let id = cluster_id::read_or_create(data_dir)
                     .with_context(|| format!("cluster id in {}", data_dir.display()))?;
-                let addr = http::parse_addr(&cfg.http.addr)
-                    .with_context(|| format!("http.addr {:?}", cfg.http.addr))?;
+                let addr = http_addr;
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("binding http.addr {addr}"))?;
@@ -107,6 +134,10 @@ impl Node {
             replica: Mutex::new(None),
             node_id,
             synced: Arc::new(watch::Sender::new(false)),
+            leaser,
+            reconnect_delay: cfg.lease.reconnect_delay,
+            http_addr,
+            election: Mutex::new(None),
         })
     }
 
@@ -117,12 +148,13 @@ impl Node {
     }
 
     /// Resolves once the node is in sync: at once on a static primary (as
-    /// [`crate::exec::in_sync_without_replication`] says for other leases), on a
-    /// replica when the primary first reports it caught up (`Ready`).
+    /// [`crate::exec::in_sync_without_replication`] says), on a replica when the
+    /// primary first reports it caught up (`Ready`), on an elected node at that moment
+    /// or when it became the primary.
     pub fn in_sync(&self, lease: &crate::config::LeaseConfig) -> crate::exec::InSync {
         match self.role {
             Role::Primary => crate::exec::in_sync_without_replication(lease),
-            Role::Replica { .. } => {
+            Role::Replica { .. } | Role::Elected => {
                 let mut rx = self.synced.subscribe();
                 Box::pin(async move {
                     let _ = rx.wait_for(|s| *s).await;
@@ -137,8 +169,12 @@ impl Node {
     }
 
     /// Called once the file system is mounted: a replica names its primary in
-    /// `.primary` and starts streaming from it.
+    /// `.primary` and starts streaming from it; an elected node starts its election.
     pub fn on_mount(&self, mount: &Mount) {
+        if self.role == Role::Elected {
+            self.start_election(mount);
+            return;
+        }
         let Role::Replica { url, hostname } = &self.role else {
             return;
         };
@@ -169,9 +205,55 @@ impl Node {
         *self.replica.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
     }
 
+    fn start_election(&self, mount: &Mount) {
+        let Some(leaser) = self.leaser.clone() else {
+            return;
+        };
+        let lag = Arc::new(Lag::default());
+        let Some(applier) = mount.replica_applier(lag.clone()) else {
+            error!("the mount has no session: cannot take part in the election");
+            return;
+        };
+        let transport = match HttpTransport::new() {
+            Ok(t) => Arc::new(t),
+            Err(e) => {
+                error!(error = %e, "cannot build the HTTP client: not taking part in the election");
+                return;
+            }
+        };
+        let election = elect::Election {
+            leaser,
+            store: self.store.clone(),
+            applier,
+            lag,
+            transport,
+            node_id: self.node_id,
+            synced: self.synced.clone(),
+            reconnect_delay: self.reconnect_delay,
+            http_addr: self.http_addr,
+        };
+        let handle = tokio::spawn(election.run(self.stop_tx.subscribe()));
+        *self.election.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+    }
+
+    /// Stops the node's services and waits until an elected primary stopped taking
+    /// writes and released its lease, so that another candidate takes over before
+    /// this node unmounts.
+    pub async fn step_down(&self) {
+        let _ = self.stop_tx.send(true);
+        let election = self
+            .election
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(h) = election {
+            let _ = h.await;
+        }
+    }
+
     /// Stops the replica loop and the server (open streams are dropped).
     pub async fn stop(mut self) {
-        let _ = self.stop_tx.send(true);
+        self.step_down().await;
         let replica = self
             .replica
             .lock()

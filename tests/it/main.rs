@@ -4,6 +4,7 @@ mod archive;
 mod cli_mount;
 mod config;
 mod consul_server;
+mod elect;
 mod etcd_server;
 mod exec;
 mod fuse;

@@ -1,0 +1,304 @@
+//! Elections with real processes: two `litefs mount` nodes sharing an etcd or Consul
+//! (in-repo test server) lease with a 2 s TTL. The primary is whichever node accepts a
+//! write through its mount.
+
+use std::time::{Duration, Instant};
+
+use rusqlite::Connection;
+
+use crate::consul_server::{ConsulServer, ConsulServerOptions, Fault};
+use crate::etcd_server::EtcdServer;
+use crate::repl::{free_port, pos};
+use crate::support::{Process, wait_until};
+
+const TTL: Duration = Duration::from_secs(2);
+
+/// A candidate node named `name`, with `lease` as the YAML under `lease:` (type and its
+/// store settings).
+fn node(name: &str, lease: &str) -> Process {
+    node_with(name, lease, true)
+}
+
+/// As [`node`], with `lease.candidate` set to `candidate`.
+fn node_with(name: &str, lease: &str, candidate: bool) -> Process {
+    let port = free_port();
+    let (name, lease) = (name.to_string(), lease.to_string());
+    Process::start_with(move |mnt, data| {
+        format!(
+            "fuse:\n  dir: {}\ndata:\n  dir: {}\nlease:\n  candidate: {candidate}\n  hostname: {name}\n  advertise-url: http://127.0.0.1:{port}\n{lease}http:\n  addr: 127.0.0.1:{port}\n",
+            mnt.display(),
+            data.display()
+        )
+    })
+}
+
+fn etcd_lease(etcd: &EtcdServer) -> String {
+    format!(
+        "  type: etcd\n  etcd:\n    endpoints: [{}]\n    key: litefs-test\n    ttl: 2s\n",
+        etcd.url()
+    )
+}
+
+/// The in-repo Consul server, accepting the short test TTL (real Consul's minimum is
+/// 10 s) and expiring sessions exactly at their TTL.
+fn consul() -> ConsulServer {
+    ConsulServer::start_with(ConsulServerOptions {
+        min_ttl: Duration::from_secs(1),
+        expiry_factor: 1.0,
+        ..Default::default()
+    })
+}
+
+fn consul_lease(consul: &ConsulServer) -> String {
+    format!(
+        "  type: consul\n  consul:\n    url: {}\n    key: litefs-test\n    ttl: 2s\n    lock-delay: 1s\n",
+        consul.url()
+    )
+}
+
+/// Inserts one row through the node's mount; false when the node refuses the write.
+fn try_write(p: &Process, v: &str) -> bool {
+    let Ok(c) = Connection::open(p.path("db")) else {
+        return false;
+    };
+    let _ = c.busy_timeout(Duration::from_millis(200));
+    c.execute_batch("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, v TEXT)")
+        .and_then(|_| c.execute("INSERT INTO t (v) VALUES (?1)", [v]))
+        .is_ok()
+}
+
+/// Waits until `p` accepts a write; returns how long that took.
+fn wait_primary(p: &Process, within: Duration, what: &str) -> Duration {
+    let t0 = Instant::now();
+    let ok = wait_until(within, || try_write(p, what));
+    assert!(
+        ok,
+        "{what}: no write accepted in {within:?}; log:\n{}",
+        p.log_text()
+    );
+    t0.elapsed()
+}
+
+/// Waits until `replica` shows `primary`'s position, then compares the database bytes.
+fn converge(primary: &Process, replica: &Process) {
+    let want = pos(primary, "db").expect("primary has db");
+    let ok = wait_until(Duration::from_secs(15), || {
+        pos(replica, "db").as_deref() == Some(&want)
+    });
+    assert!(
+        ok,
+        "replica stuck at {:?}, primary at {want}; replica log:\n{}",
+        pos(replica, "db"),
+        replica.log_text()
+    );
+    assert_eq!(
+        std::fs::read(primary.path("db")).unwrap(),
+        std::fs::read(replica.path("db")).unwrap(),
+        "replica's database differs from the primary's"
+    );
+}
+
+/// Restarts a node after kill -9 (its mount point is left stale).
+fn respawn_after_crash(p: &mut Process) {
+    let _ = std::process::Command::new("fusermount3")
+        .args(["-u", "-z"])
+        .arg(&p.mnt)
+        .status();
+    p.spawn();
+}
+
+/// Two nodes: the first takes the lease and writes, the second replicates; SIGTERM of
+/// the primary hands over within ~1 s; the old primary rejoins as a replica and
+/// converges byte for byte.
+fn clean_handoff(lease: &str) {
+    let mut a = node("node-a", lease);
+    wait_primary(&a, Duration::from_secs(10), "a first");
+    let b = node("node-b", lease);
+    for i in 0..20 {
+        assert!(try_write(&a, &format!("a {i}")));
+    }
+    converge(&a, &b);
+    assert!(
+        !try_write(&b, "b while a leads"),
+        "replica accepted a write"
+    );
+    assert_eq!(
+        std::fs::read_to_string(b.path(".primary")).unwrap().trim(),
+        "node-a"
+    );
+
+    let t0 = Instant::now();
+    let status = a.signal(libc::SIGTERM);
+    let stopped = t0.elapsed();
+    assert!(
+        status.success(),
+        "primary exit {status}; log:\n{}",
+        a.log_text()
+    );
+    let took = wait_primary(&b, Duration::from_secs(5), "b after handoff");
+    eprintln!("clean handoff: primary exited in {stopped:?}, takeover {took:?} later");
+    assert!(
+        took < Duration::from_millis(1500),
+        "takeover took {took:?}; log:\n{}",
+        b.log_text()
+    );
+    assert!(
+        a.log_text().contains("released the lease"),
+        "{}",
+        a.log_text()
+    );
+
+    a.spawn();
+    for i in 0..20 {
+        assert!(try_write(&b, &format!("b {i}")));
+    }
+    converge(&b, &a);
+    assert!(
+        !try_write(&a, "a rejoined"),
+        "rejoined node accepted a write"
+    );
+}
+
+#[test]
+fn etcd_two_nodes_handoff_crash_and_rejoin() {
+    let etcd = EtcdServer::start();
+    let lease = etcd_lease(&etcd);
+    clean_handoff(&lease);
+}
+
+#[test]
+fn etcd_crash_takeover_after_ttl() {
+    let etcd = EtcdServer::start();
+    let lease = etcd_lease(&etcd);
+    let mut a = node("node-a", &lease);
+    wait_primary(&a, Duration::from_secs(10), "a first");
+    let b = node("node-b", &lease);
+    for i in 0..10 {
+        assert!(try_write(&a, &format!("a {i}")));
+    }
+    converge(&a, &b);
+
+    a.signal(libc::SIGKILL);
+    let took = wait_primary(&b, TTL + Duration::from_secs(5), "b after crash");
+    eprintln!("crash takeover (etcd, ttl {TTL:?}): {took:?}");
+    assert!(took <= TTL + Duration::from_secs(2), "took {took:?}");
+
+    respawn_after_crash(&mut a);
+    for i in 0..10 {
+        assert!(try_write(&b, &format!("b {i}")));
+    }
+    converge(&b, &a);
+    assert!(!try_write(&a, "a rejoined"));
+}
+
+#[test]
+fn consul_two_nodes_handoff_and_rejoin() {
+    let consul = consul();
+    let lease = consul_lease(&consul);
+    clean_handoff(&lease);
+}
+
+#[test]
+fn consul_crash_takeover_after_ttl_and_lock_delay() {
+    let consul = consul();
+    let lease = consul_lease(&consul);
+    let mut a = node("node-a", &lease);
+    wait_primary(&a, Duration::from_secs(10), "a first");
+    let b = node("node-b", &lease);
+    assert!(try_write(&a, "a"));
+    converge(&a, &b);
+    a.signal(libc::SIGKILL);
+    // Consul may expire a session up to 2x TTL late, then lock-delay (1 s).
+    let took = wait_primary(&b, 2 * TTL + Duration::from_secs(4), "b after crash");
+    eprintln!("crash takeover (consul test server, ttl {TTL:?}): {took:?}");
+    assert!(took >= TTL, "took over before the TTL ran out: {took:?}");
+}
+
+/// The primary loses its lease store: it stops taking writes before its TTL could run
+/// out, so no other node can be writable at the same time.
+#[test]
+fn etcd_partitioned_primary_turns_read_only_before_ttl() {
+    let mut etcd = EtcdServer::start();
+    let a = node("node-a", &etcd_lease(&etcd));
+    wait_primary(&a, Duration::from_secs(10), "a first");
+    let t0 = Instant::now();
+    etcd.stop();
+    let ok = wait_until(TTL * 2, || !try_write(&a, "during partition"));
+    let took = t0.elapsed();
+    assert!(ok, "still writable; log:\n{}", a.log_text());
+    eprintln!("etcd partition: read-only after {took:?} (ttl {TTL:?})");
+    assert!(took < TTL, "read-only only after {took:?}");
+    assert!(a.log_text().contains("lost the lease"), "{}", a.log_text());
+}
+
+#[test]
+fn consul_blackholed_primary_turns_read_only_before_ttl() {
+    let consul = consul();
+    let a = node("node-a", &consul_lease(&consul));
+    wait_primary(&a, Duration::from_secs(10), "a first");
+    let t0 = Instant::now();
+    consul.set_fault(Fault::Blackhole);
+    let ok = wait_until(TTL * 2, || !try_write(&a, "during partition"));
+    let took = t0.elapsed();
+    assert!(ok, "still writable; log:\n{}", a.log_text());
+    eprintln!("consul blackhole: read-only after {took:?} (ttl {TTL:?})");
+    assert!(took < TTL, "read-only only after {took:?}");
+    assert!(a.log_text().contains("lost the lease"), "{}", a.log_text());
+}
+
+/// After a partition from etcd heals, exactly one of the two nodes takes the lease
+/// again and the other follows it to a byte-identical database.
+#[test]
+fn etcd_partition_heals_with_one_primary_and_a_converged_replica() {
+    let mut etcd = EtcdServer::start();
+    let lease = etcd_lease(&etcd);
+    let a = node("node-a", &lease);
+    wait_primary(&a, Duration::from_secs(10), "a first");
+    let b = node("node-b", &lease);
+    for i in 0..10 {
+        assert!(try_write(&a, &format!("a {i}")));
+    }
+    converge(&a, &b);
+    etcd.stop();
+    assert!(wait_until(TTL * 2, || !try_write(&a, "partition")));
+    etcd.restart();
+    let ok = wait_until(TTL * 5, || {
+        try_write(&a, "after heal a") || try_write(&b, "after heal b")
+    });
+    assert!(
+        ok,
+        "nobody took over; a:\n{}\nb:\n{}",
+        a.log_text(),
+        b.log_text()
+    );
+    let (primary, replica) = if try_write(&a, "which") {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    assert!(try_write(primary, "primary again"));
+    assert!(!try_write(replica, "second writer"), "two writable nodes");
+    converge(primary, replica);
+}
+
+/// A non-candidate replicates from the holder but never takes the lease, even when the
+/// primary steps down.
+#[test]
+fn etcd_non_candidate_follows_but_never_leads() {
+    let etcd = EtcdServer::start();
+    let lease = etcd_lease(&etcd);
+    let mut a = node("node-a", &lease);
+    wait_primary(&a, Duration::from_secs(10), "a first");
+    let c = node_with("node-c", &lease, false);
+    assert!(try_write(&a, "a"));
+    converge(&a, &c);
+    a.signal(libc::SIGTERM);
+    std::thread::sleep(TTL);
+    assert!(
+        !try_write(&c, "non-candidate"),
+        "a non-candidate took writes"
+    );
+    a.spawn();
+    wait_primary(&a, Duration::from_secs(5), "a back");
+    converge(&a, &c);
+}
