@@ -40,6 +40,8 @@ pub struct Node {
     node_id: u64,
     /// Turns true when a replica first caught up with the primary.
     synced: Arc<watch::Sender<bool>>,
+    /// What `/info` and `/metrics` report about this node.
+    info: Arc<http::ops::NodeInfo>,
 }
 
 impl Node {
@@ -67,38 +69,54 @@ impl Node {
         };
         let (stop_tx, _) = watch::channel(false);
         let node_id = u64::from(std::process::id());
-        let mut server = None;
+        let info = Arc::new(http::ops::NodeInfo::new(
+            node_id,
+            cfg.lease.candidate,
+            cfg.fuse.dir.clone(),
+        ));
         match &role {
             Role::Primary => {
                 store.set_primary(true);
-                let data_dir = &store.options().data_dir;
-                let id = cluster_id::read_or_create(data_dir)
-                    .with_context(|| format!("cluster id in {}", data_dir.display()))?;
-                let addr = http::parse_addr(&cfg.http.addr)
-                    .with_context(|| format!("http.addr {:?}", cfg.http.addr))?;
-                let listener = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("binding http.addr {addr}"))?;
-                info!(%addr, cluster_id = id, "primary (static lease): serving replicas");
-                let mut stop = stop_tx.subscribe();
-                let shutdown = async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                };
-                let st = store.clone();
-                server = Some(tokio::spawn(async move {
-                    if let Err(e) = http::serve(listener, st, id, shutdown).await {
-                        error!(error = %e, "HTTP server failed");
-                    }
-                }));
+                info.set_primary(cfg.lease.hostname.clone(), cfg.lease.advertise_url.clone());
             }
-            Role::Replica { url, .. } => {
+            Role::Replica { url, hostname } => {
                 store.set_primary(false);
+                info.set_primary(hostname.clone(), url.clone());
                 info!(
                     primary = url,
                     "replica (static lease): the mount is read-only"
                 );
             }
         }
+        // Every node serves HTTP: replicas answer `/info`, `/metrics` and `/export`
+        // (and refuse `/stream` and `/import`).
+        // Only a primary creates the cluster id; a replica adopts its primary's.
+        let data_dir = &store.options().data_dir;
+        let id = if role == Role::Primary {
+            cluster_id::read_or_create(data_dir)
+        } else {
+            cluster_id::read(data_dir).map(Option::unwrap_or_default)
+        }
+        .with_context(|| format!("cluster id in {}", data_dir.display()))?;
+        let addr = http::parse_addr(&cfg.http.addr)
+            .with_context(|| format!("http.addr {:?}", cfg.http.addr))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding http.addr {addr}"))?;
+        if role == Role::Primary {
+            info!(%addr, cluster_id = id, "primary (static lease): serving replicas");
+        }
+        let mut stop = stop_tx.subscribe();
+        let shutdown = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        let st = store.clone();
+        let server_info = info.clone();
+        let server = Some(tokio::spawn(async move {
+            if let Err(e) = http::serve(listener, st, id, server_info, shutdown).await {
+                error!(error = %e, "HTTP server failed");
+            }
+        }));
         Ok(Node {
             role,
             store,
@@ -107,6 +125,7 @@ impl Node {
             replica: Mutex::new(None),
             node_id,
             synced: Arc::new(watch::Sender::new(false)),
+            info,
         })
     }
 
@@ -144,6 +163,7 @@ impl Node {
         };
         mount.set_primary_hostname(Some(hostname.clone()));
         let lag = Arc::new(Lag::default());
+        self.info.set_lag(lag.clone());
         let Some(applier) = mount.replica_applier(lag.clone()) else {
             error!("the mount has no session: cannot replicate");
             return;
