@@ -206,6 +206,23 @@ fn bad_files_and_replicas_are_refused_by_import() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a valid SQLite database"));
 
+    // A database with a live WAL (a connection holds it open) is refused: writes to
+    // its file would not be captured.
+    let c = Connection::open(p.path("wal.db")).unwrap();
+    c.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))
+        .unwrap();
+    c.execute_batch("CREATE TABLE t (v); INSERT INTO t VALUES (1);")
+        .unwrap();
+    let (status, body) = http(port, "POST", "/import?name=wal.db", &good);
+    let msg = String::from_utf8_lossy(&body);
+    assert_eq!(status, 409, "{msg}");
+    assert!(msg.contains("WAL"), "{msg}");
+    let n: i64 = c
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 1);
+    drop(c);
+
     // A replica names the primary.
     let (status, body) = http(rport, "POST", "/import?name=x.db", &good);
     let msg = String::from_utf8_lossy(&body);
@@ -295,4 +312,43 @@ fn info_metrics_and_status_reflect_a_workload() {
     ]);
     assert!(!out.status.success());
     assert!(!out.stderr.is_empty());
+}
+
+#[test]
+fn import_of_50_mb_is_read_on_every_replica() {
+    let port = free_port();
+    let p = primary(port, "");
+    let r1 = replica_on(port, free_port());
+    let r2 = replica_on(port, free_port());
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("big.db");
+    make_db(&src, 50_000);
+    let len = std::fs::metadata(&src).unwrap().len();
+    assert!(len > 50_000_000, "{len} bytes");
+
+    let url = format!("http://127.0.0.1:{port}");
+    let t = std::time::Instant::now();
+    let out = litefs(&[
+        "import",
+        "-name",
+        "big.db",
+        "-url",
+        &url,
+        src.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let imported = t.elapsed();
+    assert_eq!(ltx_files(&p.data, "big.db").len(), 1);
+    wait_converged(&p, &[&r1, &r2], "big.db");
+    eprintln!(
+        "imported {len} bytes in {imported:?}, on both replicas after {:?}",
+        t.elapsed()
+    );
+    for node in [&p, &r1, &r2] {
+        assert_eq!(rows(&node.path("big.db")), 50_000);
+    }
 }

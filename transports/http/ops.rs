@@ -436,6 +436,7 @@ pub(crate) async fn import(
                 format!("invalid SQLite file: {m}"),
             )
         }
+        Ok(Err(ImportFailure::Busy(m))) => bad(StatusCode::CONFLICT, m),
         Ok(Err(ImportFailure::Io(m))) => bad(StatusCode::INTERNAL_SERVER_ERROR, m),
         Err(e) => bad(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
@@ -443,6 +444,7 @@ pub(crate) async fn import(
 
 enum ImportFailure {
     Invalid(String),
+    Busy(String),
     Io(String),
 }
 
@@ -454,6 +456,15 @@ fn import_file(store: &Store, name: &str, src: &Path, dst: &Path) -> Result<u64,
     let mut f = File::open(src).map_err(|e| io("open upload", e))?;
     check_sqlite_file(&mut f).map_err(ImportFailure::Invalid)?;
     let len = f.metadata().map_err(|e| io("stat upload", e))?.len();
+    // With a live WAL, writes to the database file are checkpoint copies the file
+    // system does not capture: the import would not replicate.
+    let wal = dst.with_file_name(format!("{name}-wal"));
+    if fs::metadata(&wal).is_ok_and(|m| m.len() > 0) {
+        return Err(ImportFailure::Busy(format!(
+            "{name} has a live WAL: close its connections or run \
+             `PRAGMA wal_checkpoint(TRUNCATE)` first"
+        )));
+    }
     let mut out = OpenOptions::new()
         .write(true)
         .create(true)
