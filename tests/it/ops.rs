@@ -223,6 +223,22 @@ fn bad_files_and_replicas_are_refused_by_import() {
     assert_eq!(n, 1);
     drop(c);
 
+    // A reader in a transaction holds SQLite's SHARED lock: the import waits for no
+    // one and changes nothing.
+    let c = Connection::open(p.path("busy.db")).unwrap();
+    c.execute_batch("CREATE TABLE t (v); INSERT INTO t VALUES (1); BEGIN; SELECT * FROM t;")
+        .unwrap();
+    let (status, body) = http(port, "POST", "/import?name=busy.db", &good);
+    let msg = String::from_utf8_lossy(&body);
+    assert_eq!(status, 409, "{msg}");
+    assert!(msg.contains("in use"), "{msg}");
+    c.execute_batch("COMMIT").unwrap();
+    let n: i64 = c
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 1);
+    drop(c);
+
     // A replica names the primary.
     let (status, body) = http(rport, "POST", "/import?name=x.db", &good);
     let msg = String::from_utf8_lossy(&body);

@@ -419,6 +419,10 @@ pub(crate) async fn import(
             return bad(StatusCode::INTERNAL_SERVER_ERROR, e);
         }
     }
+    // tokio's File finishes its last write in the background: wait for it.
+    if let Err(e) = tokio::io::AsyncWriteExt::flush(&mut file).await {
+        return bad(StatusCode::INTERNAL_SERVER_ERROR, e);
+    }
     drop(file);
     let name = q.name.clone();
     let dst = st.info.mount_dir.join(&name);
@@ -471,6 +475,12 @@ fn import_file(store: &Store, name: &str, src: &Path, dst: &Path) -> Result<u64,
         .truncate(false)
         .open(dst)
         .map_err(|e| io(&format!("open {}", dst.display()), e))?;
+    lock_out_sqlite(&out).map_err(|e| match e.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EACCES) => ImportFailure::Busy(format!(
+            "{name} is in use by a SQLite connection on the primary: try again"
+        )),
+        _ => io("lock", e),
+    })?;
     out.set_len(len).map_err(|e| io("truncate", e))?;
     let mut r =
         io::BufReader::with_capacity(1 << 20, File::open(src).map_err(|e| io("open upload", e))?);
@@ -486,4 +496,27 @@ fn import_file(store: &Store, name: &str, src: &Path, dst: &Path) -> Result<u64,
     out.sync_all().map_err(|e| io("fsync", e))?;
     drop(out);
     Ok(store.db(name).map_or(0, |db| db.pos().txid.0))
+}
+
+/// SQLite's lock bytes (`PENDING_BYTE` and the RESERVED and SHARED bytes after it).
+const SQLITE_LOCK_START: i64 = 0x4000_0000;
+const SQLITE_LOCK_LEN: i64 = 512;
+
+/// Takes SQLite's EXCLUSIVE lock on the database in the mount, the way SQLite does
+/// (a non-blocking POSIX write lock over its lock bytes), so no SQLite connection
+/// reads or writes while the import replaces the file. Released when `f` is closed.
+fn lock_out_sqlite(f: &File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: zeroed `flock` is a valid value; every field we rely on is set below.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as _;
+    fl.l_whence = libc::SEEK_SET as _;
+    fl.l_start = SQLITE_LOCK_START;
+    fl.l_len = SQLITE_LOCK_LEN;
+    // SAFETY: fcntl(F_SETLK) on an fd we own with a valid `flock`.
+    let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &fl) };
+    if rc == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
