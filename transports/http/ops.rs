@@ -40,10 +40,6 @@ pub struct NodeInfo {
     pub lag: Mutex<Option<Arc<Lag>>>,
     /// Replicas currently streaming from this node.
     pub streams: AtomicUsize,
-    /// Successful lease renewals (for leases that renew).
-    pub lease_renewals: AtomicU64,
-    /// Failed lease renewals.
-    pub lease_failures: AtomicU64,
 }
 
 impl NodeInfo {
@@ -56,8 +52,6 @@ impl NodeInfo {
             primary: Mutex::new(None),
             lag: Mutex::new(None),
             streams: AtomicUsize::new(0),
-            lease_renewals: AtomicU64::new(0),
-            lease_failures: AtomicU64::new(0),
         }
     }
 
@@ -223,18 +217,6 @@ pub(crate) async fn metrics(State(st): State<OpsState>) -> Response {
         "gauge",
         "Replicas streaming from this node.",
         st.info.streams.load(Ordering::Relaxed).to_string(),
-    );
-    gauge(
-        "litefs_lease_renewals_total",
-        "counter",
-        "Successful lease renewals.",
-        st.info.lease_renewals.load(Ordering::Relaxed).to_string(),
-    );
-    gauge(
-        "litefs_lease_failures_total",
-        "counter",
-        "Failed lease renewals.",
-        st.info.lease_failures.load(Ordering::Relaxed).to_string(),
     );
     if !is_primary && let Some(ms) = st.info.lag_ms() {
         gauge(
