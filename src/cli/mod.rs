@@ -5,6 +5,7 @@
 //! not load (the message on stderr names the file, line and key).
 
 mod ltx;
+mod ops;
 mod restore;
 
 use std::ffi::OsString;
@@ -48,6 +49,12 @@ pub enum Command {
     Ltx(ltx::LtxArgs),
     /// Restore a database from the archive (`backup` section of the config).
     Restore(restore::RestoreArgs),
+    /// Show a node's role, primary and databases.
+    Status(ops::StatusArgs),
+    /// Copy a database from a node to a file.
+    Export(ops::ExportArgs),
+    /// Load a SQLite file into the cluster through the primary (one transaction).
+    Import(ops::ImportArgs),
 }
 
 /// Arguments of `litefs mount` (and of bare `litefs`).
@@ -121,6 +128,9 @@ pub fn main() -> ExitCode {
         }
         Some(Command::Ltx(args)) => ltx::run(args),
         Some(Command::Restore(args)) => restore::run(args),
+        Some(Command::Status(args)) => ops::status(args),
+        Some(Command::Export(args)) => ops::export(args),
+        Some(Command::Import(args)) => ops::import(args),
         Some(Command::Mount(args)) => run_mount(args),
         None => run_mount(cli.mount),
     }

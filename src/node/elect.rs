@@ -44,6 +44,8 @@ pub(super) struct Election {
     pub reconnect_delay: Duration,
     /// Where the primary serves replicas (`http.addr`), bound while it leads.
     pub http_addr: std::net::SocketAddr,
+    /// What `/info` and `/metrics` report about this node.
+    pub info: Arc<crate::transports::http::ops::NodeInfo>,
 }
 
 /// How leading ended.
@@ -144,6 +146,8 @@ impl Election {
         );
         self.applier
             .set_primary_hostname(Some(primary.hostname.clone()));
+        self.info
+            .set_primary(primary.hostname.clone(), primary.advertise_url.clone());
         let (replica_stop, replica_stop_rx) = watch::channel(false);
         let replica = Replica {
             store: self.store.clone(),
@@ -207,6 +211,9 @@ impl Election {
             }
         };
         self.applier.set_primary_hostname(None);
+        let me = self.leaser.node_info();
+        self.info
+            .set_primary(me.hostname.clone(), me.advertise_url.clone());
         self.store.set_primary(true);
         self.synced.send_replace(true);
         let led = self.renew_loop(lease.as_ref(), stop).await;
@@ -227,8 +234,11 @@ impl Election {
             let _ = rx.wait_for(|s| *s).await;
         };
         let store = self.store.clone();
+        let info = self.info.clone();
         tokio::spawn(async move {
-            if let Err(e) = crate::transports::http::serve(listener, store, id, shutdown).await {
+            if let Err(e) =
+                crate::transports::http::serve(listener, store, id, info, shutdown).await
+            {
                 error!(error = %e, "HTTP server failed");
             }
         });

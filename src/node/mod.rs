@@ -55,6 +55,8 @@ pub struct Node {
     reconnect_delay: std::time::Duration,
     http_addr: std::net::SocketAddr,
     election: Mutex<Option<JoinHandle<()>>>,
+    /// What `/info` and `/metrics` report about this node.
+    info: Arc<http::ops::NodeInfo>,
 }
 
 impl Node {
@@ -84,9 +86,13 @@ impl Node {
         };
         let (stop_tx, _) = watch::channel(false);
         let node_id = u64::from(std::process::id());
-        let mut server = None;
         let http_addr = http::parse_addr(&cfg.http.addr)
             .with_context(|| format!("http.addr {:?}", cfg.http.addr))?;
+        let info = Arc::new(http::ops::NodeInfo::new(
+            node_id,
+            cfg.lease.candidate,
+            cfg.fuse.dir.clone(),
+        ));
         match &role {
             Role::Elected => {
                 // The election binds http.addr once this node leads: a node that joins
@@ -99,33 +105,26 @@ impl Node {
             }
             Role::Primary => {
                 store.set_primary(true);
-                let data_dir = &store.options().data_dir;
-                let id = cluster_id::read_or_create(data_dir)
-                    .with_context(|| format!("cluster id in {}", data_dir.display()))?;
-                let addr = http_addr;
-                let listener = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("binding http.addr {addr}"))?;
-                info!(%addr, cluster_id = id, "primary (static lease): serving replicas");
-                let mut stop = stop_tx.subscribe();
-                let shutdown = async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                };
-                let st = store.clone();
-                server = Some(tokio::spawn(async move {
-                    if let Err(e) = http::serve(listener, st, id, shutdown).await {
-                        error!(error = %e, "HTTP server failed");
-                    }
-                }));
+                info.set_primary(cfg.lease.hostname.clone(), cfg.lease.advertise_url.clone());
             }
-            Role::Replica { url, .. } => {
+            Role::Replica { url, hostname } => {
                 store.set_primary(false);
+                info.set_primary(hostname.clone(), url.clone());
                 info!(
                     primary = url,
                     "replica (static lease): the mount is read-only"
                 );
             }
         }
+        // Every static node serves HTTP: replicas answer `/info`, `/metrics` and
+        // `/export` (and refuse `/stream` and `/import`). An elected node binds
+        // `http.addr` only while it leads (see `elect`).
+        // Only a primary creates the cluster id; a replica adopts its primary's.
+        let server = if role == Role::Elected {
+            None
+        } else {
+            Some(serve_static(&role, &store, &stop_tx, &info, http_addr).await?)
+        };
         Ok(Node {
             role,
             store,
@@ -138,6 +137,7 @@ impl Node {
             reconnect_delay: cfg.lease.reconnect_delay,
             http_addr,
             election: Mutex::new(None),
+            info,
         })
     }
 
@@ -180,6 +180,7 @@ impl Node {
         };
         mount.set_primary_hostname(Some(hostname.clone()));
         let lag = Arc::new(Lag::default());
+        self.info.set_lag(lag.clone());
         let Some(applier) = mount.replica_applier(lag.clone()) else {
             error!("the mount has no session: cannot replicate");
             return;
@@ -231,6 +232,7 @@ impl Node {
             synced: self.synced.clone(),
             reconnect_delay: self.reconnect_delay,
             http_addr: self.http_addr,
+            info: self.info.clone(),
         };
         let handle = tokio::spawn(election.run(self.stop_tx.subscribe()));
         *self.election.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
@@ -268,4 +270,40 @@ impl Node {
             let _ = h.await;
         }
     }
+}
+
+/// Binds `http.addr` for a static node and serves the stream (primary) and the
+/// operator endpoints (every node) until the node stops.
+async fn serve_static(
+    role: &Role,
+    store: &Arc<Store>,
+    stop_tx: &watch::Sender<bool>,
+    info: &Arc<http::ops::NodeInfo>,
+    http_addr: std::net::SocketAddr,
+) -> anyhow::Result<JoinHandle<()>> {
+    let data_dir = &store.options().data_dir;
+    let id = if *role == Role::Primary {
+        cluster_id::read_or_create(data_dir)
+    } else {
+        cluster_id::read(data_dir).map(Option::unwrap_or_default)
+    }
+    .with_context(|| format!("cluster id in {}", data_dir.display()))?;
+    let addr = http_addr;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding http.addr {addr}"))?;
+    if *role == Role::Primary {
+        info!(%addr, cluster_id = id, "primary (static lease): serving replicas");
+    }
+    let mut stop = stop_tx.subscribe();
+    let shutdown = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    let st = store.clone();
+    let server_info = info.clone();
+    Ok(tokio::spawn(async move {
+        if let Err(e) = http::serve(listener, st, id, server_info, shutdown).await {
+            error!(error = %e, "HTTP server failed");
+        }
+    }))
 }

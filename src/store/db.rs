@@ -110,6 +110,26 @@ pub struct Db {
     pub(crate) state: Mutex<DbState>,
     /// The store's change counter, bumped after the position changes.
     changes: std::sync::OnceLock<std::sync::Arc<tokio::sync::watch::Sender<u64>>>,
+    /// Counters for `/metrics`.
+    counters: Counters,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    commits: std::sync::atomic::AtomicU64,
+    ltx_files: std::sync::atomic::AtomicU64,
+    ltx_bytes: std::sync::atomic::AtomicU64,
+}
+
+/// What a database has done since the store was opened (for `/metrics`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DbStats {
+    /// Transactions captured (primary) or applied (replica).
+    pub commits: u64,
+    /// LTX files written.
+    pub ltx_files: u64,
+    /// Bytes of those LTX files.
+    pub ltx_bytes: u64,
 }
 
 /// Page changes of one capture, before they are made visible in the state.
@@ -131,7 +151,25 @@ impl Db {
             refill: Mutex::new(None),
             state: Mutex::new(state),
             changes: std::sync::OnceLock::new(),
+            counters: Counters::default(),
         }
+    }
+
+    /// Counters since the store was opened.
+    pub fn stats(&self) -> DbStats {
+        DbStats {
+            commits: self.counters.commits.load(Ordering::Relaxed),
+            ltx_files: self.counters.ltx_files.load(Ordering::Relaxed),
+            ltx_bytes: self.counters.ltx_bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Counts one committed transaction and the LTX file written for it.
+    pub(crate) fn count_commit(&self, ltx: &Path) {
+        self.counters.commits.fetch_add(1, Ordering::Relaxed);
+        self.counters.ltx_files.fetch_add(1, Ordering::Relaxed);
+        let len = fs::metadata(ltx).map_or(0, |m| m.len());
+        self.counters.ltx_bytes.fetch_add(len, Ordering::Relaxed);
     }
 
     pub(crate) fn set_changes(&self, tx: std::sync::Arc<tokio::sync::watch::Sender<u64>>) {
@@ -535,6 +573,7 @@ impl Db {
         let dst = pending
             .commit(post)
             .map_err(|e| e.into_store_error(&self.name))?;
+        self.count_commit(&dst);
         self.apply_capture(st, cap, header.max_txid, post);
         st.dirty.clear();
         st.all_dirty = false;
@@ -721,9 +760,10 @@ impl Db {
         }
         let cap = self.plan(st, same_ps, ps, commit, changes);
         let post = post_apply(&cap);
-        pending
+        let dst = pending
             .commit(post)
             .map_err(|e| e.into_store_error(&self.name))?;
+        self.count_commit(&dst);
         self.apply_capture(st, cap, header.max_txid, post);
         debug!(db = %self.name, pos = %st.pos, wal_offset = txn.offset, "captured WAL transaction");
         Ok(())

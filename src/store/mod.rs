@@ -139,8 +139,8 @@ use tracing::{error, info, warn};
 
 use crate::ltx::{Pos, TxId};
 
-pub use db::Db;
 pub(crate) use db::read_page_or_zeros;
+pub use db::{Db, DbStats};
 pub use error::StoreError;
 pub use ltxio::{LtxFile, list as list_ltx_files};
 use record::{CleanRecord, Stamp};

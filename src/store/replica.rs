@@ -98,6 +98,7 @@ impl Store {
         };
         let pos = ltx::apply_file_with(&file, check_from, ltx_path, ApplyCheck::Incremental)
             .map_err(|e| StoreError::ltx(name, ltx_path, e))?;
+        db.count_commit(ltx_path);
         // Page checksums: from the whole file after a snapshot, else from the pages the
         // file wrote.
         let ps = header.page_size;

@@ -17,6 +17,7 @@ mod ltx_litestream;
 mod ltx_props;
 mod ltx_support;
 mod ltx_testdata;
+mod ops;
 mod repl;
 mod repl_bench;
 mod store;

@@ -5,6 +5,7 @@
 //! ([`crate::replicate::primary::serve`]) feeding a small bounded channel; the HTTP body
 //! drains it. A slow replica fills only its own channel.
 
+pub mod ops;
 pub mod wire;
 
 use std::net::SocketAddr;
@@ -203,6 +204,7 @@ struct ServerState {
     store: Arc<Store>,
     cluster_id: String,
     tmp_dir: PathBuf,
+    info: Arc<ops::NodeInfo>,
 }
 
 /// Parses `http.addr` (Go style: `:20202` means every interface).
@@ -217,7 +219,8 @@ pub fn parse_addr(addr: &str) -> Result<SocketAddr, std::net::AddrParseError> {
     }
 }
 
-/// Serves `POST /stream` on `listener` until `shutdown` resolves. Streams are served
+/// Serves `POST /stream` and the operator endpoints of [`ops`] (`/info`, `/metrics`,
+/// `/export`, `/import`) on `listener` until `shutdown` resolves. Streams are served
 /// only while `store.is_primary()`; a replica answers 503.
 ///
 /// # Errors
@@ -226,17 +229,33 @@ pub async fn serve(
     listener: TcpListener,
     store: Arc<Store>,
     cluster_id: String,
+    info: Arc<ops::NodeInfo>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let tmp_dir = store.options().data_dir.join("snapshot-tmp");
+    let ops_state = ops::OpsState {
+        store: store.clone(),
+        info: info.clone(),
+    };
     let state = ServerState {
         store,
         cluster_id,
         tmp_dir,
+        info,
     };
+    let ops_routes = axum::Router::new()
+        .route("/info", axum::routing::get(ops::info))
+        .route("/metrics", axum::routing::get(ops::metrics))
+        .route("/export", axum::routing::get(ops::export))
+        .route(
+            "/import",
+            axum::routing::post(ops::import).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .with_state(ops_state);
     let app = axum::Router::new()
         .route("/stream", axum::routing::post(stream))
-        .with_state(state);
+        .with_state(state)
+        .merge(ops_routes);
     info!(addr = ?listener.local_addr().ok(), "HTTP server listening");
     // Frames are small and latency matters: no Nagle delay on the stream.
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
@@ -254,6 +273,10 @@ async fn stream(State(st): State<ServerState>, body: Bytes) -> Response {
         Ok(r) => r,
         Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
     };
+    // Checked first: a replica's server has no cluster id of its own to compare.
+    if !st.store.is_primary() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not the primary\n").into_response();
+    }
     if let Some(theirs) = &request.cluster_id
         && *theirs != st.cluster_id
     {
@@ -265,9 +288,6 @@ async fn stream(State(st): State<ServerState>, body: Bytes) -> Response {
         );
         return (StatusCode::CONFLICT, format!("{}\n", st.cluster_id)).into_response();
     }
-    if !st.store.is_primary() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "not the primary\n").into_response();
-    }
     info!(
         replica = request.node_id,
         databases = request.positions.len(),
@@ -275,7 +295,9 @@ async fn stream(State(st): State<ServerState>, body: Bytes) -> Response {
     );
     let (tx, rx) = mpsc::channel(CHANNEL_FRAMES);
     let node = request.node_id;
+    let guard = ops::StreamGuard::new(st.info.clone());
     tokio::spawn(async move {
+        let _guard = guard;
         match primary::serve(st.store, request, st.tmp_dir, tx).await {
             Ok(()) | Err(primary::StreamError::Disconnected) => {
                 info!(replica = node, "replica disconnected")
