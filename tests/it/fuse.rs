@@ -605,7 +605,14 @@ fn kill_9_mid_workload_loses_no_acknowledged_commit() {
             assert_eq!(integrity(&c), "ok", "{mode}");
             let max: i64 = c
                 .query_row("SELECT max(id) FROM acked", [], |r| r.get(0))
-                .unwrap();
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "{mode} round {round}: {e}; mounted: {}; data dir ltx files: {}; writer: {out}\nlog:\n{}",
+                        is_mounted(&p.mnt),
+                        super::support::ltx_files(&p.data, "crash.db").len(),
+                        p.log_text()
+                    )
+                });
             let last = *acked.last().unwrap();
             assert!(
                 max >= last,
