@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
-use crate::support::{is_mounted, wait_until};
+use crate::support::{is_mounted, kill_and_unmount, wait_until};
 
 /// A node's directories and config; `start` runs `litefs mount` on them.
 struct Node {
@@ -135,16 +135,7 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if is_mounted(&self.mnt) {
-            let _ = Command::new("fusermount3")
-                .args(["-u", "-z"])
-                .arg(&self.mnt)
-                .status();
-        }
+        kill_and_unmount(&mut self.child, &self.mnt);
     }
 }
 

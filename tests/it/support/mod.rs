@@ -285,17 +285,23 @@ impl Process {
     }
 }
 
+/// Kills a `litefs` child (if any) and lazily unmounts whatever it left at `mnt`: the
+/// clean-up every test node does on drop, even after a panic.
+pub fn kill_and_unmount(child: &mut Option<Child>, mnt: &Path) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    if is_mounted(mnt) {
+        let _ = Command::new("fusermount3")
+            .args(["-u", "-z"])
+            .arg(mnt)
+            .status();
+    }
+}
+
 impl Drop for Process {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if is_mounted(&self.mnt) {
-            let _ = Command::new("fusermount3")
-                .args(["-u", "-z"])
-                .arg(&self.mnt)
-                .status();
-        }
+        kill_and_unmount(&mut self.child, &self.mnt);
     }
 }
