@@ -902,11 +902,11 @@ fn read_db_page(
     pgno: u32,
     buf: &mut [u8],
 ) -> Result<(), StoreError> {
-    if file.is_none() {
-        *file = Some(File::open(path).map_err(|e| StoreError::io(db, "open database", path, e))?);
-    }
-    let Some(f) = file.as_ref() else {
-        unreachable!()
+    let f = match file {
+        Some(f) => f,
+        None => {
+            file.insert(File::open(path).map_err(|e| StoreError::io(db, "open database", path, e))?)
+        }
     };
     read_page_or_zeros(f, u64::from(pgno - 1) * buf.len() as u64, buf)
         .map_err(|e| StoreError::io(db, "read page", path, e))
