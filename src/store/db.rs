@@ -13,7 +13,8 @@ use tracing::{debug, info, warn};
 
 use crate::ltx::{self, CHECKSUM_FLAG, Checksum, Header, Pos, RollingChecksum, TxId};
 
-use super::ltxio::{self, PendingLtx, Spare};
+use super::ltxio::{self, Encoded, PendingLtx};
+use super::ltxlog::LtxLog;
 use super::wal::{self, WalChecksum, WalHeader, WalTxn};
 use super::{FileKind, StoreError, journal};
 
@@ -55,6 +56,8 @@ pub(crate) struct DbState {
     pub wal_unsynced: bool,
     pub deleted: bool,
     pub closed: bool,
+    /// The LTX append log, opened at the first commit.
+    pub log: Option<LtxLog>,
 }
 
 impl std::fmt::Debug for DbState {
@@ -89,6 +92,7 @@ impl DbState {
             wal_unsynced: false,
             deleted: false,
             closed: false,
+            log: None,
         }
     }
 }
@@ -102,11 +106,15 @@ pub struct Db {
     node_id: u64,
     /// `strict-verify`: re-hash the whole database after every capture.
     strict: AtomicBool,
-    /// Pre-created temp files for the next LTX files (a leaf lock: nothing is locked
-    /// while holding it).
-    spares: Mutex<Vec<Spare>>,
-    /// Asks the store's spare maker to refill `spares` (by database name).
-    refill: Mutex<Option<mpsc::Sender<Option<String>>>>,
+    /// Named LTX files written since the last fsync batch, whose records are in the
+    /// log (a leaf lock: nothing is locked while holding it).
+    unsynced: Mutex<Vec<File>>,
+    /// Held while a batch of `unsynced` is being fsynced, so a log restart can wait for it.
+    syncing: Mutex<()>,
+    /// An fsync of a named LTX file failed: the log must not restart (see `sync_ltx_files`).
+    sync_failed: AtomicBool,
+    /// Asks the store's sync thread to fsync `unsynced` (by database name).
+    syncer: Mutex<Option<mpsc::Sender<Option<String>>>>,
     pub(crate) state: Mutex<DbState>,
     /// The store's change counter, bumped after the position changes.
     changes: std::sync::OnceLock<std::sync::Arc<tokio::sync::watch::Sender<u64>>>,
@@ -147,8 +155,10 @@ impl Db {
             dir,
             node_id,
             strict: AtomicBool::new(false),
-            spares: Mutex::new(Vec::new()),
-            refill: Mutex::new(None),
+            unsynced: Mutex::new(Vec::new()),
+            syncing: Mutex::new(()),
+            sync_failed: AtomicBool::new(false),
+            syncer: Mutex::new(None),
             state: Mutex::new(state),
             changes: std::sync::OnceLock::new(),
             counters: Counters::default(),
@@ -166,9 +176,12 @@ impl Db {
 
     /// Counts one committed transaction and the LTX file written for it.
     pub(crate) fn count_commit(&self, ltx: &Path) {
+        self.count_commit_bytes(fs::metadata(ltx).map_or(0, |m| m.len()));
+    }
+
+    fn count_commit_bytes(&self, len: u64) {
         self.counters.commits.fetch_add(1, Ordering::Relaxed);
         self.counters.ltx_files.fetch_add(1, Ordering::Relaxed);
-        let len = fs::metadata(ltx).map_or(0, |m| m.len());
         self.counters.ltx_bytes.fetch_add(len, Ordering::Relaxed);
     }
 
@@ -224,67 +237,117 @@ impl Db {
         self.lock().commit
     }
 
-    /// Spares are kept between these bounds: refilled in one batch below the first.
-    const SPARES_LOW: usize = 2;
-    const SPARES_HIGH: usize = 8;
-
-    pub(crate) fn set_refill(&self, tx: mpsc::Sender<Option<String>>) {
-        *self.refill.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
-        self.request_refill();
+    pub(crate) fn set_syncer(&self, tx: mpsc::Sender<Option<String>>) {
+        *self.syncer.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
     }
 
-    pub(crate) fn clear_refill(&self) {
-        *self.refill.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    pub(crate) fn clear_syncer(&self) {
+        *self.syncer.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
-    fn request_refill(&self) {
+    /// fsyncs the named LTX files written since the last batch, then the `ltx/`
+    /// directory. Called by the store's sync thread, and on the commit path before the
+    /// log starts a new run. After a failed fsync the files stay queued and
+    /// `sync_failed` is set: a later fsync of the same file may report success without
+    /// the data having reached the disk, so the log keeps the records for good (every
+    /// later restart of the log fails, and with it the commit).
+    pub(crate) fn sync_ltx_files(&self) -> Result<(), StoreError> {
+        let _batch = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
+        if self.sync_failed.load(Ordering::Acquire) {
+            return Err(StoreError::io(
+                &self.name,
+                "fsync ltx",
+                self.ltx_dir(),
+                io::Error::other("an earlier fsync of an LTX file failed"),
+            ));
+        }
+        let files = std::mem::take(&mut *self.unsynced.lock().unwrap_or_else(|p| p.into_inner()));
+        if files.is_empty() {
+            return Ok(());
+        }
+        let dir = self.ltx_dir();
+        let r = files
+            .iter()
+            .try_for_each(|f| f.sync_data())
+            .and_then(|()| ltxio::fsync_dir(&dir));
+        if let Err(e) = r {
+            self.sync_failed.store(true, Ordering::Release);
+            self.unsynced
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(files);
+            return Err(StoreError::io(&self.name, "fsync ltx", dir, e));
+        }
+        Ok(())
+    }
+
+    /// Makes an encoded LTX file durable and visible under its name: appended to the
+    /// log (the durability point) and written under its name without an fsync, or, when
+    /// too large for the log, written durably under its name. Returns its size.
+    fn persist(&self, st: &mut DbState, header: &Header, enc: Encoded) -> Result<u64, StoreError> {
+        let dir = self.ltx_dir();
+        let mut record = match enc {
+            Encoded::Record(r) => r,
+            Encoded::File(tmp, f) => {
+                self.restart_log(st)?;
+                let len = f.metadata().map_or(0, |m| m.len());
+                ltxio::commit_file(&dir, &tmp, &f, header)
+                    .map_err(|e| e.into_store_error(&self.name))?;
+                return Ok(len);
+            }
+        };
+        let len = record.len() - super::ltxlog::RECORD_HEADER;
+        if st.log.is_none() {
+            let log = LtxLog::open(&self.dir)
+                .map_err(|e| StoreError::io(&self.name, "open ltx log", &self.dir, e))?;
+            st.log = Some(log);
+        }
+        if !st
+            .log
+            .as_ref()
+            .is_some_and(|l| l.can_append(header.min_txid, len))
+        {
+            self.restart_log(st)?;
+        }
+        let log_err = |e| {
+            StoreError::io(
+                &self.name,
+                "append ltx log",
+                self.dir.join(super::ltxlog::FILE_NAME),
+                e,
+            )
+        };
+        match st.log.as_mut() {
+            // The encoder spills a file too large for the log, so it always fits.
+            Some(log) if log.can_append(header.min_txid, len) => {
+                log.append(header.max_txid, &mut record).map_err(log_err)?
+            }
+            _ => return Err(log_err(io::Error::other("LTX record larger than the log"))),
+        }
+        let f = ltxio::write_named(&dir, header, &record[super::ltxlog::RECORD_HEADER..])
+            .map_err(|e| e.into_store_error(&self.name))?;
+        self.unsynced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(f);
         if let Some(tx) = self
-            .refill
+            .syncer
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
         {
-            // The maker is gone only after close; captures then create their own files.
             let _ = tx.send(Some(self.name.clone()));
         }
+        Ok(len as u64)
     }
 
-    fn take_spare(&self) -> Option<Spare> {
-        let mut spares = self.spares.lock().unwrap_or_else(|p| p.into_inner());
-        let spare = spares.pop();
-        if spares.len() < Self::SPARES_LOW {
-            drop(spares);
-            self.request_refill();
+    /// Makes every named file of the log's run durable, then starts a new run.
+    fn restart_log(&self, st: &mut DbState) -> Result<(), StoreError> {
+        self.sync_ltx_files()?;
+        if let Some(log) = st.log.as_mut() {
+            log.restart();
         }
-        spare
-    }
-
-    /// Tops the spare pool up (called by the store's spare maker thread).
-    pub(crate) fn refill_spares(&self) {
-        let missing = {
-            let spares = self.spares.lock().unwrap_or_else(|p| p.into_inner());
-            if spares.len() >= Self::SPARES_LOW {
-                return;
-            }
-            Self::SPARES_HIGH - spares.len()
-        };
-        if self.lock().deleted {
-            return;
-        }
-        match ltxio::make_spares(&self.ltx_dir(), missing) {
-            Ok(new) => self
-                .spares
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend(new),
-            Err(e) => warn!(db = %self.name, error = %e, "cannot pre-create LTX temp files"),
-        }
-    }
-
-    /// Removes the unused spare files.
-    pub(crate) fn drop_spares(&self) {
-        let spares = std::mem::take(&mut *self.spares.lock().unwrap_or_else(|p| p.into_inner()));
-        ltxio::remove_spares(spares);
+        Ok(())
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, DbState> {
@@ -532,8 +595,8 @@ impl Db {
 
         let header = self.next_header(st, ps, commit);
         let ltx_dir = self.ltx_dir();
-        let mut pending = PendingLtx::create(&ltx_dir, &header, self.take_spare())
-            .map_err(|e| e.into_store_error(&self.name))?;
+        let mut pending =
+            PendingLtx::create(&ltx_dir, &header).map_err(|e| e.into_store_error(&self.name))?;
         let mut buf = vec![0u8; ps as usize];
         let mut changes = Vec::new();
         for pgno in candidates {
@@ -570,14 +633,15 @@ impl Db {
             return Err(StoreError::io(&self.name, "fsync database", &path, e));
         }
         let post = post_apply(&cap);
-        let dst = pending
-            .commit(post)
+        let enc = pending
+            .finish(post)
             .map_err(|e| e.into_store_error(&self.name))?;
-        self.count_commit(&dst);
+        let len = self.persist(st, &header, enc)?;
+        self.count_commit_bytes(len);
         self.apply_capture(st, cap, header.max_txid, post);
         st.dirty.clear();
         st.all_dirty = false;
-        debug!(db = %self.name, ltx = %dst.display(), pos = %st.pos, "captured transaction");
+        debug!(db = %self.name, pos = %st.pos, "captured transaction");
         self.strict_check(st)
     }
 
@@ -728,7 +792,7 @@ impl Db {
         let wal_path = self.path(FileKind::Wal);
         let db_path = self.path(FileKind::Database);
         let mut db_file: Option<File> = None;
-        let mut pending = PendingLtx::create(&self.ltx_dir(), &header, self.take_spare())
+        let mut pending = PendingLtx::create(&self.ltx_dir(), &header)
             .map_err(|e| e.into_store_error(&self.name))?;
         let mut buf = vec![0u8; ps as usize];
         let mut changes = Vec::new();
@@ -760,10 +824,11 @@ impl Db {
         }
         let cap = self.plan(st, same_ps, ps, commit, changes);
         let post = post_apply(&cap);
-        let dst = pending
-            .commit(post)
+        let enc = pending
+            .finish(post)
             .map_err(|e| e.into_store_error(&self.name))?;
-        self.count_commit(&dst);
+        let len = self.persist(st, &header, enc)?;
+        self.count_commit_bytes(len);
         self.apply_capture(st, cap, header.max_txid, post);
         debug!(db = %self.name, pos = %st.pos, wal_offset = txn.offset, "captured WAL transaction");
         Ok(())
@@ -780,20 +845,22 @@ impl Db {
         }
         if st.pos.txid.0 > 0 {
             let header = self.next_header(&st, st.page_size.unwrap_or(DEFAULT_PAGE_SIZE), 0);
-            let pending = PendingLtx::create(&self.ltx_dir(), &header, self.take_spare())
+            let pending = PendingLtx::create(&self.ltx_dir(), &header)
                 .map_err(|e| e.into_store_error(&self.name))?;
             let post = Checksum(CHECKSUM_FLAG);
-            pending
-                .commit(post)
+            let enc = pending
+                .finish(post)
                 .map_err(|e| e.into_store_error(&self.name))?;
+            self.persist(&mut st, &header, enc)?;
             st.pos = Pos {
                 txid: header.max_txid,
                 post_apply_checksum: post,
             };
         }
+        // Nothing of this database is written after this: no log run is left open.
+        self.sync_ltx_files()?;
         st.deleted = true;
-        self.clear_refill();
-        self.drop_spares();
+        self.clear_syncer();
         st.commit = 0;
         st.checksums = Vec::new();
         st.rolling = RollingChecksum::new();

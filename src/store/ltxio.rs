@@ -1,14 +1,16 @@
-//! LTX files on disk: listing a database's `ltx/` directory and writing a new file
-//! durably (temp file, fsync, rename, directory fsync).
+//! LTX files on disk: listing a database's `ltx/` directory, encoding a new file (in
+//! memory for the log, see `ltxlog.rs`, or spilled to a temp file when too large) and
+//! putting it under its name.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter};
+use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::ltx::{self, Checksum, Decoder, Encoder, Header, LtxError, Pos, Trailer, TxId};
 
 use super::StoreError;
+use super::ltxlog::{LtxLog, RECORD_HEADER};
 
 /// Suffix of files being written; never a valid LTX name, removed at start-up.
 pub const TEMP_SUFFIX: &str = ".tmp";
@@ -136,133 +138,168 @@ pub fn rewrite_pages(db_name: &str, db: &File, path: &Path) -> Result<Header, St
     Ok(header)
 }
 
-/// An LTX file being written. Nothing is visible under the final name until
-/// [`PendingLtx::commit`] has made it durable.
-pub struct PendingLtx {
-    tmp: PathBuf,
+/// Where an LTX file being encoded goes: memory (after [`RECORD_HEADER`] reserved bytes,
+/// ready to be appended to the log as a record) until it outgrows the log, then a temp
+/// file in `dir`.
+struct Sink {
+    mem: Vec<u8>,
+    spill: Option<(PathBuf, BufWriter<File>)>,
     dir: PathBuf,
-    header: Header,
-    enc: Encoder<BufWriter<File>>,
+    name: String,
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.spill.is_none() && LtxLog::fits(self.mem.len() - RECORD_HEADER + buf.len()) {
+            self.mem.extend_from_slice(buf);
+            return Ok(buf.len());
+        }
+        if self.spill.is_none() {
+            let tmp = self.dir.join(format!("{}{TEMP_SUFFIX}", self.name));
+            let f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)?;
+            let mut w = BufWriter::with_capacity(256 * 1024, f);
+            w.write_all(&self.mem[RECORD_HEADER..])?;
+            self.mem = Vec::new();
+            self.spill = Some((tmp, w));
+        }
+        match &mut self.spill {
+            Some((_, w)) => w.write(buf),
+            None => Ok(0),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match &mut self.spill {
+            Some((_, w)) => w.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Sink {
+    /// An abandoned (aborted or failed) file leaves no temp file behind.
+    fn drop(&mut self) {
+        if let Some((tmp, _)) = &self.spill {
+            let _ = fs::remove_file(tmp);
+        }
+    }
+}
+
+/// An encoded LTX file, not yet visible under its name.
+pub enum Encoded {
+    /// A log record: [`RECORD_HEADER`] reserved bytes, then the LTX file.
+    Record(Vec<u8>),
+    /// Too large for the log: a complete temp file (not yet fsynced).
+    File(PathBuf, File),
+}
+
+/// An LTX file being encoded. Nothing is visible under the final name until the caller
+/// makes the [`Encoded`] result durable.
+pub struct PendingLtx {
+    enc: Encoder<Sink>,
 }
 
 impl PendingLtx {
-    /// Starts writing a file with `header` in `dir`, into `spare` when one is given (an
-    /// empty temp file created ahead of time, see [`make_spares`]), else into a new temp
-    /// file.
-    pub fn create(
-        dir: &Path,
-        header: &Header,
-        spare: Option<Spare>,
-    ) -> Result<PendingLtx, LtxWriteError> {
-        let (tmp, f) = match spare {
-            Some(s) => (s.path, s.file),
-            None => {
-                let name = ltx::format_filename(header.min_txid, header.max_txid);
-                let tmp = dir.join(format!("{name}{TEMP_SUFFIX}"));
-                let f = OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(&tmp)
-                    .map_err(|e| LtxWriteError::Io("create ltx", tmp.clone(), e))?;
-                (tmp, f)
-            }
-        };
-        let enc = match Encoder::new(BufWriter::with_capacity(64 * 1024, f), header) {
-            Ok(e) => e,
-            Err(e) => {
-                let _ = fs::remove_file(&tmp);
-                return Err(LtxWriteError::Ltx(tmp, e));
-            }
-        };
-        Ok(PendingLtx {
-            tmp,
+    /// Starts encoding a file with `header`; `dir` is the `ltx/` directory, where a file
+    /// too large for the log is spilled to a temp file.
+    pub fn create(dir: &Path, header: &Header) -> Result<PendingLtx, LtxWriteError> {
+        let name = ltx::format_filename(header.min_txid, header.max_txid);
+        let sink = Sink {
+            mem: vec![0u8; RECORD_HEADER],
+            spill: None,
             dir: dir.to_path_buf(),
-            header: header.clone(),
-            enc,
-        })
+            name,
+        };
+        let enc =
+            Encoder::new(sink, header).map_err(|e| LtxWriteError::Ltx(dir.to_path_buf(), e))?;
+        Ok(PendingLtx { enc })
+    }
+
+    fn path(&self) -> PathBuf {
+        let h = self.enc.header();
+        PathBuf::from(ltx::format_filename(h.min_txid, h.max_txid))
     }
 
     /// Adds a page (ascending page numbers, never the lock page).
     pub fn page(&mut self, pgno: u32, data: &[u8]) -> Result<(), LtxWriteError> {
+        let path = self.path();
         self.enc
             .encode_page(pgno, data)
-            .map_err(|e| LtxWriteError::Ltx(self.tmp.clone(), e))
+            .map_err(|e| LtxWriteError::Ltx(path, e))
     }
 
-    /// Finishes the file with `post_apply` and makes it durable under its final name:
-    /// fsync, rename, fsync of the directory. Returns the final path.
-    pub fn commit(self, post_apply: Checksum) -> Result<PathBuf, LtxWriteError> {
-        let PendingLtx {
-            tmp,
-            dir,
-            header,
-            enc,
-        } = self;
-        let result = (|| {
-            let (w, _trailer) = enc
-                .finish(post_apply)
-                .map_err(|e| LtxWriteError::Ltx(tmp.clone(), e))?;
-            let f = w
-                .into_inner()
-                .map_err(|e| LtxWriteError::Io("write ltx", tmp.clone(), e.into_error()))?;
-            f.sync_all()
-                .map_err(|e| LtxWriteError::Io("fsync ltx", tmp.clone(), e))?;
-            let dst = dir.join(ltx::format_filename(header.min_txid, header.max_txid));
-            fs::rename(&tmp, &dst).map_err(|e| LtxWriteError::Io("rename ltx", dst.clone(), e))?;
-            fsync_dir(&dir).map_err(|e| LtxWriteError::Io("fsync ltx dir", dir.clone(), e))?;
-            Ok(dst)
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
+    /// Finishes the file with `post_apply`.
+    pub fn finish(self, post_apply: Checksum) -> Result<Encoded, LtxWriteError> {
+        let path = self.path();
+        let (mut sink, _trailer) = self
+            .enc
+            .finish(post_apply)
+            .map_err(|e| LtxWriteError::Ltx(path.clone(), e))?;
+        match sink.spill.take() {
+            None => Ok(Encoded::Record(std::mem::take(&mut sink.mem))),
+            Some((tmp, w)) => match w.into_inner() {
+                Ok(f) => Ok(Encoded::File(tmp, f)),
+                Err(e) => {
+                    let _ = fs::remove_file(&tmp);
+                    Err(LtxWriteError::Io("write ltx", tmp, e.into_error()))
+                }
+            },
         }
-        result
     }
 
-    /// Drops the file without making it visible.
-    pub fn abort(self) {
-        let _ = fs::remove_file(&self.tmp);
+    /// Drops the file.
+    pub fn abort(self) {}
+}
+
+/// Makes a complete temp file durable under its final name in `dir`: fsync, rename,
+/// fsync of the directory. Removes the temp file on failure.
+pub fn commit_file(
+    dir: &Path,
+    tmp: &Path,
+    f: &File,
+    header: &Header,
+) -> Result<PathBuf, LtxWriteError> {
+    let result = (|| {
+        f.sync_all()
+            .map_err(|e| LtxWriteError::Io("fsync ltx", tmp.to_path_buf(), e))?;
+        let dst = dir.join(ltx::format_filename(header.min_txid, header.max_txid));
+        fs::rename(tmp, &dst).map_err(|e| LtxWriteError::Io("rename ltx", dst.clone(), e))?;
+        fsync_dir(dir).map_err(|e| LtxWriteError::Io("fsync ltx dir", dir.to_path_buf(), e))?;
+        Ok(dst)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(tmp);
     }
+    result
 }
 
-/// An empty temp file in a database's `ltx/` directory whose creation is already
-/// durable. Creating a file and making its directory entry durable forces a full
-/// file-system journal commit; doing that ahead of time, in batches and off the commit
-/// path, leaves a commit only the data fsync, the rename and the directory fsync (about
-/// 0.3 ms instead of 0.5-1.2 ms per LTX file on the test machine's ext4).
-#[derive(Debug)]
-pub struct Spare {
-    path: PathBuf,
-    file: File,
-}
-
-/// Creates `n` spare temp files in `dir` with one directory fsync for all of them. Their
-/// names end in [`TEMP_SUFFIX`], so start-up removes any left over.
-pub fn make_spares(dir: &Path, n: usize) -> io::Result<Vec<Spare>> {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        let path = dir.join(format!(
-            ".spare-{}-{}{TEMP_SUFFIX}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let file = OpenOptions::new()
+/// Writes `bytes` (a complete LTX file) under its final name in `dir` by rename of a
+/// temp file, without any fsync: the caller has made the bytes durable elsewhere (the
+/// log). Returns the open file, for a later fsync.
+pub fn write_named(dir: &Path, header: &Header, bytes: &[u8]) -> Result<File, LtxWriteError> {
+    let name = ltx::format_filename(header.min_txid, header.max_txid);
+    let tmp = dir.join(format!("{name}{TEMP_SUFFIX}"));
+    let result = (|| {
+        let f = OpenOptions::new()
             .write(true)
-            .create_new(true)
-            .open(&path)?;
-        out.push(Spare { path, file });
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| LtxWriteError::Io("create ltx", tmp.clone(), e))?;
+        f.write_all_at(bytes, 0)
+            .map_err(|e| LtxWriteError::Io("write ltx", tmp.clone(), e))?;
+        let dst = dir.join(&name);
+        fs::rename(&tmp, &dst).map_err(|e| LtxWriteError::Io("rename ltx", dst, e))?;
+        Ok(f)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
     }
-    fsync_dir(dir)?;
-    Ok(out)
-}
-
-/// Removes spare files that will not be used.
-pub fn remove_spares(spares: Vec<Spare>) {
-    for s in spares {
-        let _ = fs::remove_file(&s.path);
-    }
+    result
 }
 
 /// Why writing an LTX file failed (converted to a [`StoreError`] naming the database).

@@ -57,18 +57,18 @@
 //! # Data directory
 //!
 //! `<data.dir>/dbs/<name>/{database,journal,wal,shm}` and `ltx/<min>-<max>.ltx` as in
-//! LiteFS 0.5, plus `clean-shutdown` (see below) and `ltx/*.tmp`: an LTX file being
-//! written, or `ltx/.spare-*.tmp`, empty temp files a background thread
-//! (`litefs-ltx-spares`) creates in batches of up to 8 with one directory fsync, so that a
-//! commit writes into a file whose directory entry is already durable (creating one costs
-//! a full file-system journal commit: 0.5-1.2 ms against about 0.3 ms for write, fsync,
-//! rename and directory fsync of a pre-created file, measured on the test machine's
-//! ext4). Start-up removes every `*.tmp`.
+//! LiteFS 0.5, plus `clean-shutdown` (see below), `ltx-log` (the LTX append log, see
+//! `ltxlog.rs`: a commit is durable once its record is there; its named file is fsynced
+//! later, in batches, by the `litefs-ltx-sync` thread) and `ltx/*.tmp` (an LTX file
+//! being written). Start-up removes every `*.tmp` and restores, from the log, every LTX
+//! file whose named file is missing or damaged.
 //!
 //! # Invariants
 //!
-//! - An LTX file is durable (fsynced, renamed, directory fsynced) before the hook that
-//!   produced it returns, and the in-memory position changes only after that. A failed
+//! - An LTX file is durable (its record appended to `ltx-log` and fdatasynced, or, for a
+//!   file too large for the log, fsynced, renamed and its directory fsynced) and visible
+//!   under its name before the hook that produced it returns, and the in-memory position
+//!   changes only after that. A failed
 //!   capture leaves the state as it was, so the next commit point retries it.
 //! - TXIDs are contiguous; each file's pre-apply checksum is the previous file's
 //!   post-apply checksum; the first file (TXID 1) is a snapshot (pre-apply 0, every page).
@@ -120,6 +120,7 @@ mod db;
 mod error;
 pub mod journal;
 mod ltxio;
+mod ltxlog;
 mod record;
 mod recovery;
 mod replica;
@@ -217,7 +218,7 @@ pub struct Store {
     dbs_dir: PathBuf,
     inner: Mutex<Inner>,
     retention: Mutex<Option<Retention>>,
-    spare_maker: Mutex<Option<SpareMaker>>,
+    syncer: Mutex<Option<Syncer>>,
     /// Archive watermarks (`None`: no archive, retention by age only).
     archived: Mutex<Option<BTreeMap<String, TxId>>>,
     /// Whether this node takes writes (see [`Store::set_primary`]).
@@ -226,8 +227,9 @@ pub struct Store {
     changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
-/// The thread that pre-creates LTX temp files (see `ltxio::Spare`).
-struct SpareMaker {
+/// The thread that fsyncs named LTX files and their directories in batches (see
+/// `ltxlog.rs`).
+struct Syncer {
     /// `None` asks the thread to stop.
     tx: mpsc::Sender<Option<String>>,
     thread: JoinHandle<()>,
@@ -302,7 +304,7 @@ impl Store {
             dbs_dir,
             inner: Mutex::new(inner),
             retention: Mutex::new(None),
-            spare_maker: Mutex::new(None),
+            syncer: Mutex::new(None),
             archived: Mutex::new(None),
             primary: std::sync::atomic::AtomicBool::new(true),
             changes: Arc::new(tokio::sync::watch::Sender::new(0)),
@@ -310,7 +312,7 @@ impl Store {
         for db in store.inner().dbs.values() {
             db.set_changes(store.changes.clone());
         }
-        store.start_spare_maker();
+        store.start_syncer();
         if !store.opts.retention_monitor_interval.is_zero() {
             store.start_retention();
         }
@@ -388,12 +390,12 @@ impl Store {
                 .load(std::sync::atomic::Ordering::Relaxed),
         );
         if let Some(m) = self
-            .spare_maker
+            .syncer
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
         {
-            db.set_refill(m.tx.clone());
+            db.set_syncer(m.tx.clone());
         }
         db.set_changes(self.changes.clone());
         let db = Arc::new(db);
@@ -442,22 +444,19 @@ impl Store {
                 error!("retention thread panicked");
             }
         }
-        let maker = self
-            .spare_maker
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(m) = maker {
+        let syncer = self.syncer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(m) = syncer {
             // Not under the inner lock: the thread looks databases up through it.
             let _ = m.tx.send(None);
             if m.thread.join().is_err() {
-                error!("spare maker thread panicked");
+                error!("LTX sync thread panicked");
             }
         }
         let mut inner = self.inner();
         inner.closed = true;
         for db in inner.dbs.values() {
-            db.clear_refill();
+            db.clear_syncer();
+            db.sync_ltx_files()?;
         }
         for db in inner.dbs.values() {
             let mut st = db.lock();
@@ -573,35 +572,56 @@ impl Store {
         Ok(removed)
     }
 
-    fn start_spare_maker(self: &Arc<Self>) {
+    fn start_syncer(self: &Arc<Self>) {
         let (tx, rx) = mpsc::channel::<Option<String>>();
         let weak: Weak<Store> = Arc::downgrade(self);
         let spawned = std::thread::Builder::new()
-            .name("litefs-ltx-spares".into())
+            .name("litefs-ltx-sync".into())
             .spawn(move || {
                 loop {
                     // The timeout lets the thread notice a store dropped without close().
-                    let name = match rx.recv_timeout(Duration::from_secs(1)) {
-                        Ok(Some(name)) => Some(name),
+                    let first = match rx.recv_timeout(Duration::from_secs(1)) {
+                        Ok(Some(name)) => name,
                         Ok(None) | Err(RecvTimeoutError::Disconnected) => return,
-                        Err(RecvTimeoutError::Timeout) => None,
+                        Err(RecvTimeoutError::Timeout) => {
+                            if weak.strong_count() == 0 {
+                                return;
+                            }
+                            continue;
+                        }
                     };
+                    // Everything queued meanwhile joins this batch.
+                    let mut names = std::collections::BTreeSet::from([first]);
+                    let mut stop = false;
+                    while let Ok(m) = rx.try_recv() {
+                        match m {
+                            Some(n) => {
+                                names.insert(n);
+                            }
+                            None => stop = true,
+                        }
+                    }
                     let Some(store) = weak.upgrade() else { return };
-                    if let Some(db) = name.and_then(|n| store.db(&n)) {
-                        db.refill_spares();
+                    for db in names.iter().filter_map(|n| store.db(n)) {
+                        if let Err(e) = db.sync_ltx_files() {
+                            error!(error = %e, "cannot fsync LTX files; they stay in the LTX log");
+                        }
+                    }
+                    if stop {
+                        return;
                     }
                 }
             });
         match spawned {
             Ok(thread) => {
                 for db in self.inner().dbs.values() {
-                    db.set_refill(tx.clone());
+                    db.set_syncer(tx.clone());
                 }
-                *self.spare_maker.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some(SpareMaker { tx, thread });
+                *self.syncer.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(Syncer { tx, thread });
             }
             Err(e) => {
-                warn!(error = %e, "cannot start the LTX spare-file thread; commits create their own files")
+                warn!(error = %e, "cannot start the LTX sync thread; LTX files are fsynced when the log restarts")
             }
         }
     }

@@ -1,6 +1,7 @@
 //! Start-up recovery of one database directory.
 //!
-//! Order: a hot journal is rolled back; the WAL is cut back to the last captured commit
+//! Order: LTX files whose named file was lost before the background fsync reached it are
+//! restored from the LTX log (`ltxlog.rs`); a hot journal is rolled back; the WAL is cut back to the last captured commit
 //! (frames past the last LTX file's WAL range were never acknowledged to a client); after
 //! a hot-journal rollback the last LTX file is written into the database again
 //! (idempotent; this redoes a transaction whose LTX became durable before the crash,
@@ -17,10 +18,10 @@ use tracing::{info, warn};
 use crate::ltx::{CHECKSUM_FLAG, Checksum, Header, Pos, RollingChecksum};
 
 use super::db::{self, Db, DbState, WalCursor};
-use super::ltxio;
 use super::record::{CleanRecord, Stamp};
 use super::wal::{self, WalTxn};
 use super::{FileKind, StoreError, journal};
+use super::{ltxio, ltxlog};
 
 /// Outcome of recovering one database directory.
 pub(crate) enum Recovered {
@@ -51,6 +52,14 @@ pub(crate) fn recover(name: &str, dir: &Path, node_id: u64) -> Result<Recovered,
     let ltx_dir = dir.join("ltx");
     fs::create_dir_all(&ltx_dir).map_err(io_err(name, "create ltx dir", &ltx_dir))?;
     ltxio::remove_temp_files(&ltx_dir).map_err(io_err(name, "remove temp files", &ltx_dir))?;
+    let restored = ltxlog::restore(name, dir)?;
+    if restored > 0 {
+        info!(
+            db = name,
+            files = restored,
+            "restored LTX files from the LTX log"
+        );
+    }
     let files = ltxio::list(&ltx_dir).map_err(io_err(name, "list ltx", &ltx_dir))?;
     let last: Option<(Header, Pos)> = match files.last() {
         Some(f) => Some(ltxio::read_position(name, &f.path)?),
