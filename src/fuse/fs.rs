@@ -516,44 +516,22 @@ impl Shared {
         }
     }
 
-    /// A capture failed after SQLite considered the transaction committed (it ignores
-    /// errors from unlocking and closing): the node can no longer vouch for its
-    /// history. The mount runner stops with exit status 99, as LiteFS does, and the
-    /// next start-up cuts the uncaptured frames off.
+    /// The node can no longer vouch for its history: a capture failed after SQLite
+    /// considered the transaction committed (it ignores errors from unlocking and
+    /// closing), a write would change WAL frames already captured, or an fsync of the
+    /// WAL failed after its frames were captured. The mount runner stops with exit
+    /// status 99, as LiteFS does; the next start-up cuts uncaptured frames off and
+    /// re-applies LTX files whose frames were lost.
     fn set_fatal(&self, db: &Db, e: &StoreError) {
-        error!(
-            db = db.name(),
-            error = %e,
-            "capture of a committed WAL transaction failed; stopping (exit 99)"
-        );
+        error!(db = db.name(), error = %e, "stopping (exit 99)");
         let mut f = lock(&self.fatal);
         if f.is_none() {
-            *f = Some(format!(
-                "capture of a committed transaction of {} failed: {e}",
-                db.name()
-            ));
+            *f = Some(format!("database {}: {e}", db.name()));
         }
     }
 
     pub(crate) fn fatal(&self) -> Option<String> {
         lock(&self.fatal).clone()
-    }
-
-    /// The WAL was fsynced while a writer holds the WRITE lock: with
-    /// `synchronous=FULL` that is the commit's durability point, before SQLite reports
-    /// success. Capturing here rather than only at the lock release means a failed
-    /// capture (or litefs dying in it) fails the commit, because SQLite ignores errors
-    /// from unlocking and would otherwise acknowledge a commit that has no LTX file.
-    fn wal_synced(&self, db: &Db) -> Result<(), Errno> {
-        hook_errno("wal_fsynced", db, db.wal_fsynced())?;
-        let writing = lock(&self.locks)
-            .get(&(db.name().to_string(), FileKind::Shm))
-            .and_then(|t| t.write_holder(SHM_WRITE))
-            .is_some();
-        if writing {
-            hook_errno("wal_write_lock_released", db, db.wal_write_lock_released())?;
-        }
-        Ok(())
     }
 
     fn flush_handle(&self, h: &Handle) -> Result<(), Errno> {
@@ -620,8 +598,15 @@ impl Shared {
                     );
                     return Err(Errno::EIO);
                 }
+                if let Err(e) = db.wal_write(offset, data) {
+                    if matches!(e, StoreError::CapturedWalRewrite { .. }) {
+                        self.set_fatal(db, &e);
+                    }
+                    return hook_errno("wal_write", db, Err(e)).map(|()| 0);
+                }
                 pwrite(file)?;
-                hook_errno("wal_written", db, db.wal_written(offset, data.len()))?;
+                // A write that completes a commit frame is captured before the reply.
+                hook_errno("wal_written", db, db.wal_written(offset, data))?;
             }
             FileKind::Shm => pwrite(file)?,
         }
@@ -1275,9 +1260,16 @@ impl fuser::Filesystem for LiteFs {
                 } else {
                     file.sync_all()
                 };
-                r.map_err(|e| io_errno("fsync", &db.path(*kind), e))?;
-                if *kind == FileKind::Wal {
-                    s.wal_synced(db)?;
+                if let Err(e) = r {
+                    if *kind == FileKind::Wal {
+                        // The frames may already be in LTX files: whether they reached
+                        // the disk is unknown, and a later fsync could report success
+                        // for pages the kernel dropped.
+                        let e = StoreError::io(db.name(), "fsync wal", db.path(*kind), e);
+                        s.set_fatal(db, &e);
+                        return Err(Errno::EIO);
+                    }
+                    return Err(io_errno("fsync", &db.path(*kind), e));
                 }
             }
             s.flush_handle(&h)

@@ -52,8 +52,13 @@ pub(crate) struct DbState {
     pub wal: Option<WalCursor>,
     /// The WAL holds (or may hold) frames: database writes are checkpoint copies.
     pub wal_present: bool,
-    /// The WAL was written since it was last fsynced by the store.
-    pub wal_unsynced: bool,
+    /// Page size of the WAL's frames, learnt from its header.
+    pub wal_page_size: Option<u32>,
+    /// End of the highest WAL write (or the WAL's size when first seen).
+    pub wal_end: u64,
+    /// Offset of the frame whose header was last written with a non-zero commit field:
+    /// the write that completes it ends a transaction.
+    pub commit_frame: Option<u64>,
     pub deleted: bool,
     pub closed: bool,
     /// The LTX append log, opened at the first commit.
@@ -89,7 +94,9 @@ impl DbState {
             all_dirty: false,
             wal: None,
             wal_present: false,
-            wal_unsynced: false,
+            wal_page_size: None,
+            wal_end: 0,
+            commit_frame: None,
             deleted: false,
             closed: false,
             log: None,
@@ -450,22 +457,113 @@ impl Db {
         self.capture_database(&mut st)
     }
 
-    /// A write to the WAL succeeded.
-    pub fn wal_written(&self, _offset: u64, len: usize) -> Result<(), StoreError> {
+    /// A write to the WAL is about to happen (BEFORE). Bytes below the capture cursor of
+    /// the current WAL generation are in LTX files: they may be written again only
+    /// unchanged (a kernel-split or repeated write). A header write at offset 0 with new
+    /// salts starts a new generation (SQLite restarts the WAL only after a complete
+    /// checkpoint); anything committed in the old one is captured first.
+    ///
+    /// # Errors
+    /// [`StoreError::CapturedWalRewrite`] for a write that would change captured bytes:
+    /// fatal for the node (the FUSE layer stops it with exit status 99).
+    pub fn wal_write(&self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
         let mut st = self.usable()?;
-        if len > 0 {
-            st.wal_present = true;
-            st.wal_unsynced = true;
+        let Some(c) = st.wal else { return Ok(()) };
+        if offset >= c.offset || data.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        if offset == 0
+            && let Some(h) = WalHeader::parse(data)
+            && (h.salt1, h.salt2) != (c.salt1, c.salt2)
+        {
+            return self.capture_wal(&mut st);
+        }
+        let path = self.path(FileKind::Wal);
+        let n = (c.offset - offset).min(data.len() as u64) as usize;
+        let mut old = vec![0u8; n];
+        let f = File::open(&path).map_err(|e| StoreError::io(&self.name, "open wal", &path, e))?;
+        let same = match f.read_exact_at(&mut old, offset) {
+            Ok(()) => old == data[..n],
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => false,
+            Err(e) => return Err(StoreError::io(&self.name, "read wal", &path, e)),
+        };
+        if same {
+            return Ok(());
+        }
+        Err(StoreError::CapturedWalRewrite {
+            db: self.name.clone(),
+            offset,
+            captured: c.offset,
+        })
     }
 
-    /// The WAL was fsynced through the file system (AFTER the fsync succeeded). Optional:
-    /// it only spares the store its own fsync of the WAL at the next capture when nothing
-    /// was written since.
-    pub fn wal_fsynced(&self) -> Result<(), StoreError> {
+    /// A write to the WAL succeeded (AFTER, before the reply). A write that completes a
+    /// commit frame (its page data, or a rewrite of its header by `walRewriteChecksums`
+    /// once its data is there) is where SQLite's transaction ends: it is captured here,
+    /// before SQLite can publish the frames to readers or checkpointers.
+    pub fn wal_written(&self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
         let mut st = self.usable()?;
-        st.wal_unsynced = false;
+        if data.is_empty() {
+            return Ok(());
+        }
+        st.wal_present = true;
+        let end = offset + data.len() as u64;
+        if offset == 0
+            && let Some(h) = WalHeader::parse(data)
+        {
+            st.wal_page_size = Some(h.page_size);
+            st.commit_frame = None;
+            if st
+                .wal
+                .is_some_and(|c| (c.salt1, c.salt2) != (h.salt1, h.salt2))
+            {
+                st.wal = Some(WalCursor {
+                    salt1: h.salt1,
+                    salt2: h.salt2,
+                    offset: wal::HEADER_SIZE,
+                    checksum: h.checksum,
+                });
+                st.wal_end = end;
+            }
+        }
+        st.wal_end = st.wal_end.max(end);
+        if st.wal_page_size.is_none() {
+            // First write seen since start-up: learn the frame size from the file.
+            let path = self.path(FileKind::Wal);
+            let f =
+                File::open(&path).map_err(|e| StoreError::io(&self.name, "open wal", &path, e))?;
+            if let Some(h) = wal::read_header(&f)
+                .map_err(|e| StoreError::io(&self.name, "read wal header", &path, e))?
+            {
+                st.wal_page_size = Some(h.page_size);
+            }
+            let len = f
+                .metadata()
+                .map_err(|e| StoreError::io(&self.name, "stat wal", &path, e))?
+                .len();
+            st.wal_end = st.wal_end.max(len);
+        }
+        let Some(ps) = st.wal_page_size else {
+            return Ok(());
+        };
+        if end <= wal::HEADER_SIZE {
+            return Ok(());
+        }
+        let frame_size = wal::FRAME_HEADER_SIZE + u64::from(ps);
+        let frame = wal::HEADER_SIZE + (end - 1 - wal::HEADER_SIZE) / frame_size * frame_size;
+        let frame_end = frame + frame_size;
+        let complete = if offset <= frame + 4 && end >= frame + 8 {
+            // The write holds the frame's commit field.
+            let i = (frame + 4 - offset) as usize;
+            let commit = u32::from_be_bytes([data[i], data[i + 1], data[i + 2], data[i + 3]]);
+            st.commit_frame = (commit != 0).then_some(frame);
+            commit != 0 && st.wal_end >= frame_end
+        } else {
+            end == frame_end && st.commit_frame == Some(frame)
+        };
+        if complete {
+            self.capture_wal(&mut st)?;
+        }
         Ok(())
     }
 
@@ -482,10 +580,12 @@ impl Db {
     pub fn wal_truncate(&self, size: u64) -> Result<(), StoreError> {
         let mut st = self.usable()?;
         self.capture_wal(&mut st)?;
+        st.wal_end = st.wal_end.min(size);
         if size == 0 {
             st.wal = None;
             st.wal_present = false;
-            st.wal_unsynced = false;
+            st.wal_page_size = None;
+            st.commit_frame = None;
         }
         Ok(())
     }
@@ -497,7 +597,9 @@ impl Db {
         self.capture_wal(&mut st)?;
         st.wal = None;
         st.wal_present = false;
-        st.wal_unsynced = false;
+        st.wal_page_size = None;
+        st.wal_end = 0;
+        st.commit_frame = None;
         Ok(())
     }
 
@@ -710,11 +812,8 @@ impl Db {
             }
             Err(e) => return Err(StoreError::io(&self.name, "open wal", &path, e)),
         };
-        if st.wal_unsynced {
-            f.sync_all()
-                .map_err(|e| StoreError::io(&self.name, "fsync wal", &path, e))?;
-            st.wal_unsynced = false;
-        }
+        // No fsync of the WAL: the LTX log makes the transaction durable, and start-up
+        // re-applies LTX files whose frames did not reach the disk.
         let Some(h) = wal::read_header(&f)
             .map_err(|e| StoreError::io(&self.name, "read wal header", &path, e))?
         else {

@@ -76,6 +76,21 @@ pub enum StoreError {
         /// What is wrong.
         reason: String,
     },
+    /// A write would change WAL bytes that were already captured into an LTX file (same
+    /// WAL generation, below the capture cursor). The history and the WAL would disagree:
+    /// the node must stop (exit 99).
+    #[error(
+        "database {db:?}: a write at WAL offset {offset} would change frames already captured \
+         (up to offset {captured}); stopping"
+    )]
+    CapturedWalRewrite {
+        /// Database name.
+        db: String,
+        /// Offset of the write.
+        offset: u64,
+        /// End of the captured frames.
+        captured: u64,
+    },
     /// A name that cannot be a database name (empty, a side-file suffix, a leading dot, a slash).
     #[error("invalid database name {name:?}")]
     InvalidName {

@@ -20,14 +20,17 @@
 //! - `wal_truncate(size)`/`wal_unlink()` (BEFORE) capture anything committed first, so the
 //!   FUSE layer may call them for every truncate/unlink of a WAL.
 //! - `wal_write_lock_released()` may also be called at any other point while WRITE is
-//!   held (the fuse branch calls it after the WAL fsync of a `synchronous=FULL` commit, so
-//!   a failed capture fails the commit): a capture finds only whole committed
-//!   transactions after its cursor and is idempotent.
+//!   held: a capture finds only whole committed transactions after its cursor and is
+//!   idempotent.
 //! - `database_flushed()` may be called on every flush/fsync/release of a database handle
 //!   that wrote; the store itself decides whether the writes were outside a transaction
 //!   (no journal with a valid header, not in WAL mode) and only then captures them.
-//! - Added: [`Db::wal_fsynced`] (AFTER a passthrough fsync of the WAL succeeded; optional,
-//!   it spares the store a second fsync of the WAL when the capture follows SQLite's own).
+//! - Changed: [`Db::wal_write`] (BEFORE each WAL write: captured bytes may only be
+//!   written again unchanged; `Err(StoreError::CapturedWalRewrite)` is fatal) and
+//!   [`Db::wal_written`]`(offset, data)` (AFTER, before the reply: a write that completes
+//!   a valid commit frame is captured right there, so a failed capture fails the write
+//!   and with it the commit, and no checkpoint can copy frames before their LTX exists).
+//!   The store never fsyncs the WAL; a failed fsync of the WAL is fatal for the node.
 //! - Added: [`Store::retention_pass`] (the background thread calls it every
 //!   `retention_monitor_interval`; 0 disables the thread), [`Store::deleted_databases`]
 //!   (positions of deleted databases whose commit-0 LTX file is still kept), [`Db::verify`]

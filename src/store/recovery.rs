@@ -11,6 +11,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use tracing::{info, warn};
@@ -223,43 +224,38 @@ pub(crate) fn recover(name: &str, dir: &Path, node_id: u64) -> Result<Recovered,
     }
 
     // 4. Rebuild the checksums and compare.
-    let dbf = File::open(&db_path).map_err(io_err(name, "open database", &db_path))?;
-    let len = dbf
-        .metadata()
-        .map_err(io_err(name, "stat database", &db_path))?
-        .len();
-    let page_size = if len == 0 {
-        None
-    } else {
-        let hdr = db::read_db_header(name, &dbf, &db_path)?;
-        Some(
-            db::parse_page_size(&hdr).ok_or_else(|| StoreError::InvalidDatabaseHeader {
-                db: name.to_string(),
-                reason: "invalid page size".into(),
-            })?,
-        )
-    };
-    let (checksums, commit) = match page_size {
-        Some(ps) => {
-            let l = db::logical_checksums(
-                name,
-                &db_path,
-                ps,
-                wal_file.as_ref().map(|f| (f, kept.as_slice())),
-            )?;
-            (l.checksums, l.commit)
-        }
-        None => (Vec::new(), 0),
-    };
-    let mut rolling = RollingChecksum::new();
-    for c in &checksums {
-        rolling.toggle(*c);
+    let mut r = rebuild(
+        name,
+        &db_path,
+        wal_file.as_ref().map(|f| (f, kept.as_slice())),
+    )?;
+    // 4b. LTX files whose WAL frames never reached the disk: the LTX log made the
+    //     commit durable before SQLite's own fsync of the WAL (or without one, with
+    //     synchronous=NORMAL). Re-apply them to the database.
+    if let Some(pos) = last_pos
+        && r.actual != pos.post_apply_checksum
+        && reapply_lost_wal_frames(
+            name,
+            &db_path,
+            &files,
+            r.actual,
+            wal_file.as_ref().map(|f| (f, kept.as_slice())),
+        )?
+    {
+        drop(wal_file.take());
+        kept.clear();
+        cursor = None;
+        remove_if_exists(name, &scratch.path(FileKind::Wal))?;
+        remove_if_exists(name, &scratch.path(FileKind::Shm))?;
+        r = rebuild(name, &db_path, None)?;
     }
-    let actual = if commit == 0 {
-        Checksum(CHECKSUM_FLAG)
-    } else {
-        rolling.value()
-    };
+    let Rebuilt {
+        page_size,
+        checksums,
+        commit,
+        rolling,
+        actual,
+    } = r;
     let Some(pos) = last_pos else {
         // Content without any LTX history: capture it as the first (snapshot) transaction.
         let needs_snapshot = commit > 0;
@@ -290,6 +286,136 @@ pub(crate) fn recover(name: &str, dir: &Path, node_id: u64) -> Result<Recovered,
         Box::new(Db::new(name.to_string(), dir.to_path_buf(), node_id, st)),
         false,
     ))
+}
+
+/// The logical database's checksums, rebuilt from the files.
+struct Rebuilt {
+    page_size: Option<u32>,
+    checksums: Vec<Checksum>,
+    commit: u32,
+    rolling: RollingChecksum,
+    actual: Checksum,
+}
+
+fn rebuild(
+    name: &str,
+    db_path: &Path,
+    wal: Option<(&File, &[WalTxn])>,
+) -> Result<Rebuilt, StoreError> {
+    let dbf = File::open(db_path).map_err(io_err(name, "open database", db_path))?;
+    let len = dbf
+        .metadata()
+        .map_err(io_err(name, "stat database", db_path))?
+        .len();
+    let page_size = if len == 0 {
+        None
+    } else {
+        let hdr = db::read_db_header(name, &dbf, db_path)?;
+        Some(
+            db::parse_page_size(&hdr).ok_or_else(|| StoreError::InvalidDatabaseHeader {
+                db: name.to_string(),
+                reason: "invalid page size".into(),
+            })?,
+        )
+    };
+    let (checksums, commit) = match page_size {
+        Some(ps) => {
+            let l = db::logical_checksums(name, db_path, ps, wal)?;
+            (l.checksums, l.commit)
+        }
+        None => (Vec::new(), 0),
+    };
+    let mut rolling = RollingChecksum::new();
+    for c in &checksums {
+        rolling.toggle(*c);
+    }
+    let actual = if commit == 0 {
+        Checksum(CHECKSUM_FLAG)
+    } else {
+        rolling.value()
+    };
+    Ok(Rebuilt {
+        page_size,
+        checksums,
+        commit,
+        rolling,
+        actual,
+    })
+}
+
+/// When the database (with its surviving WAL frames) stands at the post-apply checksum of
+/// an LTX file followed only by WAL captures, those later files' frames were lost: the
+/// surviving frames are copied into the database file (a checkpoint) and the later files
+/// applied to it (each verified first). Returns false, changing nothing, when the
+/// database matches no such point: that disagreement is reported, never repaired.
+fn reapply_lost_wal_frames(
+    name: &str,
+    db_path: &Path,
+    files: &[ltxio::LtxFile],
+    actual: Checksum,
+    wal: Option<(&File, &[WalTxn])>,
+) -> Result<bool, StoreError> {
+    let mut from = None;
+    for (i, f) in files.iter().enumerate().rev() {
+        let (h, p) = ltxio::read_position(name, &f.path)?;
+        if p.post_apply_checksum == actual {
+            from = Some(i + 1);
+            break;
+        }
+        if h.wal_offset == 0 {
+            return Ok(false);
+        }
+        if h.is_snapshot() {
+            from = Some(i);
+            break;
+        }
+    }
+    let Some(from) = from.filter(|i| *i < files.len()) else {
+        return Ok(false);
+    };
+    let dbf = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(db_path)
+        .map_err(io_err(name, "open database", db_path))?;
+    if let Some((wf, txns)) = wal
+        && let Some(last) = txns.last()
+    {
+        let wpath = db_path.with_file_name("wal");
+        let h = wal::read_header(wf)
+            .map_err(io_err(name, "read wal", &wpath))?
+            .ok_or_else(|| StoreError::InvalidWal {
+                db: name.to_string(),
+                reason: "header vanished during recovery".into(),
+            })?;
+        let ps = u64::from(h.page_size);
+        let mut buf = vec![0u8; h.page_size as usize];
+        for t in txns {
+            for (&pgno, &off) in &t.pages {
+                if pgno > t.commit {
+                    continue;
+                }
+                wf.read_exact_at(&mut buf, off)
+                    .map_err(io_err(name, "read wal frame", &wpath))?;
+                dbf.write_all_at(&buf, u64::from(pgno - 1) * ps)
+                    .map_err(io_err(name, "write database", db_path))?;
+            }
+        }
+        dbf.set_len(u64::from(last.commit) * ps).map_err(io_err(
+            name,
+            "truncate database",
+            db_path,
+        ))?;
+    }
+    for f in &files[from..] {
+        ltxio::rewrite_pages(name, &dbf, &f.path)?;
+    }
+    info!(
+        db = name,
+        files = files.len() - from,
+        "re-applied LTX files whose WAL frames were lost"
+    );
+    Ok(true)
 }
 
 /// State from a clean-shutdown record, if it still describes the files exactly.

@@ -708,36 +708,66 @@ fn sigterm_while_a_process_keeps_a_file_open_reports_busy_and_detaches() {
     assert!(!is_mounted(&p.mnt), "the busy mount was not detached");
 }
 
-#[test]
-fn a_failed_capture_fails_a_full_commit_and_stops_the_node_after_a_normal_one() {
-    let node = Node::start();
-    // synchronous=FULL: the capture runs at the WAL fsync, so its failure fails COMMIT.
-    let c = open(&node.path("full.db"), "wal", 4096);
-    c.pragma_update(None, "synchronous", "full").unwrap();
-    c.execute_batch("CREATE TABLE t (x);").unwrap();
-    let n = node.ltx_files("full.db").len();
-    c.execute_batch("BEGIN IMMEDIATE; INSERT INTO t VALUES (1);")
-        .unwrap();
-    // A closed store fails every hook.
-    node.store().close().unwrap();
-    let err = c.execute_batch("COMMIT;").unwrap_err();
-    assert!(err.to_string().contains("disk I/O error"), "{err}");
-    assert_eq!(node.ltx_files("full.db").len(), n, "an LTX appeared");
-    drop(c);
+const REWRITE_WAL_PY: &str = r#"
+import fcntl, os, sys
+shm = open(sys.argv[1], "r+b")
+fcntl.lockf(shm, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 120)
+fd = os.open(sys.argv[2], os.O_WRONLY)
+try:
+    os.pwrite(fd, b"\xab" * 24, 32)
+    print("written")
+except OSError as e:
+    print(f"refused errno {e.errno}")
+"#;
 
-    // synchronous=NORMAL: nothing fails before the unlock, whose errors SQLite ignores;
-    // the mount reports that the node must stop.
-    let node = Node::start();
-    let c = open(&node.path("normal.db"), "wal", 4096);
-    c.pragma_update(None, "synchronous", "normal").unwrap();
-    c.execute_batch("CREATE TABLE t (x);").unwrap();
-    assert!(node.mount().fatal().is_none());
-    c.execute_batch("BEGIN IMMEDIATE; INSERT INTO t VALUES (1);")
+#[test]
+fn a_failed_capture_fails_the_commit_and_a_rewrite_of_captured_frames_stops_the_node() {
+    // The capture runs at the write that completes the commit frame, so its failure fails
+    // COMMIT whatever `synchronous` is.
+    for sync in ["full", "normal"] {
+        let node = Node::start();
+        let name = format!("{sync}.db");
+        let c = open(&node.path(&name), "wal", 4096);
+        c.pragma_update(None, "synchronous", sync).unwrap();
+        c.execute_batch("CREATE TABLE t (x);").unwrap();
+        let n = node.ltx_files(&name).len();
+        c.execute_batch("BEGIN IMMEDIATE; INSERT INTO t VALUES (1);")
+            .unwrap();
+        // A closed store fails every hook.
+        node.store().close().unwrap();
+        let err = c.execute_batch("COMMIT;").unwrap_err();
+        assert!(err.to_string().contains("disk I/O error"), "{sync}: {err}");
+        assert_eq!(node.ltx_files(&name).len(), n, "{sync}: an LTX appeared");
+    }
+
+    // Another process takes the WAL write lock and overwrites a frame that is already in
+    // an LTX file: the write is refused and the node stops with exit status 99.
+    let mut p = Process::start();
+    let c = open(&p.path("rw.db"), "wal", 4096);
+    c.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
         .unwrap();
-    node.store().close().unwrap();
-    let _ = c.execute_batch("COMMIT;");
-    let why = node.mount().fatal().expect("the node must stop");
-    assert!(why.contains("normal.db"), "{why}");
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(REWRITE_WAL_PY)
+        .arg(p.path("rw.db-shm"))
+        .arg(p.path("rw.db-wal"))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(
+        out.trim(),
+        format!("refused errno {}", libc::EIO),
+        "{}",
+        p.log_text()
+    );
+    drop(c);
+    let status = p.wait_exit(Duration::from_secs(30));
+    let log = p.log_text();
+    assert_eq!(status.and_then(|s| s.code()), Some(99), "{log}");
+    assert!(
+        log.contains("would change frames already captured"),
+        "{log}"
+    );
 }
 
 #[test]

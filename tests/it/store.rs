@@ -464,7 +464,7 @@ fn delete_writes_commit_zero_ltx_and_recreate_continues() {
     assert!(env.store.db("db").is_none());
     assert!(!env.db_file("db").exists());
     assert!(matches!(
-        db.wal_written(0, 1),
+        db.wal_written(0, &[0]),
         Err(StoreError::Deleted { .. })
     ));
     let files = list_ltx_files(&env.data().join("dbs/db/ltx")).unwrap();
@@ -668,6 +668,101 @@ fn recovery_keeps_captured_wal_frames() {
     let (replayed, pos) = replay(&crash, "db");
     assert!(replayed == fs::read(crash.join("dbs/db/database")).unwrap());
     assert_eq!(pos, db.pos());
+}
+
+/// The LTX log makes a WAL commit durable before SQLite's fsync of the WAL (with
+/// `synchronous=NORMAL`, without one at all): frames that never reached the disk, the
+/// last transaction's or the whole WAL's, come back from the LTX files at start-up.
+#[test]
+fn recovery_reapplies_ltx_files_whose_wal_frames_were_lost() {
+    for cut in ["last transaction", "whole WAL"] {
+        let env = Env::new();
+        let c = setup(&env, "wal");
+        c.execute_batch(
+            "PRAGMA wal_autocheckpoint=0; PRAGMA synchronous=NORMAL;
+             INSERT INTO t(v) VALUES ('c');",
+        )
+        .unwrap();
+        let wal = env.data().join("dbs/db/wal");
+        let kept = fs::metadata(&wal).unwrap().len();
+        c.execute("INSERT INTO t(v, b) VALUES ('lost', randomblob(3000))", [])
+            .unwrap();
+        let pos = env.store.db("db").unwrap().pos();
+        let crash = env.dir.path().join("crash");
+        crate::store_vfs::copy_dir(&env.data(), &crash);
+        match cut {
+            "last transaction" => OpenOptions::new()
+                .write(true)
+                .open(crash.join("dbs/db/wal"))
+                .unwrap()
+                .set_len(kept)
+                .unwrap(),
+            _ => fs::remove_file(crash.join("dbs/db/wal")).unwrap(),
+        }
+        let store = Store::open(options(&crash)).unwrap();
+        let db = store.db("db").unwrap();
+        assert_eq!(db.pos(), pos, "{cut}");
+        db.verify().unwrap();
+        let vfs = HookVfs::register(store.clone(), &env.dir.path().join("mnt2"));
+        let c2 = vfs.open("db");
+        let lost: i64 = c2
+            .query_row("SELECT count(*) FROM t WHERE v = 'lost'", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(lost, 1, "{cut}");
+        assert_eq!(
+            c2.query_row("PRAGMA integrity_check", [], |r| r.get::<_, String>(0))
+                .unwrap(),
+            "ok"
+        );
+        c2.execute("INSERT INTO t(v) VALUES ('after')", []).unwrap();
+        drop(c2);
+        assert_eq!(vfs.errors(), Vec::<String>::new(), "{cut}");
+        let (replayed, rpos) = replay(&crash, "db");
+        assert_eq!(rpos, db.pos(), "{cut}");
+        // The last connection closed: SQLite checkpointed everything into the database.
+        assert!(
+            replayed == fs::read(crash.join("dbs/db/database")).unwrap(),
+            "{cut}: the chain does not reproduce the database"
+        );
+    }
+}
+
+/// Bytes of the WAL that are in LTX files may be written again only unchanged (a
+/// kernel-split or repeated write); a change is refused, as is fatal for the node; a new
+/// WAL generation (header with new salts) and anything past the captured frames are free.
+#[test]
+fn captured_wal_bytes_may_only_be_rewritten_unchanged() {
+    let env = Env::new();
+    let c = setup(&env, "wal");
+    let db = env.store.db("db").unwrap();
+    let wal = fs::read(env.data().join("dbs/db/wal")).unwrap();
+    db.wal_write(0, &wal[..32]).unwrap();
+    db.wal_write(32, &wal[32..56]).unwrap();
+    db.wal_write(40, &wal[40..5000]).unwrap();
+    let mut changed = wal[32..56].to_vec();
+    changed[20] ^= 1;
+    let err = db.wal_write(32, &changed).unwrap_err();
+    assert!(
+        matches!(err, StoreError::CapturedWalRewrite { offset: 32, .. }),
+        "{err:?}"
+    );
+    let err = db.wal_write(56, &[0u8; 4096]).unwrap_err();
+    assert!(
+        matches!(err, StoreError::CapturedWalRewrite { .. }),
+        "{err:?}"
+    );
+    db.wal_write(wal.len() as u64, &[1u8; 24]).unwrap();
+    // A new generation: salt-1 changed, header checksum recomputed.
+    let mut hdr = wal[..32].to_vec();
+    hdr[16] ^= 1;
+    let be = hdr[3] == 0x83;
+    let (a, b) = litefs::store::wal::wal_checksum(be, &hdr[..24], (0, 0));
+    hdr[24..28].copy_from_slice(&a.to_be_bytes());
+    hdr[28..32].copy_from_slice(&b.to_be_bytes());
+    db.wal_write(0, &hdr).unwrap();
+    // Nothing was written by these calls: SQLite carries on.
+    c.execute("INSERT INTO t(v) VALUES ('more')", []).unwrap();
+    env.assert_no_hook_errors();
 }
 
 /// Corrupts one byte of page 2 of a database file, keeping its size.

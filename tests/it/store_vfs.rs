@@ -8,8 +8,8 @@
 //!   `database_flushed` after an fsync or at close of a handle that wrote;
 //! - journal: `journal_write`/`journal_truncate` before the write/truncate,
 //!   `journal_unlink` before the delete;
-//! - WAL: `wal_written` after a write, `wal_fsynced` after an fsync,
-//!   `wal_truncate`/`wal_unlink` before;
+//! - WAL: `wal_write` before and `wal_written` after a write (which captures a commit at
+//!   the write completing its commit frame), `wal_truncate`/`wal_unlink` before;
 //! - shm: `wal_write_lock_released` before the WRITE lock (index 0 = byte 120) is released
 //!   by its holder or its holder unmaps the shm; a CKPT lock (index 1) is refused with
 //!   SQLITE_BUSY while another connection holds WRITE.
@@ -53,7 +53,8 @@ pub enum CrashAt {
     /// At the end of a rollback-journal transaction, after the LTX file is durable but
     /// before the journal is removed.
     JournalEndCaptured,
-    /// At a WAL commit (write lock release), before the store captured it.
+    /// At a WAL commit (the write of the commit frame's page), before the store captured
+    /// it.
     WalCommitUncaptured,
     /// At a WAL commit, after the LTX file is durable.
     WalCommitCaptured,
@@ -82,6 +83,8 @@ struct HookFile {
     name_is_sqlite: bool,
     holds_write: bool,
     wrote: bool,
+    /// WAL: the last frame header written had a non-zero commit field.
+    commit_header: bool,
 }
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -297,6 +300,7 @@ unsafe extern "C" fn x_open(
                 name_is_sqlite,
                 holds_write: false,
                 wrote: false,
+                commit_header: false,
             },
         );
         ffi::SQLITE_OK
@@ -474,9 +478,26 @@ unsafe extern "C" fn f_write(
                 ctx.maybe_crash(CrashAt::JournalEndCaptured);
             }
         }
+        // SQLite writes a frame's 24-byte header, then its page: the page of a frame
+        // whose header has a commit size ends the transaction.
+        let mut commit_write = false;
+        if let (Some(db), Kind::Db(FileKind::Wal)) = (db, h.kind) {
+            if !ctx.record("wal_write", db.wal_write(off as u64, data)) {
+                return ffi::SQLITE_IOERR_WRITE;
+            }
+            if data.len() == 24 {
+                h.commit_header = data[4..8] != [0, 0, 0, 0];
+            } else {
+                commit_write = h.commit_header && off > 32;
+                h.commit_header = false;
+            }
+        }
         let rc = (real_methods(h).xWrite.unwrap())(h.real, buf, amt, off);
         if rc != ffi::SQLITE_OK {
             return rc;
+        }
+        if commit_write {
+            ctx.maybe_crash(CrashAt::WalCommitUncaptured);
         }
         let ok = match (db, h.kind) {
             (Some(db), Kind::Db(FileKind::Database)) => {
@@ -487,7 +508,11 @@ unsafe extern "C" fn f_write(
                 )
             }
             (Some(db), Kind::Db(FileKind::Wal)) => {
-                ctx.record("wal_written", db.wal_written(off as u64, amt as usize))
+                let ok = ctx.record("wal_written", db.wal_written(off as u64, data));
+                if commit_write {
+                    ctx.maybe_crash(CrashAt::WalCommitCaptured);
+                }
+                ok
             }
             _ => true,
         };
@@ -543,11 +568,6 @@ unsafe extern "C" fn f_sync(f: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
         let rc = (real_methods(h).xSync.unwrap())(h.real, flags);
         if rc != ffi::SQLITE_OK {
             return rc;
-        }
-        if let (Some(db), Kind::Db(FileKind::Wal)) = (db_of(h), h.kind)
-            && !ctx_f(h).record("wal_fsynced", db.wal_fsynced())
-        {
-            return ffi::SQLITE_IOERR_FSYNC;
         }
         if let (Some(db), Kind::Db(FileKind::Database)) = (db_of(h), h.kind)
             && h.wrote
@@ -677,15 +697,13 @@ unsafe extern "C" fn f_shm_lock(
     }
 }
 
-/// The WRITE lock holder lets go: capture (with the crash points around it), then forget
-/// the holder.
+/// The WRITE lock holder lets go: capture (anything not captured at its commit frame),
+/// then forget the holder.
 unsafe fn release_write(h: &mut HookFile, db: &Db, what: &str) -> bool {
     unsafe {
         h.holds_write = false;
         let ctx = ctx_f(h);
-        ctx.maybe_crash(CrashAt::WalCommitUncaptured);
         let ok = ctx.record(what, db.wal_write_lock_released());
-        ctx.maybe_crash(CrashAt::WalCommitCaptured);
         ctx.writers.lock().unwrap().remove(db.name());
         ok
     }
