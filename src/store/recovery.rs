@@ -51,6 +51,7 @@ pub(crate) fn recover(name: &str, dir: &Path, node_id: u64) -> Result<Recovered,
     let ltx_dir = dir.join("ltx");
     fs::create_dir_all(&ltx_dir).map_err(io_err(name, "create ltx dir", &ltx_dir))?;
     ltxio::remove_temp_files(&ltx_dir).map_err(io_err(name, "remove temp files", &ltx_dir))?;
+    super::replica::finish_interrupted_apply(name, dir)?;
     let files = ltxio::list(&ltx_dir).map_err(io_err(name, "list ltx", &ltx_dir))?;
     let last: Option<(Header, Pos)> = match files.last() {
         Some(f) => Some(ltxio::read_position(name, &f.path)?),
