@@ -37,19 +37,7 @@ impl Apply for ReplicaApplier {
     /// WAL readers drop their cached pages and read the database file), then releases
     /// the locks.
     fn apply(&self, db: &str, files: Vec<Verified>) -> Result<Applied, StoreError> {
-        let start = Instant::now();
-        let mut warned = false;
-        let wal = self.wal_mode(db);
-        while !self.shared.try_replica_locks(db, wal) {
-            if !warned && start.elapsed() > Duration::from_secs(5) {
-                warn!(
-                    db,
-                    "waiting for local readers to end their transactions before applying"
-                );
-                warned = true;
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
+        self.lock(db);
         let store = self.shared.store();
         let mut last = Ok(Applied::default());
         let mut any = false;
@@ -79,9 +67,41 @@ impl Apply for ReplicaApplier {
         self.shared.release_replica_locks(db);
         last
     }
+
+    fn remove(&self, db: &str) -> Result<(), StoreError> {
+        self.lock(db);
+        let ino = self.shared.ino_of(db);
+        let r = self.shared.store().remove_replicated(db);
+        if let Some(ino) = ino
+            && let Err(e) = self.notifier.inval_inode(INodeNo(ino), 0, 0)
+            && e.raw_os_error() != Some(libc::ENOENT)
+        {
+            warn!(db, error = %e, "cannot invalidate the kernel's cache of the database");
+        }
+        self.shared.release_replica_locks(db);
+        r
+    }
 }
 
 impl ReplicaApplier {
+    /// Takes the writer's locks on `db` against local readers, waiting for them to end
+    /// their transactions.
+    fn lock(&self, db: &str) {
+        let start = Instant::now();
+        let mut warned = false;
+        let wal = self.wal_mode(db);
+        while !self.shared.try_replica_locks(db, wal) {
+            if !warned && start.elapsed() > Duration::from_secs(5) {
+                warn!(
+                    db,
+                    "waiting for local readers to end their transactions before applying"
+                );
+                warned = true;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
     /// Whether the replica's copy of `db` is in WAL mode (header bytes 18 and 19 are 2),
     /// which decides the locks local readers hold.
     fn wal_mode(&self, db: &str) -> bool {

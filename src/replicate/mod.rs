@@ -29,4 +29,10 @@ pub trait Apply: Send + Sync {
     /// As [`Store::apply_replicated`](crate::store::Store::apply_replicated): the files
     /// before the failing one stay applied; nothing of the failing one is.
     fn apply(&self, db: &str, files: Vec<Verified>) -> Result<Applied, StoreError>;
+
+    /// Removes database `db`, which the primary does not have, under the same locks.
+    ///
+    /// # Errors
+    /// As [`Store::remove_replicated`](crate::store::Store::remove_replicated).
+    fn remove(&self, db: &str) -> Result<(), StoreError>;
 }

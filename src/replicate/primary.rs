@@ -103,7 +103,12 @@ pub async fn serve(
             }
         }
         if !ready_sent && !sent_any {
-            tx.send(Frame::Ready)
+            let databases = store
+                .databases()
+                .iter()
+                .map(|d| d.name().to_string())
+                .collect();
+            tx.send(Frame::Ready { databases })
                 .await
                 .map_err(|_| StreamError::Disconnected)?;
             ready_sent = true;

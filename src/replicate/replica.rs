@@ -199,6 +199,7 @@ impl Replica {
         let (qtx, qrx) = mpsc::unbounded_channel();
         let budget = Arc::new(Semaphore::new(QUEUE_BYTES >> 10));
         let stage = ApplyStage {
+            store: self.store.clone(),
             applier: self.applier.clone(),
             lag: self.lag.clone(),
             synced: self.synced.clone(),
@@ -242,8 +243,8 @@ impl Replica {
                         }
                     }
                 }
-                Frame::Ready => {
-                    if qtx.send(Item::Ready).is_err() {
+                Frame::Ready { databases } => {
+                    if qtx.send(Item::Ready(databases)).is_err() {
                         break Ok(());
                     }
                 }
@@ -356,12 +357,13 @@ enum Item {
         data: Received,
         permit: OwnedSemaphorePermit,
     },
-    /// The primary's `Ready`.
-    Ready,
+    /// The primary's `Ready`, with its databases.
+    Ready(Vec<String>),
 }
 
 /// The applier thread of one connection.
 struct ApplyStage {
+    store: Arc<Store>,
     applier: Arc<dyn Apply>,
     lag: Arc<Lag>,
     synced: Arc<watch::Sender<bool>>,
@@ -369,6 +371,26 @@ struct ApplyStage {
 }
 
 impl ApplyStage {
+    /// Removes the local databases the primary does not list (none for an empty list:
+    /// a primary that has no database yet must not wipe its replicas).
+    fn remove_others(&self, primary: &[String]) {
+        if primary.is_empty() {
+            return;
+        }
+        for db in self.store.databases() {
+            let name = db.name();
+            if primary.iter().any(|p| p == name) {
+                continue;
+            }
+            match self.applier.remove(name) {
+                Ok(()) => info!(db = name, "removed a database the primary does not have"),
+                Err(e) => {
+                    warn!(db = name, error = %e, "cannot remove a database the primary does not have")
+                }
+            }
+        }
+    }
+
     /// Applies queued items until the queue closes or a file fails.
     fn run(self, mut rx: mpsc::UnboundedReceiver<Item>) -> Result<(), SessionError> {
         let mut next: Option<Item> = None;
@@ -377,7 +399,8 @@ impl ApplyStage {
                 return Ok(());
             };
             let (db, first, permit) = match item {
-                Item::Ready => {
+                Item::Ready(databases) => {
+                    self.remove_others(&databases);
                     info!("caught up with the primary");
                     self.synced.send_replace(true);
                     continue;

@@ -291,10 +291,7 @@ impl Store {
         if h.commit == 0 {
             let pos = file.pos();
             file.discard();
-            if let Some(db) = self.db(name) {
-                self.delete_db(name)?;
-                remove_marker(db.dir());
-            }
+            self.remove_replicated(name)?;
             return Ok(Applied {
                 pos,
                 deleted: true,
@@ -445,6 +442,19 @@ impl Store {
             deleted: false,
             discarded,
         })
+    }
+
+    /// Deletes database `name` on a replica (a deletion from the primary, or a database
+    /// the primary does not have); nothing if it does not exist.
+    ///
+    /// # Errors
+    /// As [`Store::delete_db`].
+    pub fn remove_replicated(&self, name: &str) -> Result<(), StoreError> {
+        if let Some(db) = self.db(name) {
+            self.delete_db(name)?;
+            remove_marker(db.dir());
+        }
+        Ok(())
     }
 
     /// Makes everything applied from the primary durable: one `syncfs` of the data

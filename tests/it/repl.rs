@@ -384,7 +384,9 @@ fn corrupt_or_truncated_streams_apply_nothing_and_the_replica_recovers() {
     let body = [
         &preamble[..],
         &ltx_frames(&bad),
-        &wire::encode_frame(&Frame::Ready),
+        &wire::encode_frame(&Frame::Ready {
+            databases: Vec::new(),
+        }),
     ]
     .concat();
     let req = serve_once(&listener, &body, || {
@@ -415,7 +417,9 @@ fn corrupt_or_truncated_streams_apply_nothing_and_the_replica_recovers() {
     let body = [
         &preamble[..],
         &ltx_frames(&file),
-        &wire::encode_frame(&Frame::Ready),
+        &wire::encode_frame(&Frame::Ready {
+            databases: Vec::new(),
+        }),
     ]
     .concat();
     let want = format!("{:016x}/{:016x}\n", 1, sum.0);
@@ -453,7 +457,9 @@ fn corrupt_or_truncated_streams_apply_nothing_and_the_replica_recovers() {
     let body = [
         &preamble[..],
         &ltx_frames(&file),
-        &wire::encode_frame(&Frame::Ready),
+        &wire::encode_frame(&Frame::Ready {
+            databases: Vec::new(),
+        }),
     ]
     .concat();
     let req = serve_once(&listener, &body, || {
@@ -740,4 +746,55 @@ fn a_page_size_changing_vacuum_applies_directly_on_replicas() {
     let log = p.log_text();
     assert!(!log.contains("snapshot"), "{log}");
     assert!(!r.log_text().contains("cannot apply"), "{}", r.log_text());
+}
+
+/// A database the primary no longer has at all (deleted while the replica was down, and
+/// its deletion record expired) is removed from the replica when it reconnects; a
+/// primary that has no database yet (a fresh data directory, same cluster) removes
+/// nothing.
+#[test]
+fn databases_the_primary_does_not_have_are_removed_from_replicas() {
+    let port = free_port();
+    let mut p = primary(port, "  retention: 1s\n  retention-monitor-interval: 1s\n");
+    let mut r = replica(port);
+    write_txs(&p, "a.db", "delete", 3);
+    write_txs(&p, "b.db", "delete", 3);
+    wait_converged(&p, &[&r], "a.db");
+    wait_converged(&p, &[&r], "b.db");
+    assert!(r.signal(libc::SIGTERM).success());
+    std::fs::remove_file(p.path("b.db")).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(15), || !p
+            .data
+            .join("dbs/b.db")
+            .exists()),
+        "the primary kept b.db's deletion record"
+    );
+    r.spawn();
+    assert!(
+        wait_until(Duration::from_secs(15), || !r.path("b.db").exists()),
+        "{}",
+        r.log_text()
+    );
+    assert!(
+        r.log_text()
+            .contains("removed a database the primary does not have")
+    );
+    assert_eq!(count(&r, "a.db").unwrap(), 3);
+
+    // A fresh primary of the same cluster: its Ready lists nothing, nothing goes.
+    assert!(p.signal(libc::SIGTERM).success());
+    std::fs::remove_dir_all(p.data.join("dbs")).unwrap();
+    let caught_up = r.log_text().matches("caught up with the primary").count();
+    p.spawn();
+    assert!(
+        wait_until(Duration::from_secs(20), || r
+            .log_text()
+            .matches("caught up with the primary")
+            .count()
+            > caught_up),
+        "{}",
+        r.log_text()
+    );
+    assert_eq!(count(&r, "a.db").unwrap(), 3);
 }
