@@ -798,3 +798,51 @@ fn databases_the_primary_does_not_have_are_removed_from_replicas() {
     );
     assert_eq!(count(&r, "a.db").unwrap(), 3);
 }
+
+/// A snapshot larger than a replica keeps in memory (about 24 MB): the primary streams
+/// it while writing it, the replica receives it into a temp file and applies it
+/// byte-identically; neither node keeps a temp file afterwards.
+#[test]
+fn a_large_snapshot_is_streamed_and_applied_from_a_temp_file() {
+    let port = free_port();
+    let p = primary(port, "  retention: 1s\n  retention-monitor-interval: 1s\n");
+    let c = Connection::open(p.path("big.db")).unwrap();
+    c.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
+        .unwrap();
+    for _ in 0..3 {
+        c.execute(
+            "INSERT INTO t (v) SELECT randomblob(8000) FROM
+             (WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < 1000)
+              SELECT i FROM s)",
+            [],
+        )
+        .unwrap();
+    }
+    drop(c);
+    assert!(wait_until(Duration::from_secs(20), || {
+        crate::support::ltx_files(&p.data, "big.db").len() == 1
+    }));
+    let r = replica(port);
+    wait_converged(&p, &[&r], "big.db");
+    assert!(std::fs::metadata(db_file(&r, "big.db")).unwrap().len() > 24_000_000);
+    assert_eq!(sha(&db_file(&r, "big.db")), sha(&db_file(&p, "big.db")));
+    assert_eq!(integrity(&r, "big.db"), "ok");
+    assert!(
+        p.log_text().contains("sending snapshot"),
+        "{}",
+        p.log_text()
+    );
+    let files = |d: std::path::PathBuf| -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(d)
+            .map(|e| e.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default()
+    };
+    assert!(wait_until(Duration::from_secs(5), || files(
+        p.data.join("snapshot-tmp")
+    )
+    .is_empty()));
+    assert_eq!(
+        files(r.data.join("repl-tmp")),
+        Vec::<std::path::PathBuf>::new()
+    );
+}
