@@ -71,7 +71,12 @@ pub enum Frame {
         last: bool,
     },
     /// Every database is caught up with the primary as of now.
-    Ready,
+    Ready {
+        /// The primary's live databases. A replica removes its databases that are not
+        /// listed; an empty list removes nothing (a fresh primary must not wipe its
+        /// replicas).
+        databases: Vec<String>,
+    },
     /// Nothing to send; sent about once a second so the replica can measure lag and
     /// detect a dead connection. `primary_time_ms` is the primary's clock (Unix ms).
     Heartbeat {

@@ -3,7 +3,7 @@
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,7 @@ use tracing::{debug, warn};
 
 use super::fs::Shared;
 use crate::replicate::Apply;
-use crate::store::{Applied, StoreError, wal};
+use crate::store::{Applied, StoreError, Verified, wal};
 
 /// Applies received LTX files to the mounted store. Built by
 /// [`Mount::replica_applier`](super::Mount::replica_applier).
@@ -32,11 +32,61 @@ impl std::fmt::Debug for ReplicaApplier {
 
 impl Apply for ReplicaApplier {
     /// Waits for the writer's locks (readers finish their transactions first; a reader
-    /// never sees half a file), applies through the store, invalidates the kernel's
+    /// never sees half a file), applies every file through the store, invalidates the kernel's
     /// cached pages and attributes of the database, rewrites the WAL-index header (so
     /// WAL readers drop their cached pages and read the database file), then releases
     /// the locks.
-    fn apply(&self, db: &str, ltx: &Path) -> Result<Applied, StoreError> {
+    fn apply(&self, db: &str, files: Vec<Verified>) -> Result<Applied, StoreError> {
+        self.lock(db);
+        let store = self.shared.store();
+        let mut last = Ok(Applied::default());
+        let mut any = false;
+        for f in files {
+            last = store.apply_replicated(db, f);
+            match &last {
+                Ok(_) => any = true,
+                Err(_) => break,
+            }
+        }
+        if any {
+            if let Some(ino) = self.shared.ino_of(db)
+                && let Err(e) = self.notifier.inval_inode(INodeNo(ino), 0, 0)
+                && e.raw_os_error() != Some(libc::ENOENT)
+            {
+                warn!(db, error = %e, "cannot invalidate the kernel's cache of the database");
+            }
+            if let Some(d) = store.db(db)
+                && let Err(e) = self.reset_wal_index(db, d.commit(), d.page_size())
+            {
+                warn!(db, error = %e, "cannot reset the WAL index");
+            }
+        }
+        if let Ok(applied) = &last {
+            debug!(db, pos = %applied.pos, "applied");
+        }
+        self.shared.release_replica_locks(db);
+        last
+    }
+
+    fn remove(&self, db: &str) -> Result<(), StoreError> {
+        self.lock(db);
+        let ino = self.shared.ino_of(db);
+        let r = self.shared.store().remove_replicated(db);
+        if let Some(ino) = ino
+            && let Err(e) = self.notifier.inval_inode(INodeNo(ino), 0, 0)
+            && e.raw_os_error() != Some(libc::ENOENT)
+        {
+            warn!(db, error = %e, "cannot invalidate the kernel's cache of the database");
+        }
+        self.shared.release_replica_locks(db);
+        r
+    }
+}
+
+impl ReplicaApplier {
+    /// Takes the writer's locks on `db` against local readers, waiting for them to end
+    /// their transactions.
+    fn lock(&self, db: &str) {
         let start = Instant::now();
         let mut warned = false;
         let wal = self.wal_mode(db);
@@ -50,28 +100,8 @@ impl Apply for ReplicaApplier {
             }
             std::thread::sleep(Duration::from_micros(200));
         }
-        let r = self.shared.store().apply_replicated(db, ltx);
-        if let Ok(applied) = &r {
-            if let Some(ino) = self.shared.ino_of(db)
-                && let Err(e) = self.notifier.inval_inode(INodeNo(ino), 0, 0)
-                && e.raw_os_error() != Some(libc::ENOENT)
-            {
-                warn!(db, error = %e, "cannot invalidate the kernel's cache of the database");
-            }
-            if !applied.deleted
-                && let Some(d) = self.shared.store().db(db)
-                && let Err(e) = self.reset_wal_index(db, d.commit(), d.page_size())
-            {
-                warn!(db, error = %e, "cannot reset the WAL index");
-            }
-            debug!(db, pos = %applied.pos, "applied");
-        }
-        self.shared.release_replica_locks(db);
-        r
     }
-}
 
-impl ReplicaApplier {
     /// Whether the replica's copy of `db` is in WAL mode (header bytes 18 and 19 are 2),
     /// which decides the locks local readers hold.
     fn wal_mode(&self, db: &str) -> bool {
@@ -93,6 +123,17 @@ impl ReplicaApplier {
         commit: u32,
         page_size: Option<u32>,
     ) -> std::io::Result<()> {
+        // Without a WAL index in the data directory there is nothing to reset, and no
+        // request into our own mount is made (one in flight when the process is killed
+        // could keep it from ever exiting).
+        if !self
+            .shared
+            .store()
+            .db(db)
+            .is_some_and(|d| d.path(crate::store::FileKind::Shm).exists())
+        {
+            return Ok(());
+        }
         let path = self.mount_dir.join(format!("{db}-shm"));
         let f = match OpenOptions::new().read(true).write(true).open(&path) {
             Ok(f) => f,

@@ -6,7 +6,8 @@
 //!   reading LTX files from disk and woken by the store's change counter, so a slow
 //!   replica only ever slows its own stream; commits never wait for replicas.
 //! - [`replica`]: the replica's loop: connect through a [`Transport`](crate::transport::Transport),
-//!   receive each file into a temp file, hand it to an [`Apply`] (the FUSE layer, which
+//!   receive each file (in memory, or a temp file when large), verify it, hand batches to
+//!   an [`Apply`] (the FUSE layer, which
 //!   takes the writer's locks against local readers), reconnect with backoff.
 //! - [`cluster_id`]: the cluster id kept in the data directory.
 
@@ -15,18 +16,23 @@ pub mod decide;
 pub mod primary;
 pub mod replica;
 
-use std::path::Path;
+use crate::store::{Applied, StoreError, Verified};
 
-use crate::store::{Applied, StoreError};
-
-/// Applies a verified-on-arrival LTX file on a replica. The FUSE mount implements it
-/// (locks against local readers, shm reset, kernel cache invalidation around
+/// Applies verified LTX files on a replica. The FUSE mount implements it (locks against
+/// local readers, shm reset, kernel cache invalidation around
 /// [`Store::apply_replicated`](crate::store::Store::apply_replicated)).
 pub trait Apply: Send + Sync {
-    /// Applies the LTX file at `ltx` (a temp file the callee may move) to database `db`.
+    /// Applies `files` (consecutive files of database `db`, in order) under one
+    /// acquisition of the writer's locks and returns what the last one did.
     ///
     /// # Errors
-    /// As [`Store::apply_replicated`](crate::store::Store::apply_replicated); nothing is
-    /// applied from a file that does not verify.
-    fn apply(&self, db: &str, ltx: &Path) -> Result<Applied, StoreError>;
+    /// As [`Store::apply_replicated`](crate::store::Store::apply_replicated): the files
+    /// before the failing one stay applied; nothing of the failing one is.
+    fn apply(&self, db: &str, files: Vec<Verified>) -> Result<Applied, StoreError>;
+
+    /// Removes database `db`, which the primary does not have, under the same locks.
+    ///
+    /// # Errors
+    /// As [`Store::remove_replicated`](crate::store::Store::remove_replicated).
+    fn remove(&self, db: &str) -> Result<(), StoreError>;
 }

@@ -103,7 +103,12 @@ pub async fn serve(
             }
         }
         if !ready_sent && !sent_any {
-            tx.send(Frame::Ready)
+            let databases = store
+                .databases()
+                .iter()
+                .map(|d| d.name().to_string())
+                .collect();
+            tx.send(Frame::Ready { databases })
                 .await
                 .map_err(|_| StreamError::Disconnected)?;
             ready_sent = true;
@@ -179,20 +184,10 @@ async fn step(
                 std::process::id()
             ));
             let (d, p) = (db.clone(), path.clone());
-            let pos = tokio::task::spawn_blocking(move || d.write_snapshot(&p))
-                .await
-                .map_err(|e| StreamError::Io {
-                    path: path.clone(),
-                    source: std::io::Error::other(e),
-                })??;
-            let Some(pos) = pos else {
-                let _ = tokio::fs::remove_file(&path).await;
-                return Ok(None);
-            };
-            let sent = send_file(db.name(), &path, tx).await;
+            let writer = tokio::task::spawn_blocking(move || d.write_snapshot(&p));
+            let sent = send_growing_file(db.name(), &path, writer, tx).await;
             let _ = tokio::fs::remove_file(&path).await;
-            sent?;
-            Ok(Some(pos))
+            sent
         }
     }
 }
@@ -233,6 +228,90 @@ fn next_file(db: &Db, txid: TxId) -> Result<Vec<(FileMeta, PathBuf, Checksum)>, 
             Ok(Vec::new())
         }
     }
+}
+
+/// Streams a snapshot while `writer` is still writing it to `path` (append-only):
+/// chunks are sent as they appear, the last one once the writer finished. The writer
+/// holds the database's state lock only for its own writing, never while this waits
+/// for a slow replica. Returns the snapshot's position (`None`: nothing to snapshot).
+async fn send_growing_file(
+    db: &str,
+    path: &Path,
+    mut writer: tokio::task::JoinHandle<Result<Option<Pos>, StoreError>>,
+    tx: &mpsc::Sender<Frame>,
+) -> Result<Option<Pos>, StreamError> {
+    let io = |source| StreamError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut done: Option<Option<Pos>> = None;
+    let mut file: Option<tokio::fs::File> = None;
+    // Held back one round, so that the last chunk can carry `last`.
+    let mut pending: Option<Vec<u8>> = None;
+    loop {
+        if file.is_none() {
+            match tokio::fs::File::open(path).await {
+                Ok(f) => file = Some(f),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && done.is_none() => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && done == Some(None) => {
+                    return Ok(None);
+                }
+                Err(e) => return Err(io(e)),
+            }
+        }
+        if let Some(f) = file.as_mut() {
+            let mut chunk = vec![0u8; CHUNK];
+            let mut n = 0;
+            while n < CHUNK {
+                let r = f.read(&mut chunk[n..]).await.map_err(io)?;
+                if r == 0 {
+                    break;
+                }
+                n += r;
+            }
+            if n > 0 {
+                chunk.truncate(n);
+                if let Some(prev) = pending.replace(chunk) {
+                    send_chunk(db, prev, false, tx).await?;
+                }
+                continue;
+            }
+        }
+        // At the end of what is written so far.
+        match done {
+            Some(None) => return Ok(None),
+            Some(Some(pos)) => {
+                let Some(last) = pending.take() else {
+                    return Err(io(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)));
+                };
+                send_chunk(db, last, true, tx).await?;
+                return Ok(Some(pos));
+            }
+            None => {}
+        }
+        tokio::select! {
+            r = &mut writer => {
+                done = Some(r.map_err(|e| io(std::io::Error::other(e)))??);
+            }
+            _ = tokio::time::sleep(Duration::from_millis(2)) => {}
+            _ = tx.closed() => return Err(StreamError::Disconnected),
+        }
+    }
+}
+
+async fn send_chunk(
+    db: &str,
+    chunk: Vec<u8>,
+    last: bool,
+    tx: &mpsc::Sender<Frame>,
+) -> Result<(), StreamError> {
+    tx.send(Frame::Ltx {
+        db: db.to_string(),
+        chunk,
+        last,
+    })
+    .await
+    .map_err(|_| StreamError::Disconnected)
 }
 
 /// Streams one LTX file as `Ltx` frames.

@@ -1,18 +1,31 @@
 //! The replica's loop: stream from the primary, verify, apply, reconnect.
+//!
+//! Two stages per connection: the receiving task reads frames and queues each complete
+//! file (in memory up to [`MEMORY_FILE_LIMIT`], else in a temp file); a blocking applier
+//! thread takes up to [`MAX_BATCH`] consecutive queued files of one database, verifies
+//! and decodes each once, and applies them under one acquisition of the writer's locks.
+//! The queue holds at most [`QUEUE_BYTES`] of in-memory files, so memory stays bounded
+//! while a replica catches up. `Ready` is queued too: the node is in sync once
+//! everything before it was applied.
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tracing::{error, info, warn};
 
 use super::{Apply, cluster_id};
-use crate::store::Store;
+use crate::store::{MEMORY_FILE_LIMIT, Received, Store, Verified};
 use crate::transport::{DbPosition, Frame, Transport, TransportError};
+
+/// Most files applied under one acquisition of a database's locks.
+pub const MAX_BATCH: usize = 64;
+/// Bytes of received in-memory files queued for the applier at most.
+pub const QUEUE_BYTES: usize = 32 << 20;
 
 /// Consecutive failures to apply a database's files after which the replica asks for a
 /// snapshot of it.
@@ -70,19 +83,27 @@ impl Replica {
     /// connection and is requested again; after [`SNAPSHOT_AFTER_FAILURES`] failures
     /// in a row for one database a snapshot of it is requested. A primary of another
     /// cluster is refused and retried (it may be replaced) with the longest backoff.
+    /// When it returns, everything received was applied and synced
+    /// ([`Store::sync_replicated`]).
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        self.run_until(&mut stop).await;
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || store.sync_replicated()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => error!(error = %e, "cannot sync replicated changes"),
+            Err(e) => error!(error = %e, "sync task failed"),
+        }
+    }
+
+    async fn run_until(&self, stop: &mut watch::Receiver<bool>) {
         let tmp_dir = self.store.options().data_dir.join("repl-tmp");
-        let mut failures: HashMap<String, u32> = HashMap::new();
+        let failures: Failures = Arc::default();
         let mut backoff = MIN_BACKOFF;
         loop {
             if *stop.borrow() {
                 return;
             }
-            let result = tokio::select! {
-                r = self.session(&tmp_dir, &mut failures) => r,
-                _ = stop.changed() => return,
-            };
-            match result {
+            match self.session(&tmp_dir, &failures, stop).await {
                 Ok(()) => backoff = MIN_BACKOFF,
                 Err(SessionError::Transport(e)) => {
                     if matches!(e, TransportError::ClusterMismatch { .. }) {
@@ -93,7 +114,8 @@ impl Replica {
                     }
                 }
                 Err(SessionError::Apply { db, error }) => {
-                    let n = failures.entry(db.clone()).or_insert(0);
+                    let mut f = failures.lock().unwrap_or_else(|p| p.into_inner());
+                    let n = f.entry(db.clone()).or_insert(0);
                     *n += 1;
                     error!(
                         db,
@@ -106,6 +128,9 @@ impl Replica {
                     error!(error = e, "replica error");
                 }
             }
+            if *stop.borrow() {
+                return;
+            }
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
                 _ = stop.changed() => return,
@@ -114,11 +139,14 @@ impl Replica {
         }
     }
 
-    /// One connection: returns when the primary ends the stream.
+    /// One connection: returns when the primary ends the stream, the stream fails, a
+    /// file fails to apply, or `stop` turns true; in every case only after the applier
+    /// finished what was queued before.
     async fn session(
         &self,
-        tmp_dir: &std::path::Path,
-        failures: &mut HashMap<String, u32>,
+        tmp_dir: &Path,
+        failures: &Failures,
+        stop: &mut watch::Receiver<bool>,
     ) -> Result<(), SessionError> {
         let data_dir = &self.store.options().data_dir;
         let ours = cluster_id::read(data_dir).map_err(|e| SessionError::Local(e.to_string()))?;
@@ -135,14 +163,17 @@ impl Replica {
                 }
             })
             .collect();
-        for p in &mut positions {
-            if failures.get(&p.db).copied().unwrap_or(0) >= SNAPSHOT_AFTER_FAILURES {
-                info!(
-                    db = p.db,
-                    "asking the primary for a snapshot after repeated failures"
-                );
-                p.txid = SNAPSHOT_REQUEST_TXID;
-                p.post_apply_checksum = 0;
+        {
+            let f = failures.lock().unwrap_or_else(|p| p.into_inner());
+            for p in &mut positions {
+                if f.get(&p.db).copied().unwrap_or(0) >= SNAPSHOT_AFTER_FAILURES {
+                    info!(
+                        db = p.db,
+                        "asking the primary for a snapshot after repeated failures"
+                    );
+                    p.txid = SNAPSHOT_REQUEST_TXID;
+                    p.post_apply_checksum = 0;
+                }
             }
         }
         let request = crate::transport::StreamRequest {
@@ -150,11 +181,10 @@ impl Replica {
             cluster_id: ours.clone(),
             positions,
         };
-        let mut stream = self
-            .transport
-            .connect(&self.primary_url, request)
-            .await
-            .map_err(SessionError::Transport)?;
+        let mut stream = tokio::select! {
+            s = self.transport.connect(&self.primary_url, request) => s.map_err(SessionError::Transport)?,
+            _ = stop.changed() => return Ok(()),
+        };
         if ours.is_none()
             && let Some(theirs) = stream.cluster_id()
         {
@@ -165,72 +195,270 @@ impl Replica {
         tokio::fs::create_dir_all(tmp_dir)
             .await
             .map_err(|e| SessionError::Local(e.to_string()))?;
-        // The file being received: database, temp path, open file.
-        let mut current: Option<(String, PathBuf, std::fs::File)> = None;
-        loop {
-            let frame = stream.next_frame().await.map_err(SessionError::Transport)?;
-            let Some(frame) = frame else { return Ok(()) };
+
+        let (qtx, qrx) = mpsc::unbounded_channel();
+        let budget = Arc::new(Semaphore::new(QUEUE_BYTES >> 10));
+        let stage = ApplyStage {
+            store: self.store.clone(),
+            applier: self.applier.clone(),
+            lag: self.lag.clone(),
+            synced: self.synced.clone(),
+            failures: failures.clone(),
+        };
+        let mut applier = tokio::task::spawn_blocking(move || stage.run(qrx));
+        let mut receiving = Receiving::default();
+        let received: Result<(), SessionError> = loop {
+            let frame = tokio::select! {
+                r = &mut applier => {
+                    // The applier stops early only on an error.
+                    receiving.discard();
+                    return match r {
+                        Ok(Err(e)) => Err(e),
+                        Ok(Ok(())) => Err(SessionError::Local("applier stopped".into())),
+                        Err(e) => Err(SessionError::Local(e.to_string())),
+                    };
+                }
+                f = stream.next_frame() => f,
+                _ = stop.changed() => break Ok(()),
+            };
+            let frame = match frame {
+                Ok(Some(f)) => f,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(SessionError::Transport(e)),
+            };
             match frame {
                 Frame::Ltx { db, chunk, last } => {
-                    if let Some((cur, _, _)) = &current
-                        && *cur != db
-                    {
-                        return Err(SessionError::Transport(TransportError::Malformed {
-                            url: self.primary_url.clone(),
-                            message: format!("chunk of {db} inside a file of {cur}"),
-                        }));
+                    if let Err(e) = receiving.chunk(&self.primary_url, tmp_dir, db, chunk) {
+                        break Err(e);
                     }
-                    if current.is_none() {
-                        if crate::store::parse_mount_name(&db)
-                            != Some((db.as_str(), crate::store::FileKind::Database))
-                        {
-                            return Err(SessionError::Transport(TransportError::Malformed {
-                                url: self.primary_url.clone(),
-                                message: format!("invalid database name {db:?}"),
-                            }));
-                        }
-                        let path = tmp_dir.join(format!("{db}.ltx.tmp"));
-                        let f = std::fs::File::create(&path)
-                            .map_err(|e| SessionError::Local(format!("{}: {e}", path.display())))?;
-                        current = Some((db.clone(), path, f));
-                    }
-                    if let Some((_, path, f)) = current.as_mut() {
-                        f.write_all(&chunk)
-                            .map_err(|e| SessionError::Local(format!("{}: {e}", path.display())))?;
-                    }
-                    if last && let Some((db, path, f)) = current.take() {
-                        drop(f);
-                        let written = crate::store::read_ltx_ends(&db, &path)
-                            .ok()
-                            .map(|(h, _)| h.timestamp);
-                        let applier = self.applier.clone();
-                        let (d, p) = (db.clone(), path.clone());
-                        let r = tokio::task::spawn_blocking(move || applier.apply(&d, &p))
+                    if last && let Some((db, data, size)) = receiving.take() {
+                        let kib = (size >> 10).clamp(1, QUEUE_BYTES >> 10) as u32;
+                        let permit = budget
+                            .clone()
+                            .acquire_many_owned(kib)
                             .await
                             .map_err(|e| SessionError::Local(e.to_string()))?;
-                        let _ = std::fs::remove_file(&path);
-                        if let Err(e) = r {
-                            return Err(SessionError::Apply {
-                                db,
-                                error: e.to_string(),
-                            });
-                        }
-                        failures.remove(&db);
-                        if let Some(ts) = written {
-                            self.lag.set_since(ts.max(0) as u64);
+                        if qtx.send(Item::File { db, data, permit }).is_err() {
+                            break Ok(());
                         }
                     }
                 }
-                Frame::Ready => {
-                    info!("caught up with the primary");
-                    self.synced.send_replace(true);
+                Frame::Ready { databases } => {
+                    if qtx.send(Item::Ready(databases)).is_err() {
+                        break Ok(());
+                    }
                 }
                 Frame::Heartbeat { primary_time_ms } => self.lag.set_since(primary_time_ms),
                 Frame::Handoff { .. } => {
                     warn!("handoff offered, but this build's static lease cannot take it")
                 }
-                Frame::End => return Ok(()),
+                Frame::End => break Ok(()),
             }
+        };
+        receiving.discard();
+        drop(qtx);
+        let applied = applier
+            .await
+            .map_err(|e| SessionError::Local(e.to_string()))?;
+        applied.and(received)
+    }
+}
+
+/// Consecutive failures to apply, per database.
+type Failures = Arc<Mutex<HashMap<String, u32>>>;
+
+/// The file being received.
+#[derive(Default)]
+struct Receiving {
+    current: Option<(String, Partial)>,
+    size: usize,
+}
+
+enum Partial {
+    Memory(Vec<u8>),
+    File(PathBuf, std::fs::File),
+}
+
+impl Receiving {
+    /// Adds a chunk of database `db`'s file; the first chunk starts a file.
+    fn chunk(
+        &mut self,
+        url: &str,
+        tmp_dir: &Path,
+        db: String,
+        chunk: Vec<u8>,
+    ) -> Result<(), SessionError> {
+        let malformed = |message| {
+            SessionError::Transport(TransportError::Malformed {
+                url: url.to_string(),
+                message,
+            })
+        };
+        match &self.current {
+            Some((cur, _)) if *cur != db => {
+                return Err(malformed(format!("chunk of {db} inside a file of {cur}")));
+            }
+            Some(_) => {}
+            None => {
+                if crate::store::parse_mount_name(&db)
+                    != Some((db.as_str(), crate::store::FileKind::Database))
+                {
+                    return Err(malformed(format!("invalid database name {db:?}")));
+                }
+                self.size = 0;
+                self.current = Some((db, Partial::Memory(Vec::new())));
+            }
+        }
+        let Some((db, partial)) = self.current.as_mut() else {
+            return Ok(());
+        };
+        self.size += chunk.len();
+        let local =
+            |p: &Path, e: std::io::Error| SessionError::Local(format!("{}: {e}", p.display()));
+        if let Partial::Memory(buf) = partial
+            && self.size > MEMORY_FILE_LIMIT
+        {
+            // Too large for memory: continue in a temp file.
+            let path = tmp_dir.join(format!("{db}.ltx.tmp"));
+            let mut f = std::fs::File::create(&path).map_err(|e| local(&path, e))?;
+            f.write_all(buf).map_err(|e| local(&path, e))?;
+            *partial = Partial::File(path, f);
+        }
+        match partial {
+            Partial::Memory(buf) => buf.extend_from_slice(&chunk),
+            Partial::File(path, f) => f.write_all(&chunk).map_err(|e| local(path, e))?,
+        }
+        Ok(())
+    }
+
+    /// The complete file: database, contents, size.
+    fn take(&mut self) -> Option<(String, Received, usize)> {
+        let (db, partial) = self.current.take()?;
+        let data = match partial {
+            Partial::Memory(b) => Received::Memory(b),
+            Partial::File(p, _) => Received::File(p),
+        };
+        Some((db, data, self.size))
+    }
+
+    /// Drops a file received in part.
+    fn discard(&mut self) {
+        if let Some((_, Partial::File(p, _))) = self.current.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// What the receiving task hands the applier.
+enum Item {
+    /// A complete file; `permit` holds its share of [`QUEUE_BYTES`] until it is applied.
+    File {
+        db: String,
+        data: Received,
+        permit: OwnedSemaphorePermit,
+    },
+    /// The primary's `Ready`, with its databases.
+    Ready(Vec<String>),
+}
+
+/// The applier thread of one connection.
+struct ApplyStage {
+    store: Arc<Store>,
+    applier: Arc<dyn Apply>,
+    lag: Arc<Lag>,
+    synced: Arc<watch::Sender<bool>>,
+    failures: Failures,
+}
+
+impl ApplyStage {
+    /// Removes the local databases the primary does not list (none for an empty list:
+    /// a primary that has no database yet must not wipe its replicas).
+    fn remove_others(&self, primary: &[String]) {
+        if primary.is_empty() {
+            return;
+        }
+        for db in self.store.databases() {
+            let name = db.name();
+            if primary.iter().any(|p| p == name) {
+                continue;
+            }
+            match self.applier.remove(name) {
+                Ok(()) => info!(db = name, "removed a database the primary does not have"),
+                Err(e) => {
+                    warn!(db = name, error = %e, "cannot remove a database the primary does not have")
+                }
+            }
+        }
+    }
+
+    /// Applies queued items until the queue closes or a file fails.
+    fn run(self, mut rx: mpsc::UnboundedReceiver<Item>) -> Result<(), SessionError> {
+        let mut next: Option<Item> = None;
+        loop {
+            let Some(item) = next.take().or_else(|| rx.blocking_recv()) else {
+                return Ok(());
+            };
+            let (db, first, permit) = match item {
+                Item::Ready(databases) => {
+                    self.remove_others(&databases);
+                    info!("caught up with the primary");
+                    self.synced.send_replace(true);
+                    continue;
+                }
+                Item::File { db, data, permit } => (db, data, permit),
+            };
+            let mut batch = vec![first];
+            let mut permits = vec![permit];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(Item::File {
+                        db: d,
+                        data,
+                        permit,
+                    }) if d == db => {
+                        batch.push(data);
+                        permits.push(permit);
+                    }
+                    Ok(other) => {
+                        next = Some(other);
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            let mut verified = Vec::with_capacity(batch.len());
+            let mut failed = None;
+            for data in batch {
+                if failed.is_some() {
+                    if let Received::File(p) = data {
+                        let _ = std::fs::remove_file(p);
+                    }
+                    continue;
+                }
+                match Verified::verify(&db, data) {
+                    Ok(v) => verified.push(v),
+                    Err(e) => failed = Some(e),
+                }
+            }
+            let written = verified.last().map(|v| v.header().timestamp);
+            if !verified.is_empty() {
+                if let Err(e) = self.applier.apply(&db, verified) {
+                    failed = Some(e);
+                } else if let Some(ts) = written {
+                    self.lag.set_since(ts.max(0) as u64);
+                }
+            }
+            drop(permits);
+            if let Some(e) = failed {
+                return Err(SessionError::Apply {
+                    db,
+                    error: e.to_string(),
+                });
+            }
+            self.failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&db);
         }
     }
 }

@@ -41,7 +41,8 @@
 //!   [`Store::subscribe_changes`] (a `tokio::sync::watch` bumped after every capture,
 //!   creation and deletion: what wakes the primary's streams), [`Store::apply_replicated`]
 //!   (verify a received LTX file completely, then apply it; the caller holds the FUSE
-//!   locks), [`Db::write_snapshot`] (a consistent snapshot under the state lock) and
+//!   locks; not synced, see [`Store::sync_replicated`] and the `replicating` marker),
+//!   [`Db::write_snapshot`] (a consistent snapshot under the state lock) and
 //!   [`read_ltx_ends`] (header and trailer of an LTX file).
 //! - After [`Store::close`] every hook fails with [`StoreError::Closed`]: nothing may
 //!   change once the clean-shutdown record is written.
@@ -100,8 +101,8 @@
 //!
 //! `VACUUM` with a new `page_size` (rollback mode) is captured as one LTX file in the new
 //! page size holding every page, whose pre-apply checksum is the old database's.
-//! `ltx::apply_file` refuses a page size that differs from the database file's, so a
-//! replica needs to apply such a file as a full rewrite (see the store tests' replay).
+//! `ltx::apply_file` refuses a page size that differs from the database file's; a
+//! replica ([`Store::apply_replicated`]) applies such a file as a full rewrite.
 //!
 //! # Deletion
 //!
@@ -149,7 +150,7 @@ pub use error::StoreError;
 pub use ltxio::{LtxFile, list as list_ltx_files};
 use record::{CleanRecord, Stamp};
 use recovery::Recovered;
-pub use replica::Applied;
+pub use replica::{Applied, MEMORY_FILE_LIMIT, Received, Verified};
 pub use snapshot::read_ltx_ends;
 
 /// The kind of a file in the mount.
@@ -436,6 +437,10 @@ impl Store {
     /// (position and page checksums), so the next open needs no re-hash. Every hook fails
     /// afterwards.
     pub fn close(&self) -> Result<(), StoreError> {
+        // Replicated changes are synced (and their markers removed) before the records.
+        if let Err(e) = self.sync_replicated() {
+            error!(error = %e, "cannot sync replicated changes");
+        }
         if let Some(r) = self
             .retention
             .lock()

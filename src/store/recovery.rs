@@ -61,6 +61,7 @@ pub(crate) fn recover(name: &str, dir: &Path, node_id: u64) -> Result<Recovered,
             "restored LTX files from the LTX log"
         );
     }
+    super::replica::finish_interrupted_apply(name, dir)?;
     let files = ltxio::list(&ltx_dir).map_err(io_err(name, "list ltx", &ltx_dir))?;
     let last: Option<(Header, Pos)> = match files.last() {
         Some(f) => Some(ltxio::read_position(name, &f.path)?),

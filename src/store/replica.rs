@@ -1,19 +1,58 @@
 //! The replica's side of the store: the primary/replica flag, change notifications for
 //! the primary's streams, and applying LTX files received from the primary.
+//!
+//! # Applying
+//!
+//! A received file is first verified completely and decoded once ([`Verified::verify`]):
+//! every page, the file checksum, and each page's checksum computed on the way. Files up
+//! to [`MEMORY_FILE_LIMIT`] arrive in memory and keep their decoded pages (up to
+//! [`DECODED_LIMIT`]), so applying them reads nothing back; larger files (snapshots)
+//! live in a temp file and are decoded a second time while their pages are written.
+//! [`Store::apply_replicated`] then checks the file against the database's position and
+//! computes the post-apply checksum from the in-memory page checksums (O(pages in the
+//! file)), and only when it equals the file's does it write anything.
+//!
+//! Three kinds of files: a snapshot (min TXID 1) replaces everything; a file in another
+//! page size than the database's (a `VACUUM` that changed `page_size` on the primary)
+//! must follow the position and hold every page, and replaces the content; any other
+//! file follows the position and overwrites the pages it holds.
+//!
+//! # Crash safety and durability
+//!
+//! Nothing is fsynced per applied file. Instead a marker file `replicating` in the
+//! database's directory is made durable before the first page of a file is written and
+//! stays until [`Store::sync_replicated`] has synced the file system (the replica loop
+//! calls it when it stops, so also before an elected node turns primary; [`Store::close`]
+//! calls it too). Each file is moved into `ltx/` *before* its pages are written. So a
+//! start-up that finds the marker knows the database may hold any prefix of the writes
+//! of the last LTX file: it re-writes that file's pages (idempotent) and checks the
+//! checksum; if the database still does not match (a power loss lost unsynced writes),
+//! the database starts empty and the primary sends a snapshot. Either way the replica
+//! re-requests from a position its files really have.
 
-use std::fs::{self, OpenOptions};
-use std::io;
-use std::path::Path;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, Read};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
-use tracing::warn;
+use tracing::{info, warn};
 
-use crate::ltx::{self, ApplyCheck, Decoder, Pos, RollingChecksum};
+use crate::ltx::{self, Checksum, Decoder, Header, LtxError, Pos, RollingChecksum, Trailer};
 
-use super::{FileKind, Store, StoreError, ltxio};
+use super::{Db, FileKind, Store, StoreError, ltxio};
+
+/// Received files up to this size are kept in memory; larger ones go to a temp file.
+pub const MEMORY_FILE_LIMIT: usize = 8 << 20;
+/// Decoded pages of an in-memory file are kept up to this many bytes; a file that
+/// decompresses to more is decoded again while its pages are written.
+pub const DECODED_LIMIT: usize = 64 << 20;
+/// Marker file: the database may hold unsynced writes of replicated files.
+const MARKER: &str = "replicating";
 
 /// What applying a received LTX file did.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Applied {
     /// The database's position afterwards.
     pub pos: Pos,
@@ -22,6 +61,197 @@ pub struct Applied {
     /// A snapshot replaced a local history that was not a prefix of the primary's:
     /// the local position it discarded.
     pub discarded: Option<Pos>,
+}
+
+/// An LTX file received from the primary, not yet trusted.
+#[derive(Debug)]
+pub enum Received {
+    /// The whole file, in memory.
+    Memory(Vec<u8>),
+    /// A temp file on the data directory's file system (moved into `ltx/` when applied).
+    File(PathBuf),
+}
+
+/// A received LTX file that verified completely, with the checksum of each of its pages.
+pub struct Verified {
+    header: Header,
+    trailer: Trailer,
+    /// Every page number in the file, ascending, with its page checksum.
+    sums: Vec<(u32, Checksum)>,
+    body: Body,
+}
+
+impl std::fmt::Debug for Verified {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verified")
+            .field("header", &self.header)
+            .field("pages", &self.sums.len())
+            .finish_non_exhaustive()
+    }
+}
+
+enum Body {
+    /// File bytes and the decoded pages, in `sums` order.
+    Decoded { raw: Vec<u8>, pages: Vec<u8> },
+    /// File bytes only (decoded again when written).
+    Raw(Vec<u8>),
+    /// A temp file (decoded again when written).
+    File(PathBuf),
+}
+
+impl Verified {
+    /// Verifies and decodes a received file for database `db` (every page, the file
+    /// checksum; see the decoder's rules). A temp file that does not verify is removed.
+    ///
+    /// # Errors
+    /// [`StoreError::Ltx`] for a file that does not verify; I/O errors.
+    pub fn verify(db: &str, received: Received) -> Result<Verified, StoreError> {
+        match received {
+            Received::Memory(raw) => {
+                let label = PathBuf::from(format!("<{db} from the primary>"));
+                let (header, trailer, sums, pages) =
+                    decode(&raw[..], true).map_err(|e| StoreError::ltx(db, &label, e))?;
+                let body = match pages {
+                    Some(pages) => Body::Decoded { raw, pages },
+                    None => Body::Raw(raw),
+                };
+                Ok(Verified {
+                    header,
+                    trailer,
+                    sums,
+                    body,
+                })
+            }
+            Received::File(path) => {
+                let decoded = File::open(&path)
+                    .map_err(|e| StoreError::io(db, "open received ltx", &path, e))
+                    .and_then(|f| {
+                        decode(BufReader::with_capacity(1 << 20, f), false)
+                            .map_err(|e| StoreError::ltx(db, &path, e))
+                    });
+                match decoded {
+                    Ok((header, trailer, sums, _)) => Ok(Verified {
+                        header,
+                        trailer,
+                        sums,
+                        body: Body::File(path),
+                    }),
+                    Err(e) => {
+                        let _ = fs::remove_file(&path);
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+
+    /// The file's header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The position the file leads to.
+    pub fn pos(&self) -> Pos {
+        Pos {
+            txid: self.header.max_txid,
+            post_apply_checksum: self.trailer.post_apply_checksum,
+        }
+    }
+
+    /// Removes a temp file that will not be applied.
+    fn discard(self) {
+        if let Body::File(p) = self.body {
+            let _ = fs::remove_file(p);
+        }
+    }
+
+    /// Puts the file's bytes at `dest` (not synced).
+    fn keep(&self, db: &str, dest: &Path) -> Result<(), StoreError> {
+        match &self.body {
+            Body::Decoded { raw, .. } | Body::Raw(raw) => {
+                let tmp = dest.with_extension(format!("ltx{}", ltxio::TEMP_SUFFIX));
+                fs::write(&tmp, raw)
+                    .and_then(|()| fs::rename(&tmp, dest))
+                    .map_err(|e| StoreError::io(db, "keep ltx", dest, e))
+            }
+            Body::File(p) => {
+                fs::rename(p, dest).map_err(|e| StoreError::io(db, "keep ltx", dest, e))
+            }
+        }
+    }
+
+    /// Calls `f` with every page, in order. `kept` is where [`Verified::keep`] put the
+    /// file (read again for files not held in memory).
+    fn for_each_page(
+        &self,
+        db: &str,
+        kept: &Path,
+        mut f: impl FnMut(u32, &[u8]) -> io::Result<()>,
+    ) -> Result<(), StoreError> {
+        let ps = self.header.page_size as usize;
+        let write_err = |e| StoreError::io(db, "write page", kept, e);
+        let decoded = |r: &mut dyn Read, f: &mut dyn FnMut(u32, &[u8]) -> io::Result<()>| {
+            let mut dec = Decoder::new(r).map_err(|e| StoreError::ltx(db, kept, e))?;
+            let mut buf = vec![0u8; ps];
+            while let Some(pgno) = dec
+                .next_page(&mut buf)
+                .map_err(|e| StoreError::ltx(db, kept, e))?
+            {
+                f(pgno, &buf).map_err(write_err)?;
+            }
+            dec.finish().map_err(|e| StoreError::ltx(db, kept, e))?;
+            Ok(())
+        };
+        match &self.body {
+            Body::Decoded { pages, .. } => {
+                for (i, (pgno, _)) in self.sums.iter().enumerate() {
+                    f(*pgno, &pages[i * ps..(i + 1) * ps]).map_err(write_err)?;
+                }
+                Ok(())
+            }
+            Body::Raw(raw) => decoded(&mut &raw[..], &mut f),
+            Body::File(_) => {
+                let file = File::open(kept).map_err(|e| StoreError::io(db, "open ltx", kept, e))?;
+                decoded(&mut BufReader::with_capacity(1 << 20, file), &mut f)
+            }
+        }
+    }
+}
+
+type Decoded = (Header, Trailer, Vec<(u32, Checksum)>, Option<Vec<u8>>);
+
+/// Decodes a whole file, with every page's checksum; with `keep`, also the pages (up to
+/// [`DECODED_LIMIT`] bytes, else `None`).
+fn decode<R: Read>(r: R, keep: bool) -> Result<Decoded, LtxError> {
+    let mut dec = Decoder::new(r)?;
+    let header = dec.header().clone();
+    let ps = header.page_size as usize;
+    let mut sums = Vec::new();
+    let mut pages = keep.then(Vec::new);
+    let mut buf = vec![0u8; ps];
+    loop {
+        if pages.as_ref().is_some_and(|p| p.len() + ps > DECODED_LIMIT) {
+            pages = None;
+        }
+        if let Some(p) = pages.as_mut() {
+            let at = p.len();
+            p.resize(at + ps, 0);
+            match dec.next_page(&mut p[at..])? {
+                Some(pgno) => sums.push((pgno, ltx::page_checksum(pgno, &p[at..]))),
+                None => {
+                    p.truncate(at);
+                    break;
+                }
+            }
+        } else {
+            match dec.next_page(&mut buf)? {
+                Some(pgno) => sums.push((pgno, ltx::page_checksum(pgno, &buf))),
+                None => break,
+            }
+        }
+    }
+    let trailer = dec.finish()?;
+    Ok((header, trailer, sums, pages))
 }
 
 impl Store {
@@ -41,31 +271,27 @@ impl Store {
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
-    /// Applies an LTX file received from the primary to database `name` (created if
-    /// absent), then moves the file into the database's `ltx/` directory.
+    /// Applies a verified LTX file from the primary to database `name` (created if
+    /// absent) and keeps the file in the database's `ltx/` directory.
     ///
-    /// The file is verified completely (every page, the file checksum) before any page
-    /// is written; an incremental file must follow the current position exactly (TXID
-    /// and pre-apply checksum); a snapshot replaces everything. Commit 0 deletes the
-    /// database. The caller (the FUSE layer) holds the locks that keep local readers
-    /// out while pages change.
+    /// A snapshot replaces everything; any other file must follow the current position
+    /// exactly (TXID and pre-apply checksum); a file in another page size than the
+    /// database's must also hold every page. The post-apply checksum is computed from
+    /// the in-memory page checksums and must equal the file's before anything is
+    /// written. Commit 0 deletes the database. Not synced: see the module docs and
+    /// [`Store::sync_replicated`]. The caller (the FUSE layer) holds the locks that
+    /// keep local readers out while pages change.
     ///
     /// # Errors
-    /// [`StoreError::Ltx`] for a file that does not verify or does not follow; I/O
+    /// [`StoreError::Ltx`] for a file that does not follow or does not add up; I/O
     /// errors. On error nothing was written unless the error came from the disk while
-    /// writing pages (then the next snapshot repairs it).
-    pub fn apply_replicated(&self, name: &str, ltx_path: &Path) -> Result<Applied, StoreError> {
-        let (header, trailer) =
-            ltx::verify_path(ltx_path).map_err(|e| StoreError::ltx(name, ltx_path, e))?;
-        if header.commit == 0 {
-            let pos = Pos {
-                txid: header.max_txid,
-                post_apply_checksum: trailer.post_apply_checksum,
-            };
-            if self.db(name).is_some() {
-                self.delete_db(name)?;
-            }
-            let _ = fs::remove_file(ltx_path);
+    /// writing pages (then the next start-up or snapshot repairs it).
+    pub fn apply_replicated(&self, name: &str, file: Verified) -> Result<Applied, StoreError> {
+        let h = file.header.clone();
+        if h.commit == 0 {
+            let pos = file.pos();
+            file.discard();
+            self.remove_replicated(name)?;
             return Ok(Applied {
                 pos,
                 deleted: true,
@@ -76,83 +302,132 @@ impl Store {
             Some(db) => db,
             None => self.create_db(name)?,
         };
+        let ltx_dir = db.ltx_dir();
+        let dest = ltx_dir.join(ltx::format_filename(h.min_txid, h.max_txid));
         let mut st = db.lock();
         let current = st.pos;
-        let snapshot = header.is_snapshot();
-        let db_path = db.path(FileKind::Database);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&db_path)
-            .map_err(|e| StoreError::io(name, "open database", &db_path, e))?;
-        let io_err = |op, e| StoreError::io(name, op, &db_path, e);
-        if snapshot && st.page_size != Some(header.page_size) {
-            // Verified above: only now may the old content go.
-            file.set_len(0)
-                .map_err(|e| io_err("truncate database", e))?;
-        }
-        let check_from = if snapshot || current.txid.0 == 0 {
-            None
-        } else {
-            Some(current)
-        };
-        let pos = ltx::apply_file_with(&file, check_from, ltx_path, ApplyCheck::Incremental)
-            .map_err(|e| StoreError::ltx(name, ltx_path, e))?;
-        db.count_commit(ltx_path);
-        // Page checksums: from the whole file after a snapshot, else from the pages the
-        // file wrote.
-        let ps = header.page_size;
-        if snapshot || st.page_size != Some(ps) {
-            let f = fs::File::open(&db_path).map_err(|e| io_err("open database", e))?;
-            st.checksums = ltx::page_checksums(io::BufReader::with_capacity(1 << 20, f), ps)
-                .map_err(|e| io_err("checksum database", e))?;
-        } else {
-            let lf = fs::File::open(ltx_path).map_err(|e| io_err("open ltx", e))?;
-            let mut dec = Decoder::new(io::BufReader::new(lf))
-                .map_err(|e| StoreError::ltx(name, ltx_path, e))?;
-            let mut buf = vec![0u8; ps as usize];
-            st.checksums
-                .resize(header.commit as usize, ltx::Checksum(0));
-            while let Some(pgno) = dec
-                .next_page(&mut buf)
-                .map_err(|e| StoreError::ltx(name, ltx_path, e))?
-            {
-                st.checksums[pgno as usize - 1] = ltx::page_checksum(pgno, &buf);
+        let ps = h.page_size;
+        let lock = ltx::lock_pgno(ps);
+        let replace = h.is_snapshot() || st.page_size != Some(ps);
+        let ltx_err = |e| StoreError::ltx(name, &dest, e);
+        if !h.is_snapshot() {
+            if current.txid.0 == 0 || current.txid.0.checked_add(1) != Some(h.min_txid.0) {
+                return Err(ltx_err(LtxError::TxidGap {
+                    current: current.txid,
+                    min_txid: h.min_txid,
+                }));
+            }
+            if !h.no_checksum() && h.pre_apply_checksum != current.post_apply_checksum {
+                return Err(ltx_err(LtxError::PosMismatch {
+                    current,
+                    pre_apply: h.pre_apply_pos(),
+                }));
             }
         }
-        st.checksums
-            .resize(header.commit as usize, ltx::Checksum(0));
-        let lock = ltx::lock_pgno(ps);
-        if let Some(c) = st.checksums.get_mut(lock as usize - 1) {
-            *c = ltx::Checksum(0);
+        // The checksum the database will have, and the pages it must gain.
+        let old_commit = if replace { 0 } else { st.commit };
+        let mut rolling = if replace {
+            RollingChecksum::new()
+        } else {
+            RollingChecksum::from_checksum(current.post_apply_checksum)
+        };
+        let old = |p: u32| st.checksums.get(p as usize - 1).copied();
+        let mut next_new = ltx_next(old_commit, lock);
+        for &(p, c) in &file.sums {
+            if p <= old_commit {
+                if let Some(o) = old(p) {
+                    rolling.toggle(o);
+                }
+            } else {
+                if p != next_new {
+                    return Err(ltx_err(LtxError::MissingPage {
+                        expected: next_new,
+                        found: p,
+                    }));
+                }
+                next_new = ltx_next(p, lock);
+            }
+            rolling.toggle(c);
         }
-        st.page_size = Some(ps);
-        st.commit = header.commit;
-        st.rolling = RollingChecksum::from_checksum(pos.post_apply_checksum);
-        st.dirty.clear();
-        st.all_dirty = false;
-        st.wal = None;
-        st.wal_present = false;
-        st.pos = pos;
-        // Provably diverged: the local history reaches the snapshot's TXID (or beyond)
-        // with other content. (A replica that was merely behind loses nothing.)
-        let discarded =
-            (snapshot && current.txid.0 > 0 && current.txid >= pos.txid && current != pos)
-                .then_some(current);
-        // Keep the file as this node's history (a replica may become primary).
-        let ltx_dir = db.ltx_dir();
-        if snapshot {
-            for old in ltxio::list(&ltx_dir).map_err(|e| io_err("list ltx", e))? {
+        if next_new <= h.commit {
+            return Err(ltx_err(LtxError::MissingPage {
+                expected: next_new,
+                found: 0,
+            }));
+        }
+        for p in h.commit.saturating_add(1)..=old_commit {
+            if let Some(o) = old(p) {
+                rolling.toggle(o);
+            }
+        }
+        let post = rolling.value();
+        if !h.no_checksum() && post != file.trailer.post_apply_checksum {
+            return Err(ltx_err(LtxError::ChecksumMismatch {
+                what: "post-apply",
+                expected: file.trailer.post_apply_checksum,
+                got: post,
+            }));
+        }
+
+        // Verified: write. Marker first, then the file into ltx/, then the pages.
+        ensure_marker(&db)?;
+        if h.is_snapshot() {
+            for old in
+                ltxio::list(&ltx_dir).map_err(|e| StoreError::io(name, "list ltx", &ltx_dir, e))?
+            {
                 if let Err(e) = fs::remove_file(&old.path) {
                     warn!(db = name, path = %old.path.display(), error = %e, "cannot remove an LTX file replaced by a snapshot");
                 }
             }
         }
-        let dest = ltx_dir.join(ltx::format_filename(header.min_txid, header.max_txid));
-        fs::rename(ltx_path, &dest).map_err(|e| StoreError::io(name, "keep ltx", &dest, e))?;
-        ltxio::fsync_dir(&ltx_dir).map_err(|e| io_err("fsync ltx dir", e))?;
+        file.keep(name, &dest)?;
+        let db_path = db.path(FileKind::Database);
+        let io_err = |op, e| StoreError::io(name, op, &db_path, e);
+        let dbf = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&db_path)
+            .map_err(|e| io_err("open database", e))?;
+        if replace && st.page_size.is_some_and(|p| p != ps) {
+            dbf.set_len(0).map_err(|e| io_err("truncate database", e))?;
+        }
+        let ps64 = u64::from(ps);
+        file.for_each_page(name, &dest, |pgno, page| {
+            dbf.write_all_at(page, u64::from(pgno - 1) * ps64)
+        })?;
+        dbf.set_len(u64::from(h.commit) * ps64)
+            .map_err(|e| io_err("truncate database", e))?;
+        db.count_commit(&dest);
+
+        if replace {
+            st.checksums.clear();
+        }
+        st.checksums.resize(h.commit as usize, Checksum(0));
+        for &(p, c) in &file.sums {
+            st.checksums[p as usize - 1] = c;
+        }
+        if let Some(c) = st.checksums.get_mut(lock as usize - 1) {
+            *c = Checksum(0);
+        }
+        let pos = Pos {
+            txid: h.max_txid,
+            post_apply_checksum: post,
+        };
+        st.page_size = Some(ps);
+        st.commit = h.commit;
+        st.rolling = rolling;
+        st.dirty.clear();
+        st.all_dirty = false;
+        st.wal = None;
+        st.wal_present = false;
+        st.pos = pos;
         drop(st);
         db.notify_change();
+        // Provably diverged: the local history reaches the snapshot's TXID (or beyond)
+        // with other content. (A replica that was merely behind loses nothing.)
+        let discarded =
+            (h.is_snapshot() && current.txid.0 > 0 && current.txid >= pos.txid && current != pos)
+                .then_some(current);
         if let Some(d) = discarded {
             warn!(
                 db = name,
@@ -168,4 +443,160 @@ impl Store {
             discarded,
         })
     }
+
+    /// Deletes database `name` on a replica (a deletion from the primary, or a database
+    /// the primary does not have); nothing if it does not exist.
+    ///
+    /// # Errors
+    /// As [`Store::delete_db`].
+    pub fn remove_replicated(&self, name: &str) -> Result<(), StoreError> {
+        if let Some(db) = self.db(name) {
+            self.delete_db(name)?;
+            remove_marker(db.dir());
+        }
+        Ok(())
+    }
+
+    /// Makes everything applied from the primary durable: one `syncfs` of the data
+    /// directory's file system, then the `replicating` markers go. Called when the
+    /// replica loop stops and by [`Store::close`].
+    ///
+    /// # Errors
+    /// I/O errors (the markers then stay, and the next start-up checks the databases).
+    pub fn sync_replicated(&self) -> Result<(), StoreError> {
+        let dir_err = |e| StoreError::io("", "list data dir", &self.dbs_dir, e);
+        let mut marked = Vec::new();
+        for entry in fs::read_dir(&self.dbs_dir).map_err(dir_err)? {
+            let m = entry.map_err(dir_err)?.path().join(MARKER);
+            if m.exists() {
+                marked.push(m);
+            }
+        }
+        if marked.is_empty() {
+            return Ok(());
+        }
+        let d = File::open(&self.dbs_dir).map_err(dir_err)?;
+        // SAFETY: syncfs(2) on a descriptor we own for the duration of the call.
+        if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
+            return Err(StoreError::io(
+                "",
+                "sync data dir",
+                &self.dbs_dir,
+                io::Error::last_os_error(),
+            ));
+        }
+        for m in &marked {
+            let _ = fs::remove_file(m);
+        }
+        info!(databases = marked.len(), "replicated changes synced");
+        Ok(())
+    }
+}
+
+/// The page after `p` that a database growing from `p` pages must hold next.
+fn ltx_next(p: u32, lock: u32) -> u32 {
+    let n = p.saturating_add(1);
+    if n == lock { n.saturating_add(1) } else { n }
+}
+
+/// Makes the `replicating` marker of `db` durable, unless it already exists.
+fn ensure_marker(db: &Db) -> Result<(), StoreError> {
+    let m = db.dir().join(MARKER);
+    if m.exists() {
+        return Ok(());
+    }
+    File::create(&m)
+        .and_then(|f| f.sync_all())
+        .and_then(|()| ltxio::fsync_dir(db.dir()))
+        .map_err(|e| StoreError::io(db.name(), "create marker", &m, e))
+}
+
+fn remove_marker(dir: &Path) {
+    let _ = fs::remove_file(dir.join(MARKER));
+}
+
+/// Start-up of a database directory whose `replicating` marker is present (a crash
+/// while applying files from the primary, before they were synced): brings the
+/// database to its last LTX file by writing that file's pages again, or, if it still
+/// does not match (writes lost), empties it so that the primary sends a snapshot.
+/// Leaves no WAL or shm (a replica's database is the database file alone) and removes
+/// the marker. Nothing to do without a marker.
+pub(crate) fn finish_interrupted_apply(name: &str, dir: &Path) -> Result<(), StoreError> {
+    let marker = dir.join(MARKER);
+    if !marker.exists() {
+        return Ok(());
+    }
+    let ltx_dir = dir.join("ltx");
+    let db_path = dir.join("database");
+    let files = ltxio::list(&ltx_dir).map_err(|e| StoreError::io(name, "list ltx", &ltx_dir, e))?;
+    let redone = match files.last() {
+        Some(f) => redo_last(name, &db_path, &f.path).unwrap_or_else(|e| {
+            warn!(db = name, error = %e, "cannot re-apply the last LTX file");
+            false
+        }),
+        None => false,
+    };
+    if redone {
+        info!(
+            db = name,
+            "start-up after an interrupted apply: the database holds its last LTX file"
+        );
+    } else {
+        warn!(
+            db = name,
+            "start-up after an interrupted apply: the database does not match its LTX files; \
+             starting it empty, the primary will send a snapshot"
+        );
+        for f in &files {
+            fs::remove_file(&f.path).map_err(|e| StoreError::io(name, "remove ltx", &f.path, e))?;
+        }
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&db_path)
+            .map_err(|e| StoreError::io(name, "truncate database", &db_path, e))?;
+        f.sync_all()
+            .map_err(|e| StoreError::io(name, "fsync database", &db_path, e))?;
+    }
+    for side in ["wal", "shm"] {
+        match fs::remove_file(dir.join(side)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(StoreError::io(name, "remove", dir.join(side), e));
+            }
+            _ => {}
+        }
+    }
+    fs::remove_file(&marker)
+        .and_then(|()| ltxio::fsync_dir(&ltx_dir))
+        .and_then(|()| ltxio::fsync_dir(dir))
+        .map_err(|e| StoreError::io(name, "remove marker", &marker, e))
+}
+
+/// Whether the database at `db_path` holds the LTX file at `ltx_path` after writing
+/// its pages again if needed.
+fn redo_last(name: &str, db_path: &Path, ltx_path: &Path) -> Result<bool, StoreError> {
+    let (h, t) = ltxio::verify(name, ltx_path)?;
+    if h.commit == 0 {
+        // A deletion: the regular start-up finishes it.
+        return Ok(true);
+    }
+    let matches = || -> bool {
+        File::open(db_path)
+            .and_then(|f| ltx::database_checksum(BufReader::with_capacity(1 << 20, f), h.page_size))
+            .is_ok_and(|c| c == t.post_apply_checksum)
+    };
+    if h.no_checksum() || !db_path.exists() {
+        return Ok(false);
+    }
+    if matches() {
+        return Ok(true);
+    }
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(db_path)
+        .map_err(|e| StoreError::io(name, "open database", db_path, e))?;
+    ltxio::rewrite_pages(name, &f, ltx_path)?;
+    Ok(matches())
 }

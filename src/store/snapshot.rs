@@ -19,6 +19,8 @@ impl Db {
     ///
     /// Taken under the database's state lock, so no commit interleaves; pages are
     /// streamed from disk one at a time (memory does not grow with the database). The
+    /// file is written front to back and never rewritten, so a reader may send it while
+    /// it grows; it is not fsynced (it only lives while it is sent). The
     /// checksum of the pages written is compared with the position before returning, so
     /// a snapshot never claims a position its pages do not have.
     ///
@@ -96,11 +98,9 @@ impl Db {
             });
         }
         let (w, _) = enc.finish(pos.post_apply_checksum).map_err(ltx_err)?;
-        let f = w
-            .into_inner()
+        // Not fsynced: a snapshot lives only while it is sent.
+        w.into_inner()
             .map_err(|e| StoreError::io(name, "write snapshot", out, e.into_error()))?;
-        f.sync_all()
-            .map_err(|e| StoreError::io(name, "fsync snapshot", out, e))?;
         drop(st);
         Ok(Some(pos))
     }

@@ -19,7 +19,6 @@ mod ltx_support;
 mod ltx_testdata;
 mod ops;
 mod repl;
-mod repl_bench;
 mod store;
 mod store_bench;
 mod store_vfs;

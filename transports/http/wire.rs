@@ -1,4 +1,4 @@
-//! The replication wire format, version 1 (see "Replication protocol" in
+//! The replication wire format, version 2 (see "Replication protocol" in
 //! `docs/design.md`). Integers are big-endian; strings are a u16 length and UTF-8.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -9,8 +9,9 @@ use crate::transport::{DbPosition, Frame, MAX_CHUNK, StreamRequest};
 pub const REQUEST_MAGIC: &[u8; 4] = b"LFSR";
 /// Response stream magic.
 pub const STREAM_MAGIC: &[u8; 4] = b"LFSS";
-/// The protocol version this build speaks.
-pub const VERSION: u16 = 1;
+/// The protocol version this build speaks. Version 1 (whose `Ready` had no payload) is
+/// refused both ways with a [`WireError::Version`] that names both versions.
+pub const VERSION: u16 = 2;
 /// Largest frame payload accepted: one chunk plus its database name and flags.
 pub const MAX_PAYLOAD: usize = MAX_CHUNK + 2 + u16::MAX as usize + 1;
 /// Frame header: type u8 + payload length u32.
@@ -194,7 +195,13 @@ pub fn encode_frame(f: &Frame) -> Bytes {
             payload.put_slice(chunk);
             T_LTX
         }
-        Frame::Ready => T_READY,
+        Frame::Ready { databases } => {
+            payload.put_u32(databases.len() as u32);
+            for d in databases {
+                put_str(&mut payload, d);
+            }
+            T_READY
+        }
         Frame::Heartbeat { primary_time_ms } => {
             payload.put_u64(*primary_time_ms);
             T_HEARTBEAT
@@ -262,8 +269,19 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
             }
         }
         T_READY => {
+            if p.remaining() < 4 {
+                return Err(WireError::Malformed { what: "ready" });
+            }
+            let n = p.get_u32() as usize;
+            let mut databases = Vec::with_capacity(n.min(4096));
+            for _ in 0..n {
+                databases.push(
+                    get_str(&mut p, "database name")
+                        .map_err(|_| WireError::Malformed { what: "ready" })?,
+                );
+            }
             exact(p, "ready")?;
-            Frame::Ready
+            Frame::Ready { databases }
         }
         T_HEARTBEAT => {
             if p.len() != 8 {
@@ -303,7 +321,12 @@ mod tests {
                 chunk: Vec::new(),
                 last: true,
             },
-            Frame::Ready,
+            Frame::Ready {
+                databases: Vec::new(),
+            },
+            Frame::Ready {
+                databases: vec!["a.db".into(), "b.db".into()],
+            },
             Frame::Heartbeat {
                 primary_time_ms: 1_700_000_000_123,
             },
@@ -327,12 +350,23 @@ mod tests {
 
     #[test]
     fn corrupt_headers_and_payloads_are_refused() {
-        let mut b = encode_frame(&Frame::Ready).to_vec();
+        let mut b = encode_frame(&Frame::Ready {
+            databases: Vec::new(),
+        })
+        .to_vec();
         b[0] = 9;
         assert_eq!(decode_frame(&b), Err(WireError::FrameType(9)));
-        let mut b = encode_frame(&Frame::Ready).to_vec();
+        let mut b = encode_frame(&Frame::Ready {
+            databases: Vec::new(),
+        })
+        .to_vec();
         b[1..5].copy_from_slice(&(MAX_PAYLOAD as u32 + 1).to_be_bytes());
         assert!(matches!(decode_frame(&b), Err(WireError::TooLong(_))));
+        // A version 1 Ready (no payload).
+        assert!(matches!(
+            decode_frame(&[T_READY, 0, 0, 0, 0]),
+            Err(WireError::Malformed { .. })
+        ));
         // A heartbeat with a short payload.
         let b = [T_HEARTBEAT, 0, 0, 0, 4, 1, 2, 3, 4];
         assert!(matches!(decode_frame(&b), Err(WireError::Malformed { .. })));
@@ -370,9 +404,16 @@ mod tests {
         for cut in 0..b.len() {
             assert!(decode_request(&b[..cut]).is_err(), "cut at {cut}");
         }
-        let mut v = b.to_vec();
-        v[4..6].copy_from_slice(&2u16.to_be_bytes());
-        assert_eq!(decode_request(&v), Err(WireError::Version(2)));
+        for other in [1u16, 3] {
+            let mut v = b.to_vec();
+            v[4..6].copy_from_slice(&other.to_be_bytes());
+            let e = decode_request(&v).unwrap_err();
+            assert_eq!(e, WireError::Version(other));
+            assert_eq!(
+                e.to_string(),
+                format!("unsupported protocol version {other} (this build speaks 2)")
+            );
+        }
         let none = StreamRequest::default();
         assert_eq!(decode_request(&encode_request(&none)).unwrap(), none);
     }
@@ -388,5 +429,9 @@ mod tests {
             assert_eq!(decode_preamble(&b[..cut]).unwrap(), None);
         }
         assert!(decode_preamble(b"HTTP/1.1").is_err());
+        // A version 1 primary's preamble.
+        let mut v1 = b.to_vec();
+        v1[4..6].copy_from_slice(&1u16.to_be_bytes());
+        assert_eq!(decode_preamble(&v1), Err(WireError::Version(1)));
     }
 }
