@@ -27,6 +27,9 @@ const FINAL_ROUND_LIMIT: Duration = Duration::from_secs(10);
 const PUT_CONCURRENCY: usize = 16;
 /// Longest wait between retries while the sink is failing.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How often a node that is not the primary reads the archive's position (its local
+/// retention may then remove what the primary archived).
+const FOLLOW_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Settings of the archiver (from the `backup` config section).
 #[derive(Debug, Clone)]
@@ -111,6 +114,8 @@ impl Archiver {
             scratch,
             status: status.clone(),
             dbs: BTreeMap::new(),
+            was_primary: false,
+            follow_at: Instant::now(),
         };
         let thread = std::thread::Builder::new()
             .name("litefs-archiver".into())
@@ -185,6 +190,10 @@ struct Worker {
     scratch: PathBuf,
     status: Status,
     dbs: BTreeMap<String, DbArchive>,
+    /// The node was the primary at the previous round.
+    was_primary: bool,
+    /// When a non-primary node next reads the archive's position.
+    follow_at: Instant,
 }
 
 impl Worker {
@@ -217,8 +226,28 @@ impl Worker {
         info!("archiver stopped");
     }
 
-    /// One pass over every database.
+    /// One pass over every database. Only the primary ships: a node that is not (a
+    /// replica, an elected node while another leads) only follows the archive's
+    /// position; when it becomes the primary it forgets what it knew and reads the
+    /// archive's position again (another primary may have extended it meanwhile).
     async fn round(&mut self, last: bool) {
+        let primary = self.store.is_primary();
+        if primary != self.was_primary {
+            self.was_primary = primary;
+            self.dbs.clear();
+            if primary {
+                info!("primary: archiving from the archive's current position");
+            } else {
+                info!("not the primary: archiving paused");
+            }
+        }
+        if !primary {
+            if !last && Instant::now() >= self.follow_at {
+                self.follow_at = Instant::now() + FOLLOW_INTERVAL.max(self.opts.sync_interval);
+                self.follow().await;
+            }
+            return;
+        }
         let data = self.store.options().data_dir.join("dbs");
         let mut names: Vec<String> = self
             .store
@@ -274,6 +303,29 @@ impl Worker {
         }
     }
 
+    /// On a node that is not the primary: lets local retention remove what the
+    /// primary archived (the newest TXID in the archive, per database).
+    async fn follow(&mut self) {
+        let names: Vec<String> = self
+            .store
+            .databases()
+            .iter()
+            .map(|d| d.name().to_string())
+            .collect();
+        for db in names {
+            match archive_top(self.sink.as_ref(), &db).await {
+                Ok(top) => {
+                    self.store.set_archived(&db, top);
+                    self.status
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(db, top);
+                }
+                Err(e) => debug!(db, error = %e, "cannot read the archive's position"),
+            }
+        }
+    }
+
     fn set_shipped(&mut self, db: &str, txid: TxId) {
         if let Some(st) = self.dbs.get_mut(db) {
             st.shipped = Some(txid);
@@ -293,14 +345,12 @@ impl Worker {
         let shipped = match known {
             Some(t) => t,
             None => {
-                let l0 = self.sink.list(db, 0).await?;
                 let snaps = self.sink.list(db, SNAPSHOT_LEVEL).await?;
-                let top = l0.last().map(|o| o.key.max_txid).unwrap_or(0);
-                let snap = snaps.last().map(|o| o.key.max_txid).unwrap_or(0);
+                let snap = snaps.iter().map(|o| o.key.max_txid).max().unwrap_or(0);
                 if let Some(st) = self.dbs.get_mut(db) {
                     st.snapshot = TxId(snap);
                 }
-                let t = TxId(top.max(snap));
+                let t = archive_top(self.sink.as_ref(), db).await?;
                 let last = recorded_position(self.sink.as_ref(), db, t).await?;
                 if let Some(st) = self.dbs.get_mut(db) {
                     st.last = last;
@@ -610,6 +660,16 @@ impl Worker {
         debug_assert_eq!(header.max_txid, top);
         self.put(&key, &out).await
     }
+}
+
+/// Newest TXID the archive holds for `db` (0: none), over every level.
+pub(crate) async fn archive_top(sink: &dyn SnapshotSink, db: &str) -> Result<TxId, ArchiveError> {
+    let mut top = 0;
+    for level in [0, SNAPSHOT_LEVEL] {
+        let objects = sink.list(db, level).await?;
+        top = objects.iter().map(|o| o.key.max_txid).fold(top, u64::max);
+    }
+    Ok(TxId(top))
 }
 
 /// The position recorded for `txid` (from the positions object whose range holds it).

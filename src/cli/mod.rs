@@ -202,17 +202,7 @@ pub fn mount(cfg: Config, opts: MountOptions) -> anyhow::Result<ExitCode> {
     })
     .with_context(|| format!("opening the data directory {}", cfg.data.dir.display()))?;
     store.set_strict_verify(cfg.strict_verify);
-    let archiver = match crate::backends::build_sink(&cfg.backup)? {
-        Some(sink) => Some(
-            crate::archive::Archiver::start(
-                store.clone(),
-                sink,
-                crate::archive::ArchiverOptions::from_config(&cfg.backup),
-            )
-            .context("starting the archiver")?,
-        ),
-        None => None,
-    };
+    let sink = crate::backends::build_sink(&cfg.backup)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -226,6 +216,19 @@ pub fn mount(cfg: Config, opts: MountOptions) -> anyhow::Result<ExitCode> {
             exit_on_error: cfg.exit_on_error,
         };
         let node = crate::node::Node::prepare(&cfg, store.clone()).await?;
+        // After the role is known: only the primary ships (the archiver follows the
+        // store's primary flag from then on).
+        let archiver = match sink {
+            Some(sink) => Some(
+                crate::archive::Archiver::start(
+                    store.clone(),
+                    sink,
+                    crate::archive::ArchiverOptions::from_config(&cfg.backup),
+                )
+                .context("starting the archiver")?,
+            ),
+            None => None,
+        };
         // A static primary is in sync at once; a replica once the primary said Ready.
         let in_sync = node.in_sync(&cfg.lease);
         let stopper = node.stopper();
@@ -240,15 +243,20 @@ pub fn mount(cfg: Config, opts: MountOptions) -> anyhow::Result<ExitCode> {
         };
         let result = crate::fuse::run_with(fuse_opts, store, work, |m| node.on_mount(m)).await;
         node.stop().await;
-        match result {
+        let code = match result {
             Ok(()) => Ok(ExitCode::from(outcome.map_or(0, |o| o.exit_code()))),
             Err(e @ crate::fuse::MountError::Fatal(_)) => {
                 tracing::error!("{e}");
                 Ok(ExitCode::from(99))
             }
             Err(e) => Err(e.into()),
-        }
+        };
+        anyhow::Ok((code, archiver))
     });
+    let (result, archiver) = match result {
+        Ok((code, archiver)) => (code, archiver),
+        Err(e) => (Err(e), None),
+    };
     // After the mount is gone: ships what the last transactions left, then stops.
     if let Some(a) = archiver {
         a.stop();

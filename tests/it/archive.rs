@@ -22,6 +22,7 @@ use litefs::store::{Store, StoreOptions, list_ltx_files};
 use crate::args;
 use crate::ltx_support::{litefs, sha256_file, testdata, text};
 use crate::store_vfs::HookVfs;
+use crate::support::Process;
 
 const DB: &str = "app.db";
 
@@ -1046,4 +1047,117 @@ fn archive_lag() {
         lags.last().unwrap(),
         lags.len()
     );
+}
+
+/// YAML of a `backup` section archiving to the directory `root` every 100 ms.
+fn file_backup(root: &Path) -> String {
+    format!(
+        "backup:\n  type: file\n  path: {}\n  sync-interval: 100ms\n",
+        root.display()
+    )
+}
+
+/// An elected node (etcd lease, 2 s TTL) named `name` with `extra` YAML (a `backup`
+/// section) appended.
+fn elected_node(name: &str, etcd: &crate::etcd_server::EtcdServer, extra: &str) -> Process {
+    let port = crate::repl::free_port();
+    let lease = crate::elect::etcd_lease(etcd);
+    let (name, extra) = (name.to_string(), extra.to_string());
+    Process::start_with(move |mnt, data| {
+        format!(
+            "fuse:\n  dir: {}\ndata:\n  dir: {}\nlease:\n  candidate: true\n  hostname: {name}\n  advertise-url: http://127.0.0.1:{port}\n{lease}http:\n  addr: 127.0.0.1:{port}\n{extra}",
+            mnt.display(),
+            data.display()
+        )
+    })
+}
+
+/// TXID of `db` shown in the mount's `<db>-pos` (`None`: no such database).
+fn mount_txid(p: &Process, db: &str) -> Option<u64> {
+    let text = crate::repl::pos(p, db)?;
+    u64::from_str_radix(text.get(..16)?, 16).ok()
+}
+
+/// The level-0 files of `db` in a file archive: TXID ranges, in order.
+fn level0(root: &Path, db: &str) -> Vec<(u64, u64)> {
+    list_ltx_files(&root.join(db).join("ltx/0"))
+        .unwrap_or_default()
+        .iter()
+        .map(|f| (f.min.0, f.max.0))
+        .collect()
+}
+
+/// Waits until the archive's level 0 reaches `txid`.
+fn wait_archived(root: &Path, db: &str, txid: u64, log: impl Fn() -> String) {
+    let ok = crate::support::wait_until(Duration::from_secs(20), || {
+        level0(root, db).last().is_some_and(|&(_, max)| max >= txid)
+    });
+    assert!(
+        ok,
+        "archive stuck at {:?}, want {txid}; log:\n{}",
+        level0(root, db).last(),
+        log()
+    );
+}
+
+/// Two elected nodes share one archive: only the leader ships; after a handoff the new
+/// primary reads the archive's position and continues it, so the archive stays one
+/// contiguous history that both restores rebuild.
+#[test]
+fn promoted_replica_continues_the_archive() {
+    let etcd = crate::etcd_server::EtcdServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("archive");
+    let backup = file_backup(&root);
+    let mut a = elected_node("node-a", &etcd, &backup);
+    crate::elect::wait_primary(&a, Duration::from_secs(15), "a first");
+    let b = elected_node("node-b", &etcd, &backup);
+    for i in 0..10 {
+        assert!(crate::elect::try_write(&a, &format!("a {i}")));
+    }
+    crate::elect::converge(&a, &b);
+    let first = mount_txid(&a, "db").unwrap();
+    wait_archived(&root, "db", first, || a.log_text());
+    assert!(
+        !b.log_text().contains("archive position"),
+        "the replica touched the archive:\n{}",
+        b.log_text()
+    );
+
+    assert!(a.signal(libc::SIGTERM).success(), "{}", a.log_text());
+    crate::elect::wait_primary(&b, Duration::from_secs(10), "b after handoff");
+    for i in 0..10 {
+        assert!(crate::elect::try_write(&b, &format!("b {i}")));
+    }
+    let top = mount_txid(&b, "db").unwrap();
+    wait_archived(&root, "db", top, || b.log_text());
+    let log = b.log_text();
+    assert!(
+        log.contains("primary: archiving from the archive's current position")
+            && log.contains("archive position"),
+        "{log}"
+    );
+    // One contiguous history, each TXID once.
+    let l0 = level0(&root, "db");
+    let mut next = 1;
+    for &(min, max) in &l0 {
+        assert_eq!(min, next, "gap or overlap in {l0:?}");
+        next = max + 1;
+    }
+    assert_eq!(next, top + 1);
+
+    let want = sha256_file(&b.path("db"));
+    let out = tmp.path().join("restored.db");
+    let o = litefs(args![
+        "restore", "-config", b.config, "-name", "db", "-o", out
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(sha256_file(&out), want);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("matches the position the primary recorded"),
+        "{}",
+        text(&o)
+    );
+    litestream_restore(&root.join("db"), &out, None);
+    assert_eq!(sha256_file(&out), want);
 }
