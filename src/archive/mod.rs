@@ -20,6 +20,7 @@
 //! node wrote a different history, and the archiver stops for that database instead
 //! of overwriting anything.
 
+mod bootstrap;
 mod live;
 mod restore;
 mod shipper;
@@ -36,6 +37,7 @@ use crate::ltx::{
 };
 use crate::sink::{LtxKey, SinkError};
 
+pub use bootstrap::{Bootstrapped, bootstrap, catch_up_db};
 pub use restore::{Progress, RestoreOptions, RestoreTarget, Restored, restore};
 pub use shipper::{Archiver, ArchiverOptions};
 

@@ -215,6 +215,11 @@ pub fn mount(cfg: Config, opts: MountOptions) -> anyhow::Result<ExitCode> {
             skip_sync: cfg.skip_sync,
             exit_on_error: cfg.exit_on_error,
         };
+        if let Some(sink) = &sink
+            && cfg.backup.bootstrap
+        {
+            bootstrap(&store, sink.as_ref(), cfg.lease.candidate).await?;
+        }
         let node = crate::node::Node::prepare(&cfg, store.clone()).await?;
         // After the role is known: only the primary ships (the archiver follows the
         // store's primary flag from then on).
@@ -262,6 +267,29 @@ pub fn mount(cfg: Config, opts: MountOptions) -> anyhow::Result<ExitCode> {
         a.stop();
     }
     result
+}
+
+/// Start-up from the archive ([`crate::archive::bootstrap`]), before the mount. A
+/// candidate that cannot use its archive refuses to start: it could otherwise become
+/// the primary of a cluster whose data it lacks. A non-candidate warns and leaves the
+/// rest to replication.
+async fn bootstrap(
+    store: &crate::store::Store,
+    sink: &dyn crate::sink::SnapshotSink,
+    candidate: bool,
+) -> anyhow::Result<()> {
+    match crate::archive::bootstrap(store, sink).await {
+        Ok(_) => Ok(()),
+        Err(e) if candidate => Err(anyhow::Error::new(e).context(format!(
+            "cannot bootstrap from the archive ({}); a candidate does not start without it \
+             (fix the archive, or set backup.bootstrap: false)",
+            sink.type_name()
+        ))),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot bootstrap from the archive; replicating from the primary instead");
+            Ok(())
+        }
+    }
 }
 
 /// A subscriber writing to stderr with `log`'s settings; `RUST_LOG` overrides the

@@ -408,6 +408,9 @@ pub struct BackupConfig {
     /// How long archived files are kept. Default 24h.
     #[serde(deserialize_with = "duration::de")]
     pub retention: Duration,
+    /// At start-up, bring missing or lagging databases to the archive's newest state
+    /// before mounting. Default true.
+    pub bootstrap: bool,
     /// LiteFS Cloud's keys, accepted only so that such a file gets the explanation
     /// that the service is gone instead of an "unknown key" error.
     pub url: Option<String>,
@@ -431,6 +434,7 @@ impl Default for BackupConfig {
             sync_interval: Duration::from_secs(1),
             snapshot_interval: Duration::from_secs(24 * 3600),
             retention: Duration::from_secs(24 * 3600),
+            bootstrap: true,
             url: None,
             cluster: None,
             auth_token: None,

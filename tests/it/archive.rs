@@ -1161,3 +1161,219 @@ fn promoted_replica_continues_the_archive() {
     litestream_restore(&root.join("db"), &out, None);
     assert_eq!(sha256_file(&out), want);
 }
+
+/// Waits until the node's local history of `db` is down to its newest file (local
+/// retention removed the rest: a new replica could not be sent files from TXID 1).
+fn wait_local_history_pruned(p: &Process, db: &str) {
+    let dir = p.data.join("dbs").join(db).join("ltx");
+    let ok = crate::support::wait_until(Duration::from_secs(20), || {
+        list_ltx_files(&dir).map(|f| f.len()).unwrap_or(0) == 1
+    });
+    assert!(ok, "local retention did not run:\n{}", p.log_text());
+}
+
+/// A new replica with an empty data directory starts from the archive's newest state
+/// and streams only what came after: the primary (whose local retention already
+/// removed the early history) sends it no snapshot. With `backup.bootstrap: false`
+/// the same replica needs one.
+#[test]
+fn replica_bootstraps_from_the_archive_and_the_primary_sends_no_snapshot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("archive");
+    let backup = file_backup(&root);
+    let port = crate::repl::free_port();
+    let primary = crate::repl::primary(
+        port,
+        &format!("  retention: 1s\n  retention-monitor-interval: 100ms\n{backup}"),
+    );
+    let db = primary.path(DB);
+    crate::ltx_support::sqlite(
+        &db,
+        "CREATE TABLE t(x); INSERT INTO t VALUES (randomblob(3000));",
+    );
+    for i in 0..20 {
+        crate::ltx_support::sqlite(&db, &format!("INSERT INTO t VALUES ({i});"));
+    }
+    let top = mount_txid(&primary, DB).unwrap();
+    wait_archived(&root, DB, top, || primary.log_text());
+    wait_local_history_pruned(&primary, DB);
+
+    let replica = Process::start_with({
+        let backup = backup.clone();
+        move |mnt, data| crate::repl::replica_config(mnt, data, port) + &backup
+    });
+    crate::repl::wait_converged(&primary, &[&replica], DB);
+    for i in 0..5 {
+        crate::ltx_support::sqlite(&db, &format!("INSERT INTO t VALUES ('after {i}');"));
+    }
+    crate::repl::wait_converged(&primary, &[&replica], DB);
+    assert_eq!(fs::read(&db).unwrap(), fs::read(replica.path(DB)).unwrap());
+    assert!(
+        replica
+            .log_text()
+            .contains("database rebuilt from the archive"),
+        "{}",
+        replica.log_text()
+    );
+    assert!(
+        !primary.log_text().contains("sending snapshot"),
+        "the primary sent a snapshot:\n{}",
+        primary.log_text()
+    );
+
+    // The same replica without bootstrap: the primary has to send a snapshot.
+    let plain = Process::start_with(move |mnt, data| {
+        crate::repl::replica_config(mnt, data, port) + &backup + "  bootstrap: false\n"
+    });
+    crate::repl::wait_converged(&primary, &[&plain], DB);
+    assert!(
+        primary.log_text().contains("sending snapshot"),
+        "{}",
+        primary.log_text()
+    );
+}
+
+/// Bootstrap against S3: a new data directory is rebuilt from the archive (snapshot
+/// plus level-0 files), a directory that is behind is continued file by file, and both
+/// keep a checksummed history that a restart verifies. A candidate whose S3 archive is
+/// unreachable refuses to start.
+#[test]
+fn s3_archive_bootstraps_a_new_and_a_lagging_data_directory() {
+    let moto = start_moto();
+    let cfg = BackupConfig {
+        kind: Some(BackupType::S3),
+        bucket: Some("archive".into()),
+        path: Some("boot".into()),
+        endpoint: Some(format!("http://127.0.0.1:{}", moto.1)),
+        region: Some("us-east-1".into()),
+        access_key_id: Some("test".into()),
+        secret_access_key: Some("test".into()),
+        force_path_style: true,
+        ..BackupConfig::default()
+    };
+    let sink: Arc<dyn SnapshotSink> = Arc::new(ObjectStoreSink::s3(&cfg).unwrap());
+    let node = Node::start(sink.clone());
+    let conn = open_db(&node);
+    let mut records = Vec::new();
+    workload(&node, &conn, 20, 1, &mut records);
+    node.wait_shipped(Duration::from_secs(30));
+    // Let a snapshot be written so that the rebuild starts from level 9.
+    let ok = crate::support::wait_until(Duration::from_secs(10), || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        !rt.block_on(sink.list(DB, 9)).unwrap().is_empty()
+    });
+    assert!(ok, "no snapshot in the archive");
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let open = || {
+        Store::open(StoreOptions {
+            data_dir: dir.path().join("data"),
+            retention: Duration::from_secs(600),
+            retention_monitor_interval: Duration::ZERO,
+            node_id: 2,
+        })
+        .unwrap()
+    };
+    let store = open();
+    let done = rt
+        .block_on(litefs::archive::bootstrap(&store, sink.as_ref()))
+        .unwrap();
+    let db_file = dir.path().join("data/dbs").join(DB).join("database");
+    match &done[..] {
+        [litefs::archive::Bootstrapped::Restored { from: None, to, .. }] => {
+            assert_eq!(to.txid.0, node.txid());
+            assert_eq!(*to, node.store.db(DB).unwrap().pos());
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(sha256_file(&db_file), records.last().unwrap().sha);
+
+    workload(&node, &conn, 10, 2, &mut records);
+    node.wait_shipped(Duration::from_secs(30));
+    let done = rt
+        .block_on(litefs::archive::bootstrap(&store, sink.as_ref()))
+        .unwrap();
+    match &done[..] {
+        [
+            litefs::archive::Bootstrapped::Restored {
+                from: Some(_),
+                to,
+                files,
+                ..
+            },
+        ] => {
+            assert_eq!(*to, node.store.db(DB).unwrap().pos());
+            assert!(*files >= 1);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(sha256_file(&db_file), records.last().unwrap().sha);
+    // Up to date: nothing to do.
+    let done = rt
+        .block_on(litefs::archive::bootstrap(&store, sink.as_ref()))
+        .unwrap();
+    assert!(
+        matches!(&done[..], [litefs::archive::Bootstrapped::Left { .. }]),
+        "{done:?}"
+    );
+    // The history it kept verifies at start-up (the database is hashed against it).
+    store.close().unwrap();
+    drop(store);
+    let store = open();
+    assert_eq!(
+        store.db(DB).unwrap().pos(),
+        node.store.db(DB).unwrap().pos()
+    );
+    store.close().unwrap();
+    drop(conn);
+
+    // A candidate whose archive cannot be read does not start.
+    let dead = free_port();
+    let boot = tempfile::tempdir().unwrap();
+    let config = boot.path().join("litefs.yml");
+    fs::write(
+        &config,
+        format!(
+            "fuse:\n  dir: {m}\ndata:\n  dir: {d}\nlease:\n  type: static\n  candidate: true\n  advertise-url: http://127.0.0.1:1\nhttp:\n  addr: 127.0.0.1:0\nbackup:\n  type: s3\n  bucket: archive\n  endpoint: http://127.0.0.1:{dead}\n  region: us-east-1\n  access-key-id: test\n  secret-access-key: test\n  force-path-style: true\n",
+            m = boot.path().join("mnt").display(),
+            d = boot.path().join("data").display(),
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_litefs"))
+        .args(["mount", "-config"])
+        .arg(&config)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            crate::support::kill_and_unmount(&mut None, &boot.path().join("mnt"));
+            panic!("a candidate without its archive kept running");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!status.success());
+    assert!(err.contains("cannot bootstrap from the archive"), "{err}");
+    assert!(!crate::support::is_mounted(&boot.path().join("mnt")));
+}
