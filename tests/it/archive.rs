@@ -1377,3 +1377,62 @@ fn s3_archive_bootstraps_a_new_and_a_lagging_data_directory() {
     assert!(err.contains("cannot bootstrap from the archive"), "{err}");
     assert!(!crate::support::is_mounted(&boot.path().join("mnt")));
 }
+
+/// LiteFS issue #419: every node of a cluster lost its data. The first node started on
+/// an empty data directory restores from the archive before it takes the lease, accepts
+/// writes or starts `exec`: the application sees every archived row.
+#[test]
+fn first_node_of_a_lost_cluster_restores_before_exec() {
+    let etcd = crate::etcd_server::EtcdServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("archive");
+    let backup = file_backup(&root);
+    let mut a = elected_node("node-a", &etcd, &backup);
+    crate::elect::wait_primary(&a, Duration::from_secs(15), "a first");
+    for i in 0..10 {
+        assert!(crate::elect::try_write(&a, &format!("a {i}")));
+    }
+    let top = mount_txid(&a, "db").unwrap();
+    wait_archived(&root, "db", top, || a.log_text());
+    let want = sha256_file(&a.path("db"));
+    let rows: i64 = rusqlite::Connection::open(a.path("db"))
+        .unwrap()
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap();
+    assert!(a.signal(libc::SIGTERM).success(), "{}", a.log_text());
+    drop(a); // its data directory is gone with it
+
+    let seen = tmp.path().join("seen.txt");
+    let exec = format!(
+        "exec: sh -c \"sqlite3 MNT/db 'SELECT count(*) FROM t' > {} 2>&1; exec sleep 60\"\n",
+        seen.display()
+    );
+    let mut c = {
+        let port = crate::repl::free_port();
+        let lease = crate::elect::etcd_lease(&etcd);
+        Process::start_with(move |mnt, data| {
+            format!(
+                "fuse:\n  dir: {}\ndata:\n  dir: {}\nlease:\n  candidate: true\n  hostname: node-c\n  advertise-url: http://127.0.0.1:{port}\n{lease}http:\n  addr: 127.0.0.1:{port}\n{backup}{}",
+                mnt.display(),
+                data.display(),
+                exec.replace("MNT", &mnt.display().to_string())
+            )
+        })
+    };
+    let ok = crate::support::wait_until(Duration::from_secs(20), || {
+        fs::read_to_string(&seen).is_ok_and(|s| !s.is_empty())
+    });
+    assert!(ok, "exec did not run:\n{}", c.log_text());
+    assert_eq!(fs::read_to_string(&seen).unwrap().trim(), rows.to_string());
+    let log = c.log_text();
+    let rebuilt = log.find("database rebuilt from the archive");
+    let leading = log.find("acquired the lease");
+    assert!(
+        rebuilt.is_some() && leading.is_some() && rebuilt < leading,
+        "{log}"
+    );
+    assert_eq!(sha256_file(&c.path("db")), want);
+    assert!(crate::elect::try_write(&c, "c after the restore"));
+    // Forwarded to the supervised `sleep`, which ends, and litefs with it.
+    c.signal(libc::SIGTERM);
+}
