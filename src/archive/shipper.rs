@@ -11,12 +11,13 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
+use super::RestoreTarget;
 use super::{
     ArchiveError, POSITIONS_DIR, PositionRecord, PositionsFile, compact_files, peek,
     positions_name, to_archive_file,
 };
 use crate::ltx::{Pos, TxId};
-use crate::sink::{LtxKey, SNAPSHOT_LEVEL, SinkError, SnapshotSink};
+use crate::sink::{LtxKey, MAX_COMPACTION_LEVEL, SNAPSHOT_LEVEL, SinkError, SnapshotSink};
 use crate::store::{Store, list_ltx_files};
 
 /// Most files shipped per database in one round (one positions object each round).
@@ -42,6 +43,16 @@ pub struct ArchiverOptions {
     /// `backup.retention`: after each snapshot, files only needed to restore points
     /// older than this are removed from the archive (see [`Archiver`]).
     pub retention: Duration,
+    /// `backup.compaction-levels`: level `i + 1` merges the files of level `i` every
+    /// `compaction_levels[i]`.
+    pub compaction_levels: Vec<Duration>,
+}
+
+impl Default for ArchiverOptions {
+    /// The defaults of the `backup` section.
+    fn default() -> ArchiverOptions {
+        ArchiverOptions::from_config(&crate::config::BackupConfig::default())
+    }
 }
 
 impl ArchiverOptions {
@@ -51,6 +62,7 @@ impl ArchiverOptions {
             sync_interval: cfg.sync_interval,
             snapshot_interval: cfg.snapshot_interval,
             retention: cfg.retention,
+            compaction_levels: cfg.compaction_levels.clone(),
         }
     }
 }
@@ -167,6 +179,8 @@ struct DbArchive {
     /// Newest level-9 snapshot.
     snapshot: TxId,
     next_snapshot: Instant,
+    /// When each compaction level (1, 2, ...) is next due.
+    next_compaction: Vec<Instant>,
     retry_at: Instant,
     backoff: Duration,
     /// Another history is in the archive: stop touching it.
@@ -265,6 +279,12 @@ impl Worker {
                 last: None,
                 snapshot: TxId(0),
                 next_snapshot: now,
+                next_compaction: self
+                    .opts
+                    .compaction_levels
+                    .iter()
+                    .map(|d| now + *d)
+                    .collect(),
                 retry_at: now,
                 backoff: Duration::ZERO,
                 halted: false,
@@ -425,12 +445,15 @@ impl Worker {
         }
         result?;
 
+        if !last {
+            self.compact_due(db).await?;
+        }
         let st = &self.dbs[db];
         if !last && top > snapshot && Instant::now() >= st.next_snapshot {
             if let Some(st) = self.dbs.get_mut(db) {
                 st.next_snapshot = Instant::now() + self.opts.snapshot_interval;
             }
-            self.snapshot(db, snapshot, top).await?;
+            self.snapshot(db, top).await?;
         }
         Ok(())
     }
@@ -504,55 +527,24 @@ impl Worker {
         }
     }
 
-    /// Writes the level-9 snapshot at `top` from the archive: the snapshot at `base`
-    /// (or level 0 from TXID 1) plus the level-0 files after it.
-    async fn snapshot(&mut self, db: &str, base: TxId, top: TxId) -> Result<(), ArchiveError> {
+    /// Writes the level-9 snapshot at `top` from the archive: the files the restore
+    /// planner picks for `top` (the newest snapshot or TXID-1 file, then the highest
+    /// compaction levels that fit, then level 0), compacted into one.
+    async fn snapshot(&mut self, db: &str, top: TxId) -> Result<(), ArchiveError> {
         let started = Instant::now();
-        let l0 = self.sink.list(db, 0).await?;
-        let mut inputs: Vec<LtxKey> = Vec::new();
-        let mut at = base.0;
-        // Whether `inputs` is an unbroken chain from a snapshot or TXID 1.
-        let mut ok = base.0 > 0;
-        if ok {
-            inputs.push(LtxKey {
-                db: db.to_string(),
-                level: SNAPSHOT_LEVEL,
-                min_txid: 1,
-                max_txid: base.0,
-            });
-        }
-        for o in &l0 {
-            if o.key.max_txid > top.0 {
-                break;
-            }
-            if o.key.max_txid <= at {
-                continue;
-            }
-            if o.key.min_txid == 1 {
-                // A snapshot inside level 0 (the database's first file) starts over.
-                inputs.clear();
-                ok = true;
-            } else if o.key.min_txid != at + 1 {
-                inputs.clear();
-                ok = false;
-            }
-            if ok {
-                inputs.push(o.key.clone());
-            }
-            at = o.key.max_txid;
-        }
-        if !ok || at != top.0 {
-            return self.snapshot_from_database(db).await;
-        }
+        let inputs: Vec<LtxKey> =
+            match super::restore::plan(self.sink.as_ref(), db, RestoreTarget::Txid(top)).await {
+                Ok(files) => files.into_iter().map(|o| o.key).collect(),
+                Err(ArchiveError::Unrestorable { .. }) => {
+                    return self.snapshot_from_database(db).await;
+                }
+                Err(e) => return Err(e),
+            };
         if inputs.len() == 1 && inputs[0].level == SNAPSHOT_LEVEL {
             return Ok(());
         }
         let dir = self.scratch.join(format!("{db}.snapshot"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).map_err(|e| ArchiveError::io(db, "create", &dir, e))?;
-        let result = self.build_snapshot(db, &inputs, &dir, top).await;
-        let _ = std::fs::remove_dir_all(&dir);
-        result?;
+        self.merge(db, &inputs, &dir, SNAPSHOT_LEVEL).await?;
         if let Some(st) = self.dbs.get_mut(db) {
             st.snapshot = top;
         }
@@ -562,6 +554,92 @@ impl Worker {
             info!(db, files = removed, "archive retention removed files");
         }
         Ok(())
+    }
+
+    /// Runs the compactions whose interval passed (lowest level first, so a higher
+    /// level sees what the lower one just wrote).
+    async fn compact_due(&mut self, db: &str) -> Result<(), ArchiveError> {
+        for i in 0..self.opts.compaction_levels.len() {
+            let due = self.dbs[db].next_compaction.get(i).copied();
+            if due.is_none_or(|t| Instant::now() < t) {
+                continue;
+            }
+            let level = (i + 1) as u8;
+            self.compact_level(db, level).await?;
+            if let Some(t) = self
+                .dbs
+                .get_mut(db)
+                .and_then(|st| st.next_compaction.get_mut(i))
+            {
+                *t = Instant::now() + self.opts.compaction_levels[i];
+            }
+        }
+        Ok(())
+    }
+
+    /// Merges the contiguous run of level `level - 1` files above this level's newest
+    /// TXID into one file at `level` (Litestream 0.5's compaction layout).
+    async fn compact_level(&mut self, db: &str, level: u8) -> Result<(), ArchiveError> {
+        let upper = self.sink.list(db, level).await?;
+        let top = upper.iter().map(|o| o.key.max_txid).max().unwrap_or(0);
+        let lower = self.sink.list(db, level - 1).await?;
+        let mut run: Vec<LtxKey> = Vec::new();
+        for o in lower.iter().filter(|o| o.key.min_txid > top) {
+            if run
+                .last()
+                .is_some_and(|prev| o.key.min_txid != prev.max_txid + 1)
+            {
+                break;
+            }
+            run.push(o.key.clone());
+        }
+        if run.len() < 2 {
+            return Ok(());
+        }
+        let dir = self.scratch.join(format!("{db}.compact{level}"));
+        self.merge(db, &run, &dir, level).await?;
+        debug!(
+            db,
+            level,
+            files = run.len(),
+            min = %TxId(run[0].min_txid),
+            max = %TxId(run[run.len() - 1].max_txid),
+            "compacted"
+        );
+        Ok(())
+    }
+
+    /// Downloads `inputs` (contiguous), compacts them into one file and puts it at
+    /// `level`, using `dir` as scratch space.
+    async fn merge(
+        &self,
+        db: &str,
+        inputs: &[LtxKey],
+        dir: &Path,
+        level: u8,
+    ) -> Result<(), ArchiveError> {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir).map_err(|e| ArchiveError::io(db, "create", dir, e))?;
+        let result = async {
+            let mut paths = Vec::with_capacity(inputs.len());
+            for (i, key) in inputs.iter().enumerate() {
+                let p = dir.join(format!("{i:08}.ltx"));
+                super::restore::download(self.sink.as_ref(), key, &p).await?;
+                paths.push(p);
+            }
+            let out = dir.join("merged.ltx");
+            let header = compact_files(&paths, &out).map_err(|e| ArchiveError::ltx(db, e))?;
+            let key = LtxKey {
+                db: db.to_string(),
+                level,
+                min_txid: header.min_txid.0,
+                max_txid: header.max_txid.0,
+            };
+            self.put(&key, &out).await
+        }
+        .await;
+        let _ = std::fs::remove_dir_all(dir);
+        result
     }
 
     /// The archive cannot build a snapshot (no history from TXID 1 in it): read one from
@@ -621,44 +699,31 @@ impl Worker {
             return Ok(0);
         };
         let mut removed = 0;
-        let l0 = self.sink.list(db, 0).await?;
-        for o in snaps.iter().chain(&l0) {
-            let covered = if o.key.level == SNAPSHOT_LEVEL {
-                o.key.max_txid < base
-            } else {
-                o.key.max_txid <= base
-            };
-            if covered {
-                self.sink.delete(&o.key).await?;
-                removed += 1;
+        for o in snaps.iter().filter(|o| o.key.max_txid < base) {
+            self.sink.delete(&o.key).await?;
+            removed += 1;
+        }
+        for level in 0..=MAX_COMPACTION_LEVEL {
+            for o in self.sink.list(db, level).await? {
+                if o.key.max_txid <= base {
+                    self.sink.delete(&o.key).await?;
+                    removed += 1;
+                }
+            }
+        }
+        // Positions below the base are never checked again (the base's own is kept).
+        for name in self.sink.list_meta(db, POSITIONS_DIR).await? {
+            let below = name
+                .strip_suffix(".json")
+                .and_then(|stem| crate::ltx::parse_filename(&format!("{stem}.ltx")))
+                .is_some_and(|(_, max)| max.0 < base);
+            if below {
+                self.sink
+                    .delete_meta(db, &format!("{POSITIONS_DIR}/{name}"))
+                    .await?;
             }
         }
         Ok(removed)
-    }
-
-    async fn build_snapshot(
-        &self,
-        db: &str,
-        inputs: &[LtxKey],
-        dir: &Path,
-        top: TxId,
-    ) -> Result<(), ArchiveError> {
-        let mut paths = Vec::with_capacity(inputs.len());
-        for (i, key) in inputs.iter().enumerate() {
-            let p = dir.join(format!("{i:08}.ltx"));
-            super::restore::download(self.sink.as_ref(), key, &p).await?;
-            paths.push(p);
-        }
-        let out = dir.join("snapshot.ltx");
-        let header = compact_files(&paths, &out).map_err(|e| ArchiveError::ltx(db, e))?;
-        let key = LtxKey {
-            db: db.to_string(),
-            level: SNAPSHOT_LEVEL,
-            min_txid: 1,
-            max_txid: header.max_txid.0,
-        };
-        debug_assert_eq!(header.max_txid, top);
-        self.put(&key, &out).await
     }
 }
 

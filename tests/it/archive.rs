@@ -48,6 +48,24 @@ impl Node {
 
     /// A node on `dir/data` (which may hold a copied data directory).
     fn start_in(dir: tempfile::TempDir, sink: Arc<dyn SnapshotSink>) -> Node {
+        Node::start_with(
+            dir,
+            sink,
+            ArchiverOptions {
+                sync_interval: Duration::from_millis(50),
+                snapshot_interval: Duration::from_millis(700),
+                retention: Duration::from_secs(3600),
+                ..ArchiverOptions::default()
+            },
+        )
+    }
+
+    /// A node on `dir/data` archiving with `opts`.
+    fn start_with(
+        dir: tempfile::TempDir,
+        sink: Arc<dyn SnapshotSink>,
+        opts: ArchiverOptions,
+    ) -> Node {
         let store = Store::open(StoreOptions {
             data_dir: dir.path().join("data"),
             retention: Duration::ZERO,
@@ -56,16 +74,7 @@ impl Node {
         })
         .unwrap();
         let vfs = HookVfs::register(store.clone(), &dir.path().join("mnt"));
-        let archiver = Archiver::start(
-            store.clone(),
-            sink,
-            ArchiverOptions {
-                sync_interval: Duration::from_millis(50),
-                snapshot_interval: Duration::from_millis(700),
-                retention: Duration::from_secs(3600),
-            },
-        )
-        .unwrap();
+        let archiver = Archiver::start(store.clone(), sink, opts).unwrap();
         Node {
             dir,
             store,
@@ -733,6 +742,7 @@ fn failover_continues_the_archive_and_a_diverged_primary_overwrites_nothing() {
             sync_interval: Duration::from_millis(50),
             snapshot_interval: Duration::from_secs(3600),
             retention: Duration::from_secs(3600),
+            ..ArchiverOptions::default()
         },
     )
     .unwrap();
@@ -812,6 +822,7 @@ fn archive_retention_keeps_what_the_newest_state_needs() {
             sync_interval: Duration::from_millis(50),
             snapshot_interval: Duration::from_millis(300),
             retention: Duration::ZERO,
+            ..ArchiverOptions::default()
         },
     )
     .unwrap();
@@ -844,6 +855,22 @@ fn archive_retention_keeps_what_the_newest_state_needs() {
             .unwrap()
             .is_empty(),
         "level-0 files covered by the snapshot are gone"
+    );
+    // Positions below the snapshot are pruned too; the snapshot's own stays.
+    let positions: Vec<(TxId, TxId)> = fs::read_dir(root.join(DB).join("litefs/positions"))
+        .unwrap()
+        .map(|e| {
+            let name = e
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .replace(".json", ".ltx");
+            ltx::parse_filename(&name).unwrap()
+        })
+        .collect();
+    assert!(
+        !positions.is_empty() && positions.iter().all(|&(_, max)| max.0 >= top),
+        "{positions:?}"
     );
     let out = tmp.path().join("out.db");
     let r = run_restore(sink.as_ref(), &out, RestoreTarget::Latest);
@@ -899,6 +926,7 @@ fn snapshot_from_the_database_when_history_from_txid_1_is_gone() {
                 sync_interval: Duration::from_millis(50),
                 snapshot_interval: Duration::from_secs(3600),
                 retention: Duration::from_secs(3600),
+                ..ArchiverOptions::default()
             },
         )
         .unwrap(),
@@ -978,6 +1006,7 @@ fn archive_lag() {
                 sync_interval: sync,
                 snapshot_interval: Duration::from_secs(3600),
                 retention: Duration::from_secs(3600),
+                ..ArchiverOptions::default()
             },
         )
         .unwrap(),
@@ -1435,4 +1464,68 @@ fn first_node_of_a_lost_cluster_restores_before_exec() {
     assert!(crate::elect::try_write(&c, "c after the restore"));
     // Forwarded to the supervised `sleep`, which ends, and litefs with it.
     c.signal(libc::SIGTERM);
+}
+
+/// Compaction levels (Litestream 0.5 layout, levels 1 and 2 here): a restore of the
+/// newest state reads a few compacted files instead of every level-0 file, and our
+/// restore and `litestream restore` agree at the newest state and at sampled TXIDs
+/// (which fall inside compacted ranges, so the planner drops to lower levels).
+#[test]
+fn compaction_levels_cut_the_files_a_restore_reads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("archive");
+    let sink: Arc<dyn SnapshotSink> = Arc::new(ObjectStoreSink::local(&root).unwrap());
+    let node = Node::start_with(
+        tempfile::tempdir().unwrap(),
+        sink.clone(),
+        ArchiverOptions {
+            sync_interval: Duration::from_millis(50),
+            snapshot_interval: Duration::from_secs(3600),
+            retention: Duration::from_secs(3600),
+            compaction_levels: vec![Duration::from_millis(300), Duration::from_millis(900)],
+        },
+    );
+    let conn = open_db(&node);
+    let mut records = Vec::new();
+    node.record(&mut records);
+    for burst in 0..8 {
+        workload(&node, &conn, 8, burst, &mut records);
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    node.wait_shipped(Duration::from_secs(20));
+    let top = node.txid();
+    let reached = |level: u8| {
+        list_ltx_files(&root.join(DB).join(format!("ltx/{level}")))
+            .unwrap_or_default()
+            .last()
+            .map(|f| f.max.0)
+            .unwrap_or(0)
+    };
+    let ok = crate::support::wait_until(Duration::from_secs(10), || {
+        reached(1) + 1 >= top && reached(2) > 0
+    });
+    assert!(ok, "levels 1 and 2 reach {} and {}", reached(1), reached(2));
+    let snapshot = reached(9);
+    let level0 = level0(&root, DB)
+        .iter()
+        .filter(|(min, _)| *min > snapshot)
+        .count();
+
+    let out = tmp.path().join("newest.db");
+    let r = run_restore(sink.as_ref(), &out, RestoreTarget::Latest);
+    assert_eq!(r.pos.txid.0, top);
+    assert_eq!(sha256_file(&out), records.last().unwrap().sha);
+    assert!(
+        r.files * 3 <= level0,
+        "a restore read {} files; level 0 alone has {level0} after the snapshot",
+        r.files
+    );
+    check_restores(sink.as_ref(), &records, tmp.path());
+    litestream_restore(&root.join(DB), &out, None);
+    assert_eq!(sha256_file(&out), records.last().unwrap().sha, "litestream");
+    for rec in sample(&records, 8) {
+        litestream_restore(&root.join(DB), &out, Some(rec.txid));
+        assert_eq!(sha256_file(&out), rec.sha, "litestream -txid {}", rec.txid);
+    }
+    drop(conn);
 }
