@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -11,11 +11,11 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use super::RestoreTarget;
 use super::{
     ArchiveError, POSITIONS_DIR, PositionRecord, PositionsFile, compact_files, peek,
     positions_name, to_archive_file,
 };
+use super::{ArchiveState, RestoreTarget};
 use crate::ltx::{Pos, TxId};
 use crate::sink::{LtxKey, MAX_COMPACTION_LEVEL, SNAPSHOT_LEVEL, SinkError, SnapshotSink};
 use crate::store::{Store, list_ltx_files};
@@ -67,9 +67,6 @@ impl ArchiverOptions {
     }
 }
 
-/// Shipped-up-to TXID per database, shared with [`Archiver::shipped`].
-type Status = Arc<Mutex<BTreeMap<String, TxId>>>;
-
 /// The running archiver: a thread (`litefs-archiver`) with its own async runtime, so
 /// a slow or unreachable sink never touches the FUSE runtime or a commit.
 ///
@@ -97,7 +94,7 @@ type Status = Arc<Mutex<BTreeMap<String, TxId>>>;
 pub struct Archiver {
     stop: watch::Sender<bool>,
     thread: Option<JoinHandle<()>>,
-    status: Status,
+    status: Arc<ArchiveState>,
 }
 
 impl Archiver {
@@ -118,7 +115,7 @@ impl Archiver {
             .enable_all()
             .build()?;
         let (stop, stop_rx) = watch::channel(false);
-        let status = Status::default();
+        let status = Arc::new(ArchiveState::new(sink.type_name()));
         let worker = Worker {
             store,
             sink,
@@ -141,11 +138,12 @@ impl Archiver {
 
     /// Highest TXID of `db` known to be in the archive (`None` before the first round).
     pub fn shipped(&self, db: &str) -> Option<TxId> {
-        self.status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(db)
-            .copied()
+        self.status.txid(db)
+    }
+
+    /// The state `/info` and `/metrics` report.
+    pub fn state(&self) -> Arc<ArchiveState> {
+        self.status.clone()
     }
 
     /// Ships what is pending one last time (if the sink answers) and stops.
@@ -202,7 +200,7 @@ struct Worker {
     sink: Arc<dyn SnapshotSink>,
     opts: ArchiverOptions,
     scratch: PathBuf,
-    status: Status,
+    status: Arc<ArchiveState>,
     dbs: BTreeMap<String, DbArchive>,
     /// The node was the primary at the previous round.
     was_primary: bool,
@@ -246,6 +244,7 @@ impl Worker {
     /// archive's position again (another primary may have extended it meanwhile).
     async fn round(&mut self, last: bool) {
         let primary = self.store.is_primary();
+        self.status.set_active(primary);
         if primary != self.was_primary {
             self.was_primary = primary;
             self.dbs.clear();
@@ -295,6 +294,7 @@ impl Worker {
             }
             let ltx_dir = data.join(&name).join("ltx");
             let result = self.sync_db(&name, &ltx_dir, last).await;
+            self.report_backlog(&name, &ltx_dir);
             let st = self.dbs.get_mut(&name).expect("inserted above");
             match result {
                 Ok(()) => st.backoff = Duration::ZERO,
@@ -336,14 +336,27 @@ impl Worker {
             match archive_top(self.sink.as_ref(), &db).await {
                 Ok(top) => {
                     self.store.set_archived(&db, top);
-                    self.status
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(db, top);
+                    self.status.set_txid(&db, top);
+                    self.status.set_backlog(&db, 0, 0);
                 }
                 Err(e) => debug!(db, error = %e, "cannot read the archive's position"),
             }
         }
+    }
+
+    /// Counts the local files not in the archive yet and the age of the oldest.
+    fn report_backlog(&self, db: &str, ltx_dir: &Path) {
+        let shipped = self.dbs.get(db).and_then(|s| s.shipped).unwrap_or_default();
+        let Ok(files) = list_ltx_files(ltx_dir) else {
+            return;
+        };
+        let pending: Vec<_> = files.iter().filter(|f| f.max > shipped).collect();
+        let lag_ms = pending
+            .first()
+            .and_then(|f| std::fs::metadata(&f.path).and_then(|m| m.modified()).ok())
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .map_or(0, |d| d.as_millis() as u64);
+        self.status.set_backlog(db, pending.len() as u64, lag_ms);
     }
 
     fn set_shipped(&mut self, db: &str, txid: TxId) {
@@ -351,10 +364,7 @@ impl Worker {
             st.shipped = Some(txid);
         }
         self.store.set_archived(db, txid);
-        self.status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(db.to_string(), txid);
+        self.status.set_txid(db, txid);
     }
 
     async fn sync_db(&mut self, db: &str, ltx_dir: &Path, last: bool) -> Result<(), ArchiveError> {

@@ -234,6 +234,9 @@ pub fn mount(cfg: Config, opts: MountOptions) -> anyhow::Result<ExitCode> {
             ),
             None => None,
         };
+        if let Some(a) = &archiver {
+            node.set_archive(a.state());
+        }
         // A static primary is in sync at once; a replica once the primary said Ready.
         let in_sync = node.in_sync(&cfg.lease);
         let stopper = node.stopper();

@@ -1529,3 +1529,106 @@ fn compaction_levels_cut_the_files_a_restore_reads() {
     }
     drop(conn);
 }
+
+/// `GET path` on 127.0.0.1:`port`; the body.
+fn http_get(port: u16, path: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    resp.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+/// The value of the metric line starting with `prefix`.
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no {prefix} in:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// `/metrics`, `/info` and `litefs status` report the archive: shipping on the
+/// primary, idle on a replica, the archived TXID, and a backlog and lag that grow
+/// during an outage and drain after it.
+#[test]
+fn archive_state_in_metrics_info_and_status() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("archive");
+    let backup = file_backup(&root);
+    let port = crate::repl::free_port();
+    let primary = crate::repl::primary(port, &backup);
+    let db = primary.path(DB);
+    crate::ltx_support::sqlite(&db, "CREATE TABLE t(x); INSERT INTO t VALUES (1);");
+    let top = mount_txid(&primary, DB).unwrap();
+    wait_archived(&root, DB, top, || primary.log_text());
+    let txid_line = format!("litefs_archive_txid{{db=\"{DB}\"}} ");
+    let backlog_line = format!("litefs_archive_backlog_files{{db=\"{DB}\"}} ");
+    let lag_line = format!("litefs_archive_lag_seconds{{db=\"{DB}\"}} ");
+    let ok = crate::support::wait_until(Duration::from_secs(10), || {
+        let m = http_get(port, "/metrics");
+        metric(&m, "litefs_archive_active ") == 1.0
+            && metric(&m, &txid_line) == top as f64
+            && metric(&m, &backlog_line) == 0.0
+    });
+    assert!(ok, "{}", http_get(port, "/metrics"));
+
+    // Outage: the archive directory is replaced by a plain file.
+    let aside = tmp.path().join("archive.away");
+    fs::rename(&root, &aside).unwrap();
+    fs::write(&root, b"not a directory").unwrap();
+    for i in 0..3 {
+        crate::ltx_support::sqlite(&db, &format!("INSERT INTO t VALUES ({i});"));
+    }
+    let ok = crate::support::wait_until(Duration::from_secs(10), || {
+        let m = http_get(port, "/metrics");
+        metric(&m, &backlog_line) >= 3.0 && metric(&m, &lag_line) >= 0.5
+    });
+    assert!(ok, "{}", http_get(port, "/metrics"));
+    let url = format!("http://127.0.0.1:{port}");
+    let o = litefs(args!["status", "-url", url]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        out.contains("archive:   file (shipping)") && out.contains("backlog 3 files"),
+        "{out}"
+    );
+    let o = litefs(args!["status", "-url", url, "-json"]);
+    let info: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(info["archive"]["active"], true, "{info}");
+    assert_eq!(
+        info["archive"]["databases"][DB]["backlog_files"], 3,
+        "{info}"
+    );
+
+    fs::remove_file(&root).unwrap();
+    fs::rename(&aside, &root).unwrap();
+    let top = mount_txid(&primary, DB).unwrap();
+    let ok = crate::support::wait_until(Duration::from_secs(40), || {
+        let m = http_get(port, "/metrics");
+        metric(&m, &backlog_line) == 0.0 && metric(&m, &txid_line) == top as f64
+    });
+    assert!(ok, "{}", http_get(port, "/metrics"));
+
+    // A replica archives nothing and says so.
+    let rport = crate::repl::free_port();
+    let replica = Process::start_with(move |mnt, data| {
+        format!(
+            "fuse:\n  dir: {}\ndata:\n  dir: {}\nlease:\n  type: static\n  candidate: false\n  advertise-url: http://127.0.0.1:{port}\nhttp:\n  addr: 127.0.0.1:{rport}\n{backup}",
+            mnt.display(),
+            data.display()
+        )
+    });
+    crate::repl::wait_converged(&primary, &[&replica], DB);
+    let m = http_get(rport, "/metrics");
+    assert_eq!(metric(&m, "litefs_archive_active "), 0.0, "{m}");
+    let o = litefs(args!["status", "-url", format!("http://127.0.0.1:{rport}")]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(out.contains("idle: not the primary"), "{out}");
+}
