@@ -311,6 +311,14 @@ impl SnapshotSink for ObjectStoreSink {
         }
     }
 
+    async fn delete_meta(&self, db: &str, name: &str) -> Result<(), SinkError> {
+        let location = self.meta_path(db, name);
+        match self.store.delete(&location).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.store_error(format!("delete {location}"), e)),
+        }
+    }
+
     async fn put_meta(&self, db: &str, name: &str, data: Vec<u8>) -> Result<bool, SinkError> {
         let location = self.meta_path(db, name);
         let opts = PutOptions {

@@ -33,6 +33,8 @@ use tokio::io::AsyncRead;
 
 /// Level of the snapshots, as in Litestream 0.5.
 pub const SNAPSHOT_LEVEL: u8 = 9;
+/// Highest compaction level (levels 1 to 8 hold compactions).
+pub const MAX_COMPACTION_LEVEL: u8 = 8;
 
 /// Names one archived LTX file: database, level and TXID range.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -122,6 +124,13 @@ pub trait SnapshotSink: Debug + Send + Sync + 'static {
     /// # Errors
     /// [`SinkError::Store`] if the store fails.
     async fn put_meta(&self, db: &str, name: &str, data: Vec<u8>) -> Result<bool, SinkError>;
+
+    /// Deletes an object stored by [`SnapshotSink::put_meta`] (retention). Deleting a
+    /// missing object is not an error.
+    ///
+    /// # Errors
+    /// [`SinkError::Store`] if the store fails.
+    async fn delete_meta(&self, db: &str, name: &str) -> Result<(), SinkError>;
 
     /// Names (relative to `<db>/litefs/<dir>/`) of the objects directly in that
     /// directory, sorted.

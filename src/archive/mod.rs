@@ -20,9 +20,11 @@
 //! node wrote a different history, and the archiver stops for that database instead
 //! of overwriting anything.
 
+mod bootstrap;
 mod live;
 mod restore;
 mod shipper;
+mod state;
 
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom};
@@ -36,8 +38,10 @@ use crate::ltx::{
 };
 use crate::sink::{LtxKey, SinkError};
 
+pub use bootstrap::{Bootstrapped, bootstrap, catch_up_db};
 pub use restore::{Progress, RestoreOptions, RestoreTarget, Restored, restore};
 pub use shipper::{Archiver, ArchiverOptions};
+pub use state::{ArchiveDbState, ArchiveInfo, ArchiveState};
 
 /// Directory (under `<db>/litefs/`) of the recorded positions.
 pub const POSITIONS_DIR: &str = "positions";

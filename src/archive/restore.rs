@@ -94,7 +94,7 @@ async fn remote_header(sink: &dyn SnapshotSink, key: &LtxKey) -> Result<Header, 
 }
 
 /// Positions recorded by the archiver (TXID -> post-apply checksum).
-async fn recorded_positions(
+pub(crate) async fn recorded_positions(
     sink: &dyn SnapshotSink,
     db: &str,
 ) -> Result<BTreeMap<TxId, Checksum>, ArchiveError> {
@@ -124,7 +124,7 @@ async fn recorded_positions(
 /// and then, at each step, the file starting right after the current TXID that
 /// reaches furthest without passing the target (level 0 first for a timestamp, so
 /// that the stop is per transaction).
-async fn plan(
+pub(crate) async fn plan(
     sink: &dyn SnapshotSink,
     db: &str,
     target: RestoreTarget,
@@ -169,7 +169,29 @@ async fn plan(
         )));
     };
     let mut out = vec![base.clone()];
-    let mut at = base.key.max_txid;
+    let at = extend_chain(&all, &mut out, base.key.max_txid, limit, target);
+    if let RestoreTarget::Txid(t) = target
+        && at != t.0
+    {
+        return Err(unrestorable(format!(
+            "no file in the archive ends at TXID {t} (the chain from the snapshot at {} stops at {})",
+            TxId(base.key.max_txid),
+            TxId(at)
+        )));
+    }
+    Ok(out)
+}
+
+/// Appends to `out`, from TXID `at`, the files that continue it up to `limit`: at each
+/// step the one starting at `at + 1` that reaches furthest (level 0 first for a
+/// timestamp target). Returns the TXID reached.
+fn extend_chain(
+    all: &[LtxObject],
+    out: &mut Vec<LtxObject>,
+    mut at: u64,
+    limit: u64,
+    target: RestoreTarget,
+) -> u64 {
     loop {
         let next = all
             .iter()
@@ -185,18 +207,24 @@ async fn plan(
                 at = o.key.max_txid;
                 out.push(o.clone());
             }
-            None => break,
+            None => return at,
         }
     }
-    if let RestoreTarget::Txid(t) = target
-        && at != t.0
-    {
-        return Err(unrestorable(format!(
-            "no file in the archive ends at TXID {t} (the chain from the snapshot at {} stops at {})",
-            TxId(base.key.max_txid),
-            TxId(at)
-        )));
+}
+
+/// The files that take a database at TXID `from` to the newest TXID the archive
+/// holds (empty: already there, or the archive does not continue `from`).
+pub(crate) async fn plan_from(
+    sink: &dyn SnapshotSink,
+    db: &str,
+    from: TxId,
+) -> Result<Vec<LtxObject>, ArchiveError> {
+    let mut all = Vec::new();
+    for level in 0..SNAPSHOT_LEVEL {
+        all.extend(sink.list(db, level).await?);
     }
+    let mut out = Vec::new();
+    extend_chain(&all, &mut out, from.0, u64::MAX, RestoreTarget::Latest);
     Ok(out)
 }
 

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -15,8 +15,9 @@ use super::{
     ArchiveError, POSITIONS_DIR, PositionRecord, PositionsFile, compact_files, peek,
     positions_name, to_archive_file,
 };
+use super::{ArchiveState, RestoreTarget};
 use crate::ltx::{Pos, TxId};
-use crate::sink::{LtxKey, SNAPSHOT_LEVEL, SinkError, SnapshotSink};
+use crate::sink::{LtxKey, MAX_COMPACTION_LEVEL, SNAPSHOT_LEVEL, SinkError, SnapshotSink};
 use crate::store::{Store, list_ltx_files};
 
 /// Most files shipped per database in one round (one positions object each round).
@@ -27,6 +28,9 @@ const FINAL_ROUND_LIMIT: Duration = Duration::from_secs(10);
 const PUT_CONCURRENCY: usize = 16;
 /// Longest wait between retries while the sink is failing.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How often a node that is not the primary reads the archive's position (its local
+/// retention may then remove what the primary archived).
+const FOLLOW_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Settings of the archiver (from the `backup` config section).
 #[derive(Debug, Clone)]
@@ -39,6 +43,16 @@ pub struct ArchiverOptions {
     /// `backup.retention`: after each snapshot, files only needed to restore points
     /// older than this are removed from the archive (see [`Archiver`]).
     pub retention: Duration,
+    /// `backup.compaction-levels`: level `i + 1` merges the files of level `i` every
+    /// `compaction_levels[i]`.
+    pub compaction_levels: Vec<Duration>,
+}
+
+impl Default for ArchiverOptions {
+    /// The defaults of the `backup` section.
+    fn default() -> ArchiverOptions {
+        ArchiverOptions::from_config(&crate::config::BackupConfig::default())
+    }
 }
 
 impl ArchiverOptions {
@@ -48,12 +62,10 @@ impl ArchiverOptions {
             sync_interval: cfg.sync_interval,
             snapshot_interval: cfg.snapshot_interval,
             retention: cfg.retention,
+            compaction_levels: cfg.compaction_levels.clone(),
         }
     }
 }
-
-/// Shipped-up-to TXID per database, shared with [`Archiver::shipped`].
-type Status = Arc<Mutex<BTreeMap<String, TxId>>>;
 
 /// The running archiver: a thread (`litefs-archiver`) with its own async runtime, so
 /// a slow or unreachable sink never touches the FUSE runtime or a commit.
@@ -82,7 +94,7 @@ type Status = Arc<Mutex<BTreeMap<String, TxId>>>;
 pub struct Archiver {
     stop: watch::Sender<bool>,
     thread: Option<JoinHandle<()>>,
-    status: Status,
+    status: Arc<ArchiveState>,
 }
 
 impl Archiver {
@@ -103,7 +115,7 @@ impl Archiver {
             .enable_all()
             .build()?;
         let (stop, stop_rx) = watch::channel(false);
-        let status = Status::default();
+        let status = Arc::new(ArchiveState::new(sink.type_name()));
         let worker = Worker {
             store,
             sink,
@@ -111,6 +123,8 @@ impl Archiver {
             scratch,
             status: status.clone(),
             dbs: BTreeMap::new(),
+            was_primary: false,
+            follow_at: Instant::now(),
         };
         let thread = std::thread::Builder::new()
             .name("litefs-archiver".into())
@@ -124,11 +138,12 @@ impl Archiver {
 
     /// Highest TXID of `db` known to be in the archive (`None` before the first round).
     pub fn shipped(&self, db: &str) -> Option<TxId> {
-        self.status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(db)
-            .copied()
+        self.status.txid(db)
+    }
+
+    /// The state `/info` and `/metrics` report.
+    pub fn state(&self) -> Arc<ArchiveState> {
+        self.status.clone()
     }
 
     /// Ships what is pending one last time (if the sink answers) and stops.
@@ -162,6 +177,8 @@ struct DbArchive {
     /// Newest level-9 snapshot.
     snapshot: TxId,
     next_snapshot: Instant,
+    /// When each compaction level (1, 2, ...) is next due.
+    next_compaction: Vec<Instant>,
     retry_at: Instant,
     backoff: Duration,
     /// Another history is in the archive: stop touching it.
@@ -183,8 +200,12 @@ struct Worker {
     sink: Arc<dyn SnapshotSink>,
     opts: ArchiverOptions,
     scratch: PathBuf,
-    status: Status,
+    status: Arc<ArchiveState>,
     dbs: BTreeMap<String, DbArchive>,
+    /// The node was the primary at the previous round.
+    was_primary: bool,
+    /// When a non-primary node next reads the archive's position.
+    follow_at: Instant,
 }
 
 impl Worker {
@@ -217,8 +238,29 @@ impl Worker {
         info!("archiver stopped");
     }
 
-    /// One pass over every database.
+    /// One pass over every database. Only the primary ships: a node that is not (a
+    /// replica, an elected node while another leads) only follows the archive's
+    /// position; when it becomes the primary it forgets what it knew and reads the
+    /// archive's position again (another primary may have extended it meanwhile).
     async fn round(&mut self, last: bool) {
+        let primary = self.store.is_primary();
+        self.status.set_active(primary);
+        if primary != self.was_primary {
+            self.was_primary = primary;
+            self.dbs.clear();
+            if primary {
+                info!("primary: archiving from the archive's current position");
+            } else {
+                info!("not the primary: archiving paused");
+            }
+        }
+        if !primary {
+            if !last && Instant::now() >= self.follow_at {
+                self.follow_at = Instant::now() + FOLLOW_INTERVAL.max(self.opts.sync_interval);
+                self.follow().await;
+            }
+            return;
+        }
         let data = self.store.options().data_dir.join("dbs");
         let mut names: Vec<String> = self
             .store
@@ -236,6 +278,12 @@ impl Worker {
                 last: None,
                 snapshot: TxId(0),
                 next_snapshot: now,
+                next_compaction: self
+                    .opts
+                    .compaction_levels
+                    .iter()
+                    .map(|d| now + *d)
+                    .collect(),
                 retry_at: now,
                 backoff: Duration::ZERO,
                 halted: false,
@@ -246,6 +294,7 @@ impl Worker {
             }
             let ltx_dir = data.join(&name).join("ltx");
             let result = self.sync_db(&name, &ltx_dir, last).await;
+            self.report_backlog(&name, &ltx_dir);
             let st = self.dbs.get_mut(&name).expect("inserted above");
             match result {
                 Ok(()) => st.backoff = Duration::ZERO,
@@ -274,15 +323,48 @@ impl Worker {
         }
     }
 
+    /// On a node that is not the primary: lets local retention remove what the
+    /// primary archived (the newest TXID in the archive, per database).
+    async fn follow(&mut self) {
+        let names: Vec<String> = self
+            .store
+            .databases()
+            .iter()
+            .map(|d| d.name().to_string())
+            .collect();
+        for db in names {
+            match archive_top(self.sink.as_ref(), &db).await {
+                Ok(top) => {
+                    self.store.set_archived(&db, top);
+                    self.status.set_txid(&db, top);
+                    self.status.set_backlog(&db, 0, 0);
+                }
+                Err(e) => debug!(db, error = %e, "cannot read the archive's position"),
+            }
+        }
+    }
+
+    /// Counts the local files not in the archive yet and the age of the oldest.
+    fn report_backlog(&self, db: &str, ltx_dir: &Path) {
+        let shipped = self.dbs.get(db).and_then(|s| s.shipped).unwrap_or_default();
+        let Ok(files) = list_ltx_files(ltx_dir) else {
+            return;
+        };
+        let pending: Vec<_> = files.iter().filter(|f| f.max > shipped).collect();
+        let lag_ms = pending
+            .first()
+            .and_then(|f| std::fs::metadata(&f.path).and_then(|m| m.modified()).ok())
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .map_or(0, |d| d.as_millis() as u64);
+        self.status.set_backlog(db, pending.len() as u64, lag_ms);
+    }
+
     fn set_shipped(&mut self, db: &str, txid: TxId) {
         if let Some(st) = self.dbs.get_mut(db) {
             st.shipped = Some(txid);
         }
         self.store.set_archived(db, txid);
-        self.status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(db.to_string(), txid);
+        self.status.set_txid(db, txid);
     }
 
     async fn sync_db(&mut self, db: &str, ltx_dir: &Path, last: bool) -> Result<(), ArchiveError> {
@@ -293,14 +375,12 @@ impl Worker {
         let shipped = match known {
             Some(t) => t,
             None => {
-                let l0 = self.sink.list(db, 0).await?;
                 let snaps = self.sink.list(db, SNAPSHOT_LEVEL).await?;
-                let top = l0.last().map(|o| o.key.max_txid).unwrap_or(0);
-                let snap = snaps.last().map(|o| o.key.max_txid).unwrap_or(0);
+                let snap = snaps.iter().map(|o| o.key.max_txid).max().unwrap_or(0);
                 if let Some(st) = self.dbs.get_mut(db) {
                     st.snapshot = TxId(snap);
                 }
-                let t = TxId(top.max(snap));
+                let t = archive_top(self.sink.as_ref(), db).await?;
                 let last = recorded_position(self.sink.as_ref(), db, t).await?;
                 if let Some(st) = self.dbs.get_mut(db) {
                     st.last = last;
@@ -375,12 +455,15 @@ impl Worker {
         }
         result?;
 
+        if !last {
+            self.compact_due(db).await?;
+        }
         let st = &self.dbs[db];
         if !last && top > snapshot && Instant::now() >= st.next_snapshot {
             if let Some(st) = self.dbs.get_mut(db) {
                 st.next_snapshot = Instant::now() + self.opts.snapshot_interval;
             }
-            self.snapshot(db, snapshot, top).await?;
+            self.snapshot(db, top).await?;
         }
         Ok(())
     }
@@ -454,55 +537,24 @@ impl Worker {
         }
     }
 
-    /// Writes the level-9 snapshot at `top` from the archive: the snapshot at `base`
-    /// (or level 0 from TXID 1) plus the level-0 files after it.
-    async fn snapshot(&mut self, db: &str, base: TxId, top: TxId) -> Result<(), ArchiveError> {
+    /// Writes the level-9 snapshot at `top` from the archive: the files the restore
+    /// planner picks for `top` (the newest snapshot or TXID-1 file, then the highest
+    /// compaction levels that fit, then level 0), compacted into one.
+    async fn snapshot(&mut self, db: &str, top: TxId) -> Result<(), ArchiveError> {
         let started = Instant::now();
-        let l0 = self.sink.list(db, 0).await?;
-        let mut inputs: Vec<LtxKey> = Vec::new();
-        let mut at = base.0;
-        // Whether `inputs` is an unbroken chain from a snapshot or TXID 1.
-        let mut ok = base.0 > 0;
-        if ok {
-            inputs.push(LtxKey {
-                db: db.to_string(),
-                level: SNAPSHOT_LEVEL,
-                min_txid: 1,
-                max_txid: base.0,
-            });
-        }
-        for o in &l0 {
-            if o.key.max_txid > top.0 {
-                break;
-            }
-            if o.key.max_txid <= at {
-                continue;
-            }
-            if o.key.min_txid == 1 {
-                // A snapshot inside level 0 (the database's first file) starts over.
-                inputs.clear();
-                ok = true;
-            } else if o.key.min_txid != at + 1 {
-                inputs.clear();
-                ok = false;
-            }
-            if ok {
-                inputs.push(o.key.clone());
-            }
-            at = o.key.max_txid;
-        }
-        if !ok || at != top.0 {
-            return self.snapshot_from_database(db).await;
-        }
+        let inputs: Vec<LtxKey> =
+            match super::restore::plan(self.sink.as_ref(), db, RestoreTarget::Txid(top)).await {
+                Ok(files) => files.into_iter().map(|o| o.key).collect(),
+                Err(ArchiveError::Unrestorable { .. }) => {
+                    return self.snapshot_from_database(db).await;
+                }
+                Err(e) => return Err(e),
+            };
         if inputs.len() == 1 && inputs[0].level == SNAPSHOT_LEVEL {
             return Ok(());
         }
         let dir = self.scratch.join(format!("{db}.snapshot"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).map_err(|e| ArchiveError::io(db, "create", &dir, e))?;
-        let result = self.build_snapshot(db, &inputs, &dir, top).await;
-        let _ = std::fs::remove_dir_all(&dir);
-        result?;
+        self.merge(db, &inputs, &dir, SNAPSHOT_LEVEL).await?;
         if let Some(st) = self.dbs.get_mut(db) {
             st.snapshot = top;
         }
@@ -512,6 +564,92 @@ impl Worker {
             info!(db, files = removed, "archive retention removed files");
         }
         Ok(())
+    }
+
+    /// Runs the compactions whose interval passed (lowest level first, so a higher
+    /// level sees what the lower one just wrote).
+    async fn compact_due(&mut self, db: &str) -> Result<(), ArchiveError> {
+        for i in 0..self.opts.compaction_levels.len() {
+            let due = self.dbs[db].next_compaction.get(i).copied();
+            if due.is_none_or(|t| Instant::now() < t) {
+                continue;
+            }
+            let level = (i + 1) as u8;
+            self.compact_level(db, level).await?;
+            if let Some(t) = self
+                .dbs
+                .get_mut(db)
+                .and_then(|st| st.next_compaction.get_mut(i))
+            {
+                *t = Instant::now() + self.opts.compaction_levels[i];
+            }
+        }
+        Ok(())
+    }
+
+    /// Merges the contiguous run of level `level - 1` files above this level's newest
+    /// TXID into one file at `level` (Litestream 0.5's compaction layout).
+    async fn compact_level(&mut self, db: &str, level: u8) -> Result<(), ArchiveError> {
+        let upper = self.sink.list(db, level).await?;
+        let top = upper.iter().map(|o| o.key.max_txid).max().unwrap_or(0);
+        let lower = self.sink.list(db, level - 1).await?;
+        let mut run: Vec<LtxKey> = Vec::new();
+        for o in lower.iter().filter(|o| o.key.min_txid > top) {
+            if run
+                .last()
+                .is_some_and(|prev| o.key.min_txid != prev.max_txid + 1)
+            {
+                break;
+            }
+            run.push(o.key.clone());
+        }
+        if run.len() < 2 {
+            return Ok(());
+        }
+        let dir = self.scratch.join(format!("{db}.compact{level}"));
+        self.merge(db, &run, &dir, level).await?;
+        debug!(
+            db,
+            level,
+            files = run.len(),
+            min = %TxId(run[0].min_txid),
+            max = %TxId(run[run.len() - 1].max_txid),
+            "compacted"
+        );
+        Ok(())
+    }
+
+    /// Downloads `inputs` (contiguous), compacts them into one file and puts it at
+    /// `level`, using `dir` as scratch space.
+    async fn merge(
+        &self,
+        db: &str,
+        inputs: &[LtxKey],
+        dir: &Path,
+        level: u8,
+    ) -> Result<(), ArchiveError> {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir).map_err(|e| ArchiveError::io(db, "create", dir, e))?;
+        let result = async {
+            let mut paths = Vec::with_capacity(inputs.len());
+            for (i, key) in inputs.iter().enumerate() {
+                let p = dir.join(format!("{i:08}.ltx"));
+                super::restore::download(self.sink.as_ref(), key, &p).await?;
+                paths.push(p);
+            }
+            let out = dir.join("merged.ltx");
+            let header = compact_files(&paths, &out).map_err(|e| ArchiveError::ltx(db, e))?;
+            let key = LtxKey {
+                db: db.to_string(),
+                level,
+                min_txid: header.min_txid.0,
+                max_txid: header.max_txid.0,
+            };
+            self.put(&key, &out).await
+        }
+        .await;
+        let _ = std::fs::remove_dir_all(dir);
+        result
     }
 
     /// The archive cannot build a snapshot (no history from TXID 1 in it): read one from
@@ -571,45 +709,42 @@ impl Worker {
             return Ok(0);
         };
         let mut removed = 0;
-        let l0 = self.sink.list(db, 0).await?;
-        for o in snaps.iter().chain(&l0) {
-            let covered = if o.key.level == SNAPSHOT_LEVEL {
-                o.key.max_txid < base
-            } else {
-                o.key.max_txid <= base
-            };
-            if covered {
-                self.sink.delete(&o.key).await?;
-                removed += 1;
+        for o in snaps.iter().filter(|o| o.key.max_txid < base) {
+            self.sink.delete(&o.key).await?;
+            removed += 1;
+        }
+        for level in 0..=MAX_COMPACTION_LEVEL {
+            for o in self.sink.list(db, level).await? {
+                if o.key.max_txid <= base {
+                    self.sink.delete(&o.key).await?;
+                    removed += 1;
+                }
+            }
+        }
+        // Positions below the base are never checked again (the base's own is kept).
+        for name in self.sink.list_meta(db, POSITIONS_DIR).await? {
+            let below = name
+                .strip_suffix(".json")
+                .and_then(|stem| crate::ltx::parse_filename(&format!("{stem}.ltx")))
+                .is_some_and(|(_, max)| max.0 < base);
+            if below {
+                self.sink
+                    .delete_meta(db, &format!("{POSITIONS_DIR}/{name}"))
+                    .await?;
             }
         }
         Ok(removed)
     }
+}
 
-    async fn build_snapshot(
-        &self,
-        db: &str,
-        inputs: &[LtxKey],
-        dir: &Path,
-        top: TxId,
-    ) -> Result<(), ArchiveError> {
-        let mut paths = Vec::with_capacity(inputs.len());
-        for (i, key) in inputs.iter().enumerate() {
-            let p = dir.join(format!("{i:08}.ltx"));
-            super::restore::download(self.sink.as_ref(), key, &p).await?;
-            paths.push(p);
-        }
-        let out = dir.join("snapshot.ltx");
-        let header = compact_files(&paths, &out).map_err(|e| ArchiveError::ltx(db, e))?;
-        let key = LtxKey {
-            db: db.to_string(),
-            level: SNAPSHOT_LEVEL,
-            min_txid: 1,
-            max_txid: header.max_txid.0,
-        };
-        debug_assert_eq!(header.max_txid, top);
-        self.put(&key, &out).await
+/// Newest TXID the archive holds for `db` (0: none), over every level.
+pub(crate) async fn archive_top(sink: &dyn SnapshotSink, db: &str) -> Result<TxId, ArchiveError> {
+    let mut top = 0;
+    for level in [0, SNAPSHOT_LEVEL] {
+        let objects = sink.list(db, level).await?;
+        top = objects.iter().map(|o| o.key.max_txid).fold(top, u64::max);
     }
+    Ok(TxId(top))
 }
 
 /// The position recorded for `txid` (from the positions object whose range holds it).

@@ -202,17 +202,7 @@ pub fn mount(cfg: Config, opts: MountOptions) -> anyhow::Result<ExitCode> {
     })
     .with_context(|| format!("opening the data directory {}", cfg.data.dir.display()))?;
     store.set_strict_verify(cfg.strict_verify);
-    let archiver = match crate::backends::build_sink(&cfg.backup)? {
-        Some(sink) => Some(
-            crate::archive::Archiver::start(
-                store.clone(),
-                sink,
-                crate::archive::ArchiverOptions::from_config(&cfg.backup),
-            )
-            .context("starting the archiver")?,
-        ),
-        None => None,
-    };
+    let sink = crate::backends::build_sink(&cfg.backup)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -225,7 +215,28 @@ pub fn mount(cfg: Config, opts: MountOptions) -> anyhow::Result<ExitCode> {
             skip_sync: cfg.skip_sync,
             exit_on_error: cfg.exit_on_error,
         };
+        if let Some(sink) = &sink
+            && cfg.backup.bootstrap
+        {
+            bootstrap(&store, sink.as_ref(), cfg.lease.candidate).await?;
+        }
         let node = crate::node::Node::prepare(&cfg, store.clone()).await?;
+        // After the role is known: only the primary ships (the archiver follows the
+        // store's primary flag from then on).
+        let archiver = match sink {
+            Some(sink) => Some(
+                crate::archive::Archiver::start(
+                    store.clone(),
+                    sink,
+                    crate::archive::ArchiverOptions::from_config(&cfg.backup),
+                )
+                .context("starting the archiver")?,
+            ),
+            None => None,
+        };
+        if let Some(a) = &archiver {
+            node.set_archive(a.state());
+        }
         // A static primary is in sync at once; a replica once the primary said Ready.
         let in_sync = node.in_sync(&cfg.lease);
         let stopper = node.stopper();
@@ -240,20 +251,48 @@ pub fn mount(cfg: Config, opts: MountOptions) -> anyhow::Result<ExitCode> {
         };
         let result = crate::fuse::run_with(fuse_opts, store, work, |m| node.on_mount(m)).await;
         node.stop().await;
-        match result {
+        let code = match result {
             Ok(()) => Ok(ExitCode::from(outcome.map_or(0, |o| o.exit_code()))),
             Err(e @ crate::fuse::MountError::Fatal(_)) => {
                 tracing::error!("{e}");
                 Ok(ExitCode::from(99))
             }
             Err(e) => Err(e.into()),
-        }
+        };
+        anyhow::Ok((code, archiver))
     });
+    let (result, archiver) = match result {
+        Ok((code, archiver)) => (code, archiver),
+        Err(e) => (Err(e), None),
+    };
     // After the mount is gone: ships what the last transactions left, then stops.
     if let Some(a) = archiver {
         a.stop();
     }
     result
+}
+
+/// Start-up from the archive ([`crate::archive::bootstrap`]), before the mount. A
+/// candidate that cannot use its archive refuses to start: it could otherwise become
+/// the primary of a cluster whose data it lacks. A non-candidate warns and leaves the
+/// rest to replication.
+async fn bootstrap(
+    store: &crate::store::Store,
+    sink: &dyn crate::sink::SnapshotSink,
+    candidate: bool,
+) -> anyhow::Result<()> {
+    match crate::archive::bootstrap(store, sink).await {
+        Ok(_) => Ok(()),
+        Err(e) if candidate => Err(anyhow::Error::new(e).context(format!(
+            "cannot bootstrap from the archive ({}); a candidate does not start without it \
+             (fix the archive, or set backup.bootstrap: false)",
+            sink.type_name()
+        ))),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot bootstrap from the archive; replicating from the primary instead");
+            Ok(())
+        }
+    }
 }
 
 /// A subscriber writing to stderr with `log`'s settings; `RUST_LOG` overrides the

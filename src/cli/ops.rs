@@ -125,7 +125,27 @@ pub fn render_status(info: &Info) -> String {
     if let Some(ms) = info.lag_ms {
         s += &format!("lag:       {:.3}s\n", ms as f64 / 1000.0);
     }
-    s += &format!("node id:   {}\n\n", info.node_id);
+    s += &format!("node id:   {}\n", info.node_id);
+    if let Some(a) = &info.archive {
+        s += &format!(
+            "archive:   {} ({})\n",
+            a.sink,
+            if a.active {
+                "shipping"
+            } else {
+                "idle: not the primary"
+            }
+        );
+        for (db, d) in &a.databases {
+            s += &format!(
+                "  {db}: archived to {}, backlog {} files, lag {:.3}s\n",
+                d.txid,
+                d.backlog_files,
+                d.lag_ms as f64 / 1000.0
+            );
+        }
+    }
+    s += "\n";
     s += &format!("{:<24} {:<16}  {:<16}\n", "DATABASE", "TXID", "CHECKSUM");
     for db in &info.databases {
         s += &format!("{:<24} {:<16}  {:<16}\n", db.name, db.txid, db.checksum);

@@ -39,6 +39,25 @@ pub fn de<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     d.deserialize_str(DurationVisitor)
 }
 
+/// serde `deserialize_with` for a list of durations (`[30s, 5m]`).
+pub fn de_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+    struct ListVisitor;
+    impl<'de> Visitor<'de> for ListVisitor {
+        type Value = Vec<Duration>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a list of duration strings such as [\"30s\", \"5m\"]")
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(s) = seq.next_element::<String>()? {
+                out.push(parse(&s).map_err(de::Error::custom)?);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(ListVisitor)
+}
+
 /// serde `deserialize_with` for an optional duration (absent or `null` is `None`).
 pub fn de_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     struct OptVisitor;

@@ -408,6 +408,14 @@ pub struct BackupConfig {
     /// How long archived files are kept. Default 24h.
     #[serde(deserialize_with = "duration::de")]
     pub retention: Duration,
+    /// Compaction levels 1, 2, ...: how often the files of the level below are merged
+    /// into one file of this level (Litestream 0.5 layout). At most 8. Default 30s,
+    /// 5m, 1h.
+    #[serde(deserialize_with = "duration::de_list")]
+    pub compaction_levels: Vec<Duration>,
+    /// At start-up, bring missing or lagging databases to the archive's newest state
+    /// before mounting. Default true.
+    pub bootstrap: bool,
     /// LiteFS Cloud's keys, accepted only so that such a file gets the explanation
     /// that the service is gone instead of an "unknown key" error.
     pub url: Option<String>,
@@ -431,6 +439,12 @@ impl Default for BackupConfig {
             sync_interval: Duration::from_secs(1),
             snapshot_interval: Duration::from_secs(24 * 3600),
             retention: Duration::from_secs(24 * 3600),
+            bootstrap: true,
+            compaction_levels: vec![
+                Duration::from_secs(30),
+                Duration::from_secs(300),
+                Duration::from_secs(3600),
+            ],
             url: None,
             cluster: None,
             auth_token: None,

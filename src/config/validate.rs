@@ -242,6 +242,18 @@ impl Config {
                 return err(key, "must be a positive duration, like \"1s\"");
             }
         }
+        if b.compaction_levels.len() > 8 {
+            return err(
+                "backup.compaction-levels",
+                "has more than 8 levels (Litestream's layout has levels 1 to 8)",
+            );
+        }
+        if b.compaction_levels.iter().any(|d| d.is_zero()) {
+            return err(
+                "backup.compaction-levels",
+                "must hold positive durations, like [30s, 5m, 1h]",
+            );
+        }
         Ok(())
     }
 }

@@ -191,6 +191,27 @@ fn expected_checksum(
     Ok(expected)
 }
 
+/// The database checksum that applying `ltx` (which may carry no checksums) to `db`
+/// at position `current` would produce, without writing anything: the file is fully
+/// verified and must follow `current` (TXID; pre-apply checksum when it has one);
+/// `current` is trusted as the database's checksum ([`ApplyCheck::Incremental`]).
+/// For a snapshot the result is the checksum of its pages.
+///
+/// # Errors
+/// As [`apply_file_with`], wrapped with the path of `ltx`.
+pub fn checksum_after(db: &File, current: Option<Pos>, ltx: &Path) -> Result<Checksum, LtxError> {
+    (|| {
+        let file = File::open(ltx)?;
+        let dec = open_decoder(&file)?;
+        let header = dec.header().clone();
+        let db_len = db.metadata()?.len();
+        let db_pages = (db_len / u64::from(header.page_size)) as u32;
+        let base = check_position(db, db_len, &header, current, ApplyCheck::Incremental)?;
+        expected_checksum(db, db_pages, dec, base)
+    })()
+    .in_file(ltx)
+}
+
 /// How much of the database [`apply_file_with`] reads to check it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ApplyCheck {

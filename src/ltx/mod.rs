@@ -15,7 +15,7 @@ mod error;
 use std::fmt;
 use std::str::FromStr;
 
-pub use apply::{ApplyCheck, apply_file, apply_file_with, database_page_size};
+pub use apply::{ApplyCheck, apply_file, apply_file_with, checksum_after, database_page_size};
 pub use checksum::{
     RollingChecksum, crc64, database_checksum, lock_pgno, page_checksum, page_checksums,
 };

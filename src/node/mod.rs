@@ -163,6 +163,11 @@ impl Node {
         }
     }
 
+    /// Reports the archiver's state in `/info`, `/metrics` and `litefs status`.
+    pub fn set_archive(&self, state: Arc<crate::archive::ArchiveState>) {
+        self.info.set_archive(state);
+    }
+
     /// This node's role.
     pub fn role(&self) -> &Role {
         &self.role

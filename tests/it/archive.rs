@@ -22,6 +22,7 @@ use litefs::store::{Store, StoreOptions, list_ltx_files};
 use crate::args;
 use crate::ltx_support::{litefs, sha256_file, testdata, text};
 use crate::store_vfs::HookVfs;
+use crate::support::Process;
 
 const DB: &str = "app.db";
 
@@ -47,6 +48,24 @@ impl Node {
 
     /// A node on `dir/data` (which may hold a copied data directory).
     fn start_in(dir: tempfile::TempDir, sink: Arc<dyn SnapshotSink>) -> Node {
+        Node::start_with(
+            dir,
+            sink,
+            ArchiverOptions {
+                sync_interval: Duration::from_millis(50),
+                snapshot_interval: Duration::from_millis(700),
+                retention: Duration::from_secs(3600),
+                ..ArchiverOptions::default()
+            },
+        )
+    }
+
+    /// A node on `dir/data` archiving with `opts`.
+    fn start_with(
+        dir: tempfile::TempDir,
+        sink: Arc<dyn SnapshotSink>,
+        opts: ArchiverOptions,
+    ) -> Node {
         let store = Store::open(StoreOptions {
             data_dir: dir.path().join("data"),
             retention: Duration::ZERO,
@@ -55,16 +74,7 @@ impl Node {
         })
         .unwrap();
         let vfs = HookVfs::register(store.clone(), &dir.path().join("mnt"));
-        let archiver = Archiver::start(
-            store.clone(),
-            sink,
-            ArchiverOptions {
-                sync_interval: Duration::from_millis(50),
-                snapshot_interval: Duration::from_millis(700),
-                retention: Duration::from_secs(3600),
-            },
-        )
-        .unwrap();
+        let archiver = Archiver::start(store.clone(), sink, opts).unwrap();
         Node {
             dir,
             store,
@@ -732,6 +742,7 @@ fn failover_continues_the_archive_and_a_diverged_primary_overwrites_nothing() {
             sync_interval: Duration::from_millis(50),
             snapshot_interval: Duration::from_secs(3600),
             retention: Duration::from_secs(3600),
+            ..ArchiverOptions::default()
         },
     )
     .unwrap();
@@ -811,6 +822,7 @@ fn archive_retention_keeps_what_the_newest_state_needs() {
             sync_interval: Duration::from_millis(50),
             snapshot_interval: Duration::from_millis(300),
             retention: Duration::ZERO,
+            ..ArchiverOptions::default()
         },
     )
     .unwrap();
@@ -843,6 +855,22 @@ fn archive_retention_keeps_what_the_newest_state_needs() {
             .unwrap()
             .is_empty(),
         "level-0 files covered by the snapshot are gone"
+    );
+    // Positions below the snapshot are pruned too; the snapshot's own stays.
+    let positions: Vec<(TxId, TxId)> = fs::read_dir(root.join(DB).join("litefs/positions"))
+        .unwrap()
+        .map(|e| {
+            let name = e
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .replace(".json", ".ltx");
+            ltx::parse_filename(&name).unwrap()
+        })
+        .collect();
+    assert!(
+        !positions.is_empty() && positions.iter().all(|&(_, max)| max.0 >= top),
+        "{positions:?}"
     );
     let out = tmp.path().join("out.db");
     let r = run_restore(sink.as_ref(), &out, RestoreTarget::Latest);
@@ -898,6 +926,7 @@ fn snapshot_from_the_database_when_history_from_txid_1_is_gone() {
                 sync_interval: Duration::from_millis(50),
                 snapshot_interval: Duration::from_secs(3600),
                 retention: Duration::from_secs(3600),
+                ..ArchiverOptions::default()
             },
         )
         .unwrap(),
@@ -977,6 +1006,7 @@ fn archive_lag() {
                 sync_interval: sync,
                 snapshot_interval: Duration::from_secs(3600),
                 retention: Duration::from_secs(3600),
+                ..ArchiverOptions::default()
             },
         )
         .unwrap(),
@@ -1046,4 +1076,559 @@ fn archive_lag() {
         lags.last().unwrap(),
         lags.len()
     );
+}
+
+/// YAML of a `backup` section archiving to the directory `root` every 100 ms.
+fn file_backup(root: &Path) -> String {
+    format!(
+        "backup:\n  type: file\n  path: {}\n  sync-interval: 100ms\n",
+        root.display()
+    )
+}
+
+/// An elected node (etcd lease, 2 s TTL) named `name` with `extra` YAML (a `backup`
+/// section) appended.
+fn elected_node(name: &str, etcd: &crate::etcd_server::EtcdServer, extra: &str) -> Process {
+    let port = crate::repl::free_port();
+    let lease = crate::elect::etcd_lease(etcd);
+    let (name, extra) = (name.to_string(), extra.to_string());
+    Process::start_with(move |mnt, data| {
+        format!(
+            "fuse:\n  dir: {}\ndata:\n  dir: {}\nlease:\n  candidate: true\n  hostname: {name}\n  advertise-url: http://127.0.0.1:{port}\n{lease}http:\n  addr: 127.0.0.1:{port}\n{extra}",
+            mnt.display(),
+            data.display()
+        )
+    })
+}
+
+/// TXID of `db` shown in the mount's `<db>-pos` (`None`: no such database).
+fn mount_txid(p: &Process, db: &str) -> Option<u64> {
+    let text = crate::repl::pos(p, db)?;
+    u64::from_str_radix(text.get(..16)?, 16).ok()
+}
+
+/// The level-0 files of `db` in a file archive: TXID ranges, in order.
+fn level0(root: &Path, db: &str) -> Vec<(u64, u64)> {
+    list_ltx_files(&root.join(db).join("ltx/0"))
+        .unwrap_or_default()
+        .iter()
+        .map(|f| (f.min.0, f.max.0))
+        .collect()
+}
+
+/// Waits until the archive's level 0 reaches `txid`.
+fn wait_archived(root: &Path, db: &str, txid: u64, log: impl Fn() -> String) {
+    let ok = crate::support::wait_until(Duration::from_secs(20), || {
+        level0(root, db).last().is_some_and(|&(_, max)| max >= txid)
+    });
+    assert!(
+        ok,
+        "archive stuck at {:?}, want {txid}; log:\n{}",
+        level0(root, db).last(),
+        log()
+    );
+}
+
+/// Two elected nodes share one archive: only the leader ships; after a handoff the new
+/// primary reads the archive's position and continues it, so the archive stays one
+/// contiguous history that both restores rebuild.
+#[test]
+fn promoted_replica_continues_the_archive() {
+    let etcd = crate::etcd_server::EtcdServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("archive");
+    let backup = file_backup(&root);
+    let mut a = elected_node("node-a", &etcd, &backup);
+    crate::elect::wait_primary(&a, Duration::from_secs(15), "a first");
+    let b = elected_node("node-b", &etcd, &backup);
+    for i in 0..10 {
+        assert!(crate::elect::try_write(&a, &format!("a {i}")));
+    }
+    crate::elect::converge(&a, &b);
+    let first = mount_txid(&a, "db").unwrap();
+    wait_archived(&root, "db", first, || a.log_text());
+    assert!(
+        !b.log_text().contains("archive position"),
+        "the replica touched the archive:\n{}",
+        b.log_text()
+    );
+
+    assert!(a.signal(libc::SIGTERM).success(), "{}", a.log_text());
+    crate::elect::wait_primary(&b, Duration::from_secs(10), "b after handoff");
+    for i in 0..10 {
+        assert!(crate::elect::try_write(&b, &format!("b {i}")));
+    }
+    let top = mount_txid(&b, "db").unwrap();
+    wait_archived(&root, "db", top, || b.log_text());
+    let log = b.log_text();
+    assert!(
+        log.contains("primary: archiving from the archive's current position")
+            && log.contains("archive position"),
+        "{log}"
+    );
+    // One contiguous history, each TXID once.
+    let l0 = level0(&root, "db");
+    let mut next = 1;
+    for &(min, max) in &l0 {
+        assert_eq!(min, next, "gap or overlap in {l0:?}");
+        next = max + 1;
+    }
+    assert_eq!(next, top + 1);
+
+    let want = sha256_file(&b.path("db"));
+    let out = tmp.path().join("restored.db");
+    let o = litefs(args![
+        "restore", "-config", b.config, "-name", "db", "-o", out
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(sha256_file(&out), want);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("matches the position the primary recorded"),
+        "{}",
+        text(&o)
+    );
+    litestream_restore(&root.join("db"), &out, None);
+    assert_eq!(sha256_file(&out), want);
+}
+
+/// Waits until the node's local history of `db` is down to its newest file (local
+/// retention removed the rest: a new replica could not be sent files from TXID 1).
+fn wait_local_history_pruned(p: &Process, db: &str) {
+    let dir = p.data.join("dbs").join(db).join("ltx");
+    let ok = crate::support::wait_until(Duration::from_secs(20), || {
+        list_ltx_files(&dir).map(|f| f.len()).unwrap_or(0) == 1
+    });
+    assert!(ok, "local retention did not run:\n{}", p.log_text());
+}
+
+/// A new replica with an empty data directory starts from the archive's newest state
+/// and streams only what came after: the primary (whose local retention already
+/// removed the early history) sends it no snapshot. With `backup.bootstrap: false`
+/// the same replica needs one.
+#[test]
+fn replica_bootstraps_from_the_archive_and_the_primary_sends_no_snapshot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("archive");
+    let backup = file_backup(&root);
+    let port = crate::repl::free_port();
+    let primary = crate::repl::primary(
+        port,
+        &format!("  retention: 1s\n  retention-monitor-interval: 100ms\n{backup}"),
+    );
+    let db = primary.path(DB);
+    crate::ltx_support::sqlite(
+        &db,
+        "CREATE TABLE t(x); INSERT INTO t VALUES (randomblob(3000));",
+    );
+    for i in 0..20 {
+        crate::ltx_support::sqlite(&db, &format!("INSERT INTO t VALUES ({i});"));
+    }
+    let top = mount_txid(&primary, DB).unwrap();
+    wait_archived(&root, DB, top, || primary.log_text());
+    wait_local_history_pruned(&primary, DB);
+
+    let replica = Process::start_with({
+        let backup = backup.clone();
+        move |mnt, data| crate::repl::replica_config(mnt, data, port) + &backup
+    });
+    crate::repl::wait_converged(&primary, &[&replica], DB);
+    for i in 0..5 {
+        crate::ltx_support::sqlite(&db, &format!("INSERT INTO t VALUES ('after {i}');"));
+    }
+    crate::repl::wait_converged(&primary, &[&replica], DB);
+    assert_eq!(fs::read(&db).unwrap(), fs::read(replica.path(DB)).unwrap());
+    assert!(
+        replica
+            .log_text()
+            .contains("database rebuilt from the archive"),
+        "{}",
+        replica.log_text()
+    );
+    assert!(
+        !primary.log_text().contains("sending snapshot"),
+        "the primary sent a snapshot:\n{}",
+        primary.log_text()
+    );
+
+    // The same replica without bootstrap: the primary has to send a snapshot.
+    let plain = Process::start_with(move |mnt, data| {
+        crate::repl::replica_config(mnt, data, port) + &backup + "  bootstrap: false\n"
+    });
+    crate::repl::wait_converged(&primary, &[&plain], DB);
+    assert!(
+        primary.log_text().contains("sending snapshot"),
+        "{}",
+        primary.log_text()
+    );
+}
+
+/// Bootstrap against S3: a new data directory is rebuilt from the archive (snapshot
+/// plus level-0 files), a directory that is behind is continued file by file, and both
+/// keep a checksummed history that a restart verifies. A candidate whose S3 archive is
+/// unreachable refuses to start.
+#[test]
+fn s3_archive_bootstraps_a_new_and_a_lagging_data_directory() {
+    let moto = start_moto();
+    let cfg = BackupConfig {
+        kind: Some(BackupType::S3),
+        bucket: Some("archive".into()),
+        path: Some("boot".into()),
+        endpoint: Some(format!("http://127.0.0.1:{}", moto.1)),
+        region: Some("us-east-1".into()),
+        access_key_id: Some("test".into()),
+        secret_access_key: Some("test".into()),
+        force_path_style: true,
+        ..BackupConfig::default()
+    };
+    let sink: Arc<dyn SnapshotSink> = Arc::new(ObjectStoreSink::s3(&cfg).unwrap());
+    let node = Node::start(sink.clone());
+    let conn = open_db(&node);
+    let mut records = Vec::new();
+    workload(&node, &conn, 20, 1, &mut records);
+    node.wait_shipped(Duration::from_secs(30));
+    // Let a snapshot be written so that the rebuild starts from level 9.
+    let ok = crate::support::wait_until(Duration::from_secs(10), || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        !rt.block_on(sink.list(DB, 9)).unwrap().is_empty()
+    });
+    assert!(ok, "no snapshot in the archive");
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let open = || {
+        Store::open(StoreOptions {
+            data_dir: dir.path().join("data"),
+            retention: Duration::from_secs(600),
+            retention_monitor_interval: Duration::ZERO,
+            node_id: 2,
+        })
+        .unwrap()
+    };
+    let store = open();
+    let done = rt
+        .block_on(litefs::archive::bootstrap(&store, sink.as_ref()))
+        .unwrap();
+    let db_file = dir.path().join("data/dbs").join(DB).join("database");
+    match &done[..] {
+        [litefs::archive::Bootstrapped::Restored { from: None, to, .. }] => {
+            assert_eq!(to.txid.0, node.txid());
+            assert_eq!(*to, node.store.db(DB).unwrap().pos());
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(sha256_file(&db_file), records.last().unwrap().sha);
+
+    workload(&node, &conn, 10, 2, &mut records);
+    node.wait_shipped(Duration::from_secs(30));
+    let done = rt
+        .block_on(litefs::archive::bootstrap(&store, sink.as_ref()))
+        .unwrap();
+    match &done[..] {
+        [
+            litefs::archive::Bootstrapped::Restored {
+                from: Some(_),
+                to,
+                files,
+                ..
+            },
+        ] => {
+            assert_eq!(*to, node.store.db(DB).unwrap().pos());
+            assert!(*files >= 1);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(sha256_file(&db_file), records.last().unwrap().sha);
+    // Up to date: nothing to do.
+    let done = rt
+        .block_on(litefs::archive::bootstrap(&store, sink.as_ref()))
+        .unwrap();
+    assert!(
+        matches!(&done[..], [litefs::archive::Bootstrapped::Left { .. }]),
+        "{done:?}"
+    );
+    // The history it kept verifies at start-up (the database is hashed against it).
+    store.close().unwrap();
+    drop(store);
+    let store = open();
+    assert_eq!(
+        store.db(DB).unwrap().pos(),
+        node.store.db(DB).unwrap().pos()
+    );
+    store.close().unwrap();
+    drop(conn);
+
+    // A candidate whose archive cannot be read does not start.
+    let dead = free_port();
+    let boot = tempfile::tempdir().unwrap();
+    let config = boot.path().join("litefs.yml");
+    fs::write(
+        &config,
+        format!(
+            "fuse:\n  dir: {m}\ndata:\n  dir: {d}\nlease:\n  type: static\n  candidate: true\n  advertise-url: http://127.0.0.1:1\nhttp:\n  addr: 127.0.0.1:0\nbackup:\n  type: s3\n  bucket: archive\n  endpoint: http://127.0.0.1:{dead}\n  region: us-east-1\n  access-key-id: test\n  secret-access-key: test\n  force-path-style: true\n",
+            m = boot.path().join("mnt").display(),
+            d = boot.path().join("data").display(),
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_litefs"))
+        .args(["mount", "-config"])
+        .arg(&config)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            crate::support::kill_and_unmount(&mut None, &boot.path().join("mnt"));
+            panic!("a candidate without its archive kept running");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!status.success());
+    assert!(err.contains("cannot bootstrap from the archive"), "{err}");
+    assert!(!crate::support::is_mounted(&boot.path().join("mnt")));
+}
+
+/// LiteFS issue #419: every node of a cluster lost its data. The first node started on
+/// an empty data directory restores from the archive before it takes the lease, accepts
+/// writes or starts `exec`: the application sees every archived row.
+#[test]
+fn first_node_of_a_lost_cluster_restores_before_exec() {
+    let etcd = crate::etcd_server::EtcdServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("archive");
+    let backup = file_backup(&root);
+    let mut a = elected_node("node-a", &etcd, &backup);
+    crate::elect::wait_primary(&a, Duration::from_secs(15), "a first");
+    for i in 0..10 {
+        assert!(crate::elect::try_write(&a, &format!("a {i}")));
+    }
+    let top = mount_txid(&a, "db").unwrap();
+    wait_archived(&root, "db", top, || a.log_text());
+    let want = sha256_file(&a.path("db"));
+    let rows: i64 = rusqlite::Connection::open(a.path("db"))
+        .unwrap()
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap();
+    assert!(a.signal(libc::SIGTERM).success(), "{}", a.log_text());
+    drop(a); // its data directory is gone with it
+
+    let seen = tmp.path().join("seen.txt");
+    let exec = format!(
+        "exec: sh -c \"sqlite3 MNT/db 'SELECT count(*) FROM t' > {} 2>&1; exec sleep 60\"\n",
+        seen.display()
+    );
+    let mut c = {
+        let port = crate::repl::free_port();
+        let lease = crate::elect::etcd_lease(&etcd);
+        Process::start_with(move |mnt, data| {
+            format!(
+                "fuse:\n  dir: {}\ndata:\n  dir: {}\nlease:\n  candidate: true\n  hostname: node-c\n  advertise-url: http://127.0.0.1:{port}\n{lease}http:\n  addr: 127.0.0.1:{port}\n{backup}{}",
+                mnt.display(),
+                data.display(),
+                exec.replace("MNT", &mnt.display().to_string())
+            )
+        })
+    };
+    let ok = crate::support::wait_until(Duration::from_secs(20), || {
+        fs::read_to_string(&seen).is_ok_and(|s| !s.is_empty())
+    });
+    assert!(ok, "exec did not run:\n{}", c.log_text());
+    assert_eq!(fs::read_to_string(&seen).unwrap().trim(), rows.to_string());
+    let log = c.log_text();
+    let rebuilt = log.find("database rebuilt from the archive");
+    let leading = log.find("acquired the lease");
+    assert!(
+        rebuilt.is_some() && leading.is_some() && rebuilt < leading,
+        "{log}"
+    );
+    assert_eq!(sha256_file(&c.path("db")), want);
+    assert!(crate::elect::try_write(&c, "c after the restore"));
+    // Forwarded to the supervised `sleep`, which ends, and litefs with it.
+    c.signal(libc::SIGTERM);
+}
+
+/// Compaction levels (Litestream 0.5 layout, levels 1 and 2 here): a restore of the
+/// newest state reads a few compacted files instead of every level-0 file, and our
+/// restore and `litestream restore` agree at the newest state and at sampled TXIDs
+/// (which fall inside compacted ranges, so the planner drops to lower levels).
+#[test]
+fn compaction_levels_cut_the_files_a_restore_reads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("archive");
+    let sink: Arc<dyn SnapshotSink> = Arc::new(ObjectStoreSink::local(&root).unwrap());
+    let node = Node::start_with(
+        tempfile::tempdir().unwrap(),
+        sink.clone(),
+        ArchiverOptions {
+            sync_interval: Duration::from_millis(50),
+            snapshot_interval: Duration::from_secs(3600),
+            retention: Duration::from_secs(3600),
+            compaction_levels: vec![Duration::from_millis(300), Duration::from_millis(900)],
+        },
+    );
+    let conn = open_db(&node);
+    let mut records = Vec::new();
+    node.record(&mut records);
+    for burst in 0..8 {
+        workload(&node, &conn, 8, burst, &mut records);
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    node.wait_shipped(Duration::from_secs(20));
+    let top = node.txid();
+    let reached = |level: u8| {
+        list_ltx_files(&root.join(DB).join(format!("ltx/{level}")))
+            .unwrap_or_default()
+            .last()
+            .map(|f| f.max.0)
+            .unwrap_or(0)
+    };
+    let ok = crate::support::wait_until(Duration::from_secs(10), || {
+        reached(1) + 1 >= top && reached(2) > 0
+    });
+    assert!(ok, "levels 1 and 2 reach {} and {}", reached(1), reached(2));
+    let snapshot = reached(9);
+    let level0 = level0(&root, DB)
+        .iter()
+        .filter(|(min, _)| *min > snapshot)
+        .count();
+
+    let out = tmp.path().join("newest.db");
+    let r = run_restore(sink.as_ref(), &out, RestoreTarget::Latest);
+    assert_eq!(r.pos.txid.0, top);
+    assert_eq!(sha256_file(&out), records.last().unwrap().sha);
+    assert!(
+        r.files * 3 <= level0,
+        "a restore read {} files; level 0 alone has {level0} after the snapshot",
+        r.files
+    );
+    check_restores(sink.as_ref(), &records, tmp.path());
+    litestream_restore(&root.join(DB), &out, None);
+    assert_eq!(sha256_file(&out), records.last().unwrap().sha, "litestream");
+    for rec in sample(&records, 8) {
+        litestream_restore(&root.join(DB), &out, Some(rec.txid));
+        assert_eq!(sha256_file(&out), rec.sha, "litestream -txid {}", rec.txid);
+    }
+    drop(conn);
+}
+
+/// `GET path` on 127.0.0.1:`port`; the body.
+fn http_get(port: u16, path: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    resp.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+/// The value of the metric line starting with `prefix`.
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no {prefix} in:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// `/metrics`, `/info` and `litefs status` report the archive: shipping on the
+/// primary, idle on a replica, the archived TXID, and a backlog and lag that grow
+/// during an outage and drain after it.
+#[test]
+fn archive_state_in_metrics_info_and_status() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("archive");
+    let backup = file_backup(&root);
+    let port = crate::repl::free_port();
+    let primary = crate::repl::primary(port, &backup);
+    let db = primary.path(DB);
+    crate::ltx_support::sqlite(&db, "CREATE TABLE t(x); INSERT INTO t VALUES (1);");
+    let top = mount_txid(&primary, DB).unwrap();
+    wait_archived(&root, DB, top, || primary.log_text());
+    let txid_line = format!("litefs_archive_txid{{db=\"{DB}\"}} ");
+    let backlog_line = format!("litefs_archive_backlog_files{{db=\"{DB}\"}} ");
+    let lag_line = format!("litefs_archive_lag_seconds{{db=\"{DB}\"}} ");
+    let ok = crate::support::wait_until(Duration::from_secs(10), || {
+        let m = http_get(port, "/metrics");
+        metric(&m, "litefs_archive_active ") == 1.0
+            && metric(&m, &txid_line) == top as f64
+            && metric(&m, &backlog_line) == 0.0
+    });
+    assert!(ok, "{}", http_get(port, "/metrics"));
+
+    // Outage: the archive directory is replaced by a plain file.
+    let aside = tmp.path().join("archive.away");
+    fs::rename(&root, &aside).unwrap();
+    fs::write(&root, b"not a directory").unwrap();
+    for i in 0..3 {
+        crate::ltx_support::sqlite(&db, &format!("INSERT INTO t VALUES ({i});"));
+    }
+    let ok = crate::support::wait_until(Duration::from_secs(10), || {
+        let m = http_get(port, "/metrics");
+        metric(&m, &backlog_line) >= 3.0 && metric(&m, &lag_line) >= 0.5
+    });
+    assert!(ok, "{}", http_get(port, "/metrics"));
+    let url = format!("http://127.0.0.1:{port}");
+    let o = litefs(args!["status", "-url", url]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        out.contains("archive:   file (shipping)") && out.contains("backlog 3 files"),
+        "{out}"
+    );
+    let o = litefs(args!["status", "-url", url, "-json"]);
+    let info: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(info["archive"]["active"], true, "{info}");
+    assert_eq!(
+        info["archive"]["databases"][DB]["backlog_files"], 3,
+        "{info}"
+    );
+
+    fs::remove_file(&root).unwrap();
+    fs::rename(&aside, &root).unwrap();
+    let top = mount_txid(&primary, DB).unwrap();
+    let ok = crate::support::wait_until(Duration::from_secs(40), || {
+        let m = http_get(port, "/metrics");
+        metric(&m, &backlog_line) == 0.0 && metric(&m, &txid_line) == top as f64
+    });
+    assert!(ok, "{}", http_get(port, "/metrics"));
+
+    // A replica archives nothing and says so.
+    let rport = crate::repl::free_port();
+    let replica = Process::start_with(move |mnt, data| {
+        format!(
+            "fuse:\n  dir: {}\ndata:\n  dir: {}\nlease:\n  type: static\n  candidate: false\n  advertise-url: http://127.0.0.1:{port}\nhttp:\n  addr: 127.0.0.1:{rport}\n{backup}",
+            mnt.display(),
+            data.display()
+        )
+    });
+    crate::repl::wait_converged(&primary, &[&replica], DB);
+    let m = http_get(rport, "/metrics");
+    assert_eq!(metric(&m, "litefs_archive_active "), 0.0, "{m}");
+    let o = litefs(args!["status", "-url", format!("http://127.0.0.1:{rport}")]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(out.contains("idle: not the primary"), "{out}");
 }

@@ -32,7 +32,7 @@ fn node_with(name: &str, lease: &str, candidate: bool) -> Process {
     })
 }
 
-fn etcd_lease(etcd: &EtcdServer) -> String {
+pub(crate) fn etcd_lease(etcd: &EtcdServer) -> String {
     format!(
         "  type: etcd\n  etcd:\n    endpoints: [{}]\n    key: litefs-test\n    ttl: 2s\n",
         etcd.url()
@@ -57,7 +57,7 @@ fn consul_lease(consul: &ConsulServer) -> String {
 }
 
 /// Inserts one row through the node's mount; false when the node refuses the write.
-fn try_write(p: &Process, v: &str) -> bool {
+pub(crate) fn try_write(p: &Process, v: &str) -> bool {
     let Ok(c) = Connection::open(p.path("db")) else {
         return false;
     };
@@ -68,7 +68,7 @@ fn try_write(p: &Process, v: &str) -> bool {
 }
 
 /// Waits until `p` accepts a write; returns how long that took.
-fn wait_primary(p: &Process, within: Duration, what: &str) -> Duration {
+pub(crate) fn wait_primary(p: &Process, within: Duration, what: &str) -> Duration {
     let t0 = Instant::now();
     let ok = wait_until(within, || try_write(p, what));
     assert!(
@@ -80,7 +80,7 @@ fn wait_primary(p: &Process, within: Duration, what: &str) -> Duration {
 }
 
 /// Waits until `replica` shows `primary`'s position, then compares the database bytes.
-fn converge(primary: &Process, replica: &Process) {
+pub(crate) fn converge(primary: &Process, replica: &Process) {
     let want = pos(primary, "db").expect("primary has db");
     let ok = wait_until(Duration::from_secs(15), || {
         pos(replica, "db").as_deref() == Some(&want)

@@ -20,6 +20,7 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use crate::archive::{ArchiveDbState, ArchiveInfo, ArchiveState};
 use crate::replicate::replica::Lag;
 use crate::store::Store;
 
@@ -40,6 +41,8 @@ pub struct NodeInfo {
     pub lag: Mutex<Option<Arc<Lag>>>,
     /// Replicas currently streaming from this node.
     pub streams: AtomicUsize,
+    /// The archiver's state, when `backup` is set.
+    pub archive: Mutex<Option<Arc<ArchiveState>>>,
 }
 
 impl NodeInfo {
@@ -52,7 +55,20 @@ impl NodeInfo {
             primary: Mutex::new(None),
             lag: Mutex::new(None),
             streams: AtomicUsize::new(0),
+            archive: Mutex::new(None),
         }
+    }
+
+    /// Records the archiver's state.
+    pub fn set_archive(&self, state: Arc<ArchiveState>) {
+        *self.archive.lock().unwrap_or_else(|p| p.into_inner()) = Some(state);
+    }
+
+    fn archive(&self) -> Option<Arc<ArchiveState>> {
+        self.archive
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Records the current primary.
@@ -114,6 +130,9 @@ pub struct Info {
     pub lag_ms: Option<u64>,
     /// Databases, sorted by name.
     pub databases: Vec<DbInfo>,
+    /// The archive (`backup` set): whether this node ships, and per database.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive: Option<ArchiveInfo>,
 }
 
 /// One database in `/info`.
@@ -159,6 +178,7 @@ fn info_of(st: &OpsState) -> Info {
         primary_url: primary.map(|p| p.1),
         lag_ms: if is_primary { None } else { st.info.lag_ms() },
         databases,
+        archive: st.info.archive().map(|a| a.info()),
     }
 }
 
@@ -226,7 +246,42 @@ pub(crate) async fn metrics(State(st): State<OpsState>) -> Response {
             format!("{:.3}", ms as f64 / 1000.0),
         );
     }
+    if let Some(a) = st.info.archive() {
+        archive_metrics(&mut out, &a.info());
+    }
     ([("content-type", "text/plain; version=0.0.4")], out).into_response()
+}
+
+fn archive_metrics(out: &mut String, a: &ArchiveInfo) {
+    let _ = writeln!(
+        out,
+        "# HELP litefs_archive_active 1 while this node ships to the archive (it is the primary).\n# TYPE litefs_archive_active gauge\nlitefs_archive_active {}",
+        u8::from(a.active)
+    );
+    type Value = fn(&ArchiveDbState) -> String;
+    let families: [(&str, &str, Value); 3] = [
+        (
+            "litefs_archive_txid",
+            "Newest TXID of the database in the archive.",
+            |d| u64::from_str_radix(&d.txid, 16).unwrap_or(0).to_string(),
+        ),
+        (
+            "litefs_archive_backlog_files",
+            "Local LTX files not in the archive yet.",
+            |d| d.backlog_files.to_string(),
+        ),
+        (
+            "litefs_archive_lag_seconds",
+            "Age of the oldest local LTX file not in the archive yet (0: none).",
+            |d| format!("{:.3}", d.lag_ms as f64 / 1000.0),
+        ),
+    ];
+    for (name, help, value) in families {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (db, d) in &a.databases {
+            let _ = writeln!(out, "{name}{{db=\"{}\"}} {}", escape(db), value(d));
+        }
+    }
 }
 
 fn escape(s: &str) -> String {
