@@ -14,6 +14,7 @@ use crate::replicate::Apply;
 use crate::replicate::replica::{Lag, Replica};
 use crate::store::Store;
 use crate::transport::Transport;
+use crate::transports::http::ops::LeaseCounters;
 
 /// How long one `watch_primary` call may block before it is asked again.
 const WATCH_WAIT: Duration = Duration::from_secs(5);
@@ -42,8 +43,6 @@ pub(super) struct Election {
     pub node_id: u64,
     pub synced: Arc<watch::Sender<bool>>,
     pub reconnect_delay: Duration,
-    /// Where the primary serves replicas (`http.addr`), bound while it leads.
-    pub http_addr: std::net::SocketAddr,
     /// What `/info` and `/metrics` report about this node.
     pub info: Arc<crate::transports::http::ops::NodeInfo>,
 }
@@ -146,8 +145,10 @@ impl Election {
         );
         self.applier
             .set_primary_hostname(Some(primary.hostname.clone()));
-        self.info
-            .set_primary(primary.hostname.clone(), primary.advertise_url.clone());
+        self.info.primary_changed(
+            false,
+            Some((primary.hostname.clone(), primary.advertise_url.clone())),
+        );
         let (replica_stop, replica_stop_rx) = watch::channel(false);
         let replica = Replica {
             store: self.store.clone(),
@@ -200,49 +201,22 @@ impl Election {
             lease = lease.id(),
             "acquired the lease: this node is the primary"
         );
+        LeaseCounters::bump(&self.info.lease.acquired);
         // A node that never joined a cluster founds one; a former replica keeps its id.
-        let server = match self.start_server().await {
-            Ok(s) => s,
-            Err(e) => {
-                error!(error = %e, "cannot serve replicas: giving the lease up");
-                self.step_down(lease.as_ref()).await;
-                let _ = pause(self.reconnect_delay, stop).await;
-                return Led::Demoted;
-            }
-        };
+        let data_dir = &self.store.options().data_dir;
+        if let Err(e) = crate::replicate::cluster_id::read_or_create(data_dir) {
+            error!(error = %e, dir = %data_dir.display(), "cannot create the cluster id: giving the lease up");
+            self.step_down(lease.as_ref()).await;
+            let _ = pause(self.reconnect_delay, stop).await;
+            return Led::Demoted;
+        }
         self.applier.set_primary_hostname(None);
+        self.store.set_primary(true);
         let me = self.leaser.node_info();
         self.info
-            .set_primary(me.hostname.clone(), me.advertise_url.clone());
-        self.store.set_primary(true);
+            .primary_changed(true, Some((me.hostname.clone(), me.advertise_url.clone())));
         self.synced.send_replace(true);
-        let led = self.renew_loop(lease.as_ref(), stop).await;
-        let _ = server.send(true);
-        led
-    }
-
-    /// Binds `http.addr` and serves the stream until the returned sender says true.
-    async fn start_server(&self) -> Result<watch::Sender<bool>, String> {
-        let data_dir = &self.store.options().data_dir;
-        let id = crate::replicate::cluster_id::read_or_create(data_dir)
-            .map_err(|e| format!("cluster id in {}: {e}", data_dir.display()))?;
-        let listener = tokio::net::TcpListener::bind(self.http_addr)
-            .await
-            .map_err(|e| format!("binding http.addr {}: {e}", self.http_addr))?;
-        let (tx, mut rx) = watch::channel(false);
-        let shutdown = async move {
-            let _ = rx.wait_for(|s| *s).await;
-        };
-        let store = self.store.clone();
-        let info = self.info.clone();
-        tokio::spawn(async move {
-            if let Err(e) =
-                crate::transports::http::serve(listener, store, id, info, shutdown).await
-            {
-                error!(error = %e, "HTTP server failed");
-            }
-        });
-        Ok(tx)
+        self.renew_loop(lease.as_ref(), stop).await
     }
 
     async fn renew_loop(&self, lease: &dyn Lease, stop: &mut watch::Receiver<bool>) -> Led {
@@ -276,6 +250,10 @@ impl Election {
                     return Led::Stopped;
                 }
             };
+            match &renewed {
+                Ok(Ok(())) => LeaseCounters::bump(&self.info.lease.renewals),
+                _ => LeaseCounters::bump(&self.info.lease.renewal_failures),
+            }
             match renewed {
                 Ok(Ok(())) => failing = false,
                 Ok(Err(e @ LeaseError::Lost { .. })) => {
@@ -297,6 +275,8 @@ impl Election {
     /// Stops taking writes first, then gives the lease up (best effort).
     async fn demote(&self, lease: &dyn Lease, reason: &str) {
         self.store.set_primary(false);
+        LeaseCounters::bump(&self.info.lease.lost);
+        self.info.primary_changed(false, None);
         error!(
             lease = lease.id(),
             reason, "lost the lease: the mount is read-only now"
@@ -311,6 +291,7 @@ impl Election {
     /// candidate takes over at once.
     async fn step_down(&self, lease: &dyn Lease) {
         self.store.set_primary(false);
+        self.info.primary_changed(false, None);
         match tokio::time::timeout(RELEASE_TIMEOUT, lease.release()).await {
             Ok(Ok(())) => info!(lease = lease.id(), "released the lease"),
             Ok(Err(e)) => warn!(error = %e, "releasing the lease failed; it will expire"),

@@ -40,6 +40,32 @@ pub struct NodeInfo {
     pub lag: Mutex<Option<Arc<Lag>>>,
     /// Replicas currently streaming from this node.
     pub streams: AtomicUsize,
+    /// Lease counters for `/metrics` (elected nodes).
+    pub lease: LeaseCounters,
+    /// Primary changes, for `GET /events`.
+    events: tokio::sync::broadcast::Sender<super::events::Event>,
+}
+
+/// What the election did with the lease since the node started.
+#[derive(Debug, Default)]
+pub struct LeaseCounters {
+    /// Leases acquired (including by handoff).
+    pub acquired: AtomicU64,
+    /// Successful renewals.
+    pub renewals: AtomicU64,
+    /// Renewals that failed (the lease may still be valid).
+    pub renewal_failures: AtomicU64,
+    /// Leases lost (renewal impossible before expiry, or taken by someone else).
+    pub lost: AtomicU64,
+    /// Leases handed to another node or taken over from one (`/handoff`, `/promote`).
+    pub handoffs: AtomicU64,
+}
+
+impl LeaseCounters {
+    /// Adds one to a counter.
+    pub fn bump(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl NodeInfo {
@@ -52,7 +78,26 @@ impl NodeInfo {
             primary: Mutex::new(None),
             lag: Mutex::new(None),
             streams: AtomicUsize::new(0),
+            lease: LeaseCounters::default(),
+            events: tokio::sync::broadcast::channel(256).0,
         }
+    }
+
+    /// Records who the primary is now and tells `/events` subscribers:
+    /// `primary` is `None` while no primary is known.
+    pub fn primary_changed(&self, is_primary: bool, primary: Option<(String, String)>) {
+        *self.primary.lock().unwrap_or_else(|p| p.into_inner()) = primary.clone();
+        let _ = self.events.send(super::events::Event::primary_change(
+            is_primary,
+            primary.map(|p| p.0),
+        ));
+    }
+
+    /// A receiver of primary changes.
+    pub(crate) fn subscribe_events(
+        &self,
+    ) -> tokio::sync::broadcast::Receiver<super::events::Event> {
+        self.events.subscribe()
     }
 
     /// Records the current primary.
@@ -65,7 +110,7 @@ impl NodeInfo {
         *self.lag.lock().unwrap_or_else(|p| p.into_inner()) = Some(lag);
     }
 
-    fn primary(&self) -> Option<(String, String)> {
+    pub(crate) fn primary(&self) -> Option<(String, String)> {
         self.primary
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -218,6 +263,36 @@ pub(crate) async fn metrics(State(st): State<OpsState>) -> Response {
         "Replicas streaming from this node.",
         st.info.streams.load(Ordering::Relaxed).to_string(),
     );
+    let lease = &st.info.lease;
+    for (name, help, c) in [
+        (
+            "litefs_lease_acquired_total",
+            "Leases acquired.",
+            &lease.acquired,
+        ),
+        (
+            "litefs_lease_renewals_total",
+            "Lease renewals that succeeded.",
+            &lease.renewals,
+        ),
+        (
+            "litefs_lease_renewal_failures_total",
+            "Lease renewals that failed.",
+            &lease.renewal_failures,
+        ),
+        (
+            "litefs_lease_lost_total",
+            "Leases lost while leading.",
+            &lease.lost,
+        ),
+        (
+            "litefs_lease_handoffs_total",
+            "Leases handed over to or taken over from another node.",
+            &lease.handoffs,
+        ),
+    ] {
+        gauge(name, "counter", help, c.load(Ordering::Relaxed).to_string());
+    }
     if !is_primary && let Some(ms) = st.info.lag_ms() {
         gauge(
             "litefs_lag_seconds",
