@@ -214,6 +214,8 @@ impl Node {
                 return;
             }
         };
+        let (control_tx, control) = tokio::sync::mpsc::channel(8);
+        self.info.set_control(control_tx);
         let election = elect::Election {
             leaser,
             store: self.store.clone(),
@@ -224,6 +226,7 @@ impl Node {
             synced: self.synced.clone(),
             reconnect_delay: self.reconnect_delay,
             info: self.info.clone(),
+            control: tokio::sync::Mutex::new(control),
         };
         let handle = tokio::spawn(election.run(self.stop_tx.subscribe()));
         *self.election.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);

@@ -70,12 +70,25 @@ impl Replica {
     /// connection and is requested again; after [`SNAPSHOT_AFTER_FAILURES`] failures
     /// in a row for one database a snapshot of it is requested. A primary of another
     /// cluster is refused and retried (it may be replaced) with the longest backoff.
-    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+    pub async fn run(self, stop: watch::Receiver<bool>) {
+        let (_never, drain) = watch::channel(false);
+        self.run_draining(stop, drain).await
+    }
+
+    /// As [`Replica::run`]; in addition, once `drain` turns true the replica does not
+    /// connect again: a stream in progress goes on until the primary ends it (with
+    /// `End` after its last file, when it steps down) or it fails. So a replica that
+    /// learns of a new primary first receives everything the old one committed.
+    pub async fn run_draining(
+        self,
+        mut stop: watch::Receiver<bool>,
+        mut drain: watch::Receiver<bool>,
+    ) {
         let tmp_dir = self.store.options().data_dir.join("repl-tmp");
         let mut failures: HashMap<String, u32> = HashMap::new();
         let mut backoff = MIN_BACKOFF;
         loop {
-            if *stop.borrow() {
+            if *stop.borrow() || *drain.borrow() {
                 return;
             }
             let result = tokio::select! {
@@ -109,6 +122,7 @@ impl Replica {
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
                 _ = stop.changed() => return,
+                _ = drain.wait_for(|d| *d) => return,
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }

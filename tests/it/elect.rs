@@ -93,9 +93,8 @@ fn converge(primary: &Process, replica: &Process) {
         pos(replica, "db"),
         replica.log_text()
     );
-    assert_eq!(
-        std::fs::read(primary.path("db")).unwrap(),
-        std::fs::read(replica.path("db")).unwrap(),
+    assert!(
+        std::fs::read(primary.path("db")).unwrap() == std::fs::read(replica.path("db")).unwrap(),
         "replica's database differs from the primary's"
     );
 }
@@ -455,4 +454,112 @@ fn etcd_every_node_serves_info_events_and_metrics() {
     });
     eprintln!("b's events across the handoff: {seen:?}");
     assert_eq!(metric(&b, "litefs_lease_acquired_total"), 1);
+}
+
+fn count(p: &Process, v: &str) -> i64 {
+    let c = Connection::open(p.path("db")).unwrap();
+    c.busy_timeout(Duration::from_secs(2)).unwrap();
+    c.query_row("SELECT count(*) FROM t WHERE v = ?1", [v], |r| r.get(0))
+        .unwrap()
+}
+
+/// A WAL transaction open on the primary when it gets SIGTERM commits (the step-down
+/// waits for it), reaches the replica before the lease is released, and is there
+/// once the replica leads.
+#[test]
+fn etcd_wal_transaction_in_flight_at_sigterm_commits_and_survives() {
+    let etcd = EtcdServer::start();
+    let lease = etcd_lease(&etcd);
+    let mut a = node("node-a", &lease);
+    wait_primary(&a, Duration::from_secs(10), "a first");
+    let b = node("node-b", &lease);
+    let c = Connection::open(a.path("db")).unwrap();
+    c.busy_timeout(Duration::from_secs(2)).unwrap();
+    let mode: String = c
+        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+    c.execute("INSERT INTO t (v) VALUES ('before')", [])
+        .unwrap();
+    same_pos(&a, &b);
+
+    c.execute_batch("BEGIN IMMEDIATE; INSERT INTO t (v) VALUES ('in flight');")
+        .unwrap();
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(a.pid() as i32, libc::SIGTERM) };
+    std::thread::sleep(Duration::from_millis(300));
+    c.execute_batch("COMMIT")
+        .expect("the transaction begun as primary commits after SIGTERM");
+    drop(c);
+    let status = a.signal(0);
+    assert!(
+        status.success(),
+        "a exited {status}; log:\n{}",
+        a.log_text()
+    );
+    assert!(
+        a.log_text().contains("waiting for transactions in flight"),
+        "{}",
+        a.log_text()
+    );
+    wait_primary(&b, Duration::from_secs(5), "b after handoff");
+    assert_eq!(count(&b, "in flight"), 1, "b log:\n{}", b.log_text());
+    a.spawn();
+    assert!(try_write(&b, "b"));
+    same_pos(&b, &a);
+    assert_eq!(count(&a, "in flight"), 1);
+}
+
+/// Waits until `replica` shows `primary`'s position of `db` (in WAL mode the database
+/// files differ until a checkpoint, so only positions are compared).
+fn same_pos(primary: &Process, replica: &Process) {
+    let want = pos(primary, "db").expect("primary has db");
+    let ok = wait_until(Duration::from_secs(15), || {
+        pos(replica, "db").as_deref() == Some(&want)
+    });
+    assert!(
+        ok,
+        "replica stuck at {:?}, primary at {want}",
+        pos(replica, "db")
+    );
+}
+
+/// A primary cut off from etcd demotes itself; a connection it had open before can
+/// neither start a new transaction nor leave a trace of one.
+#[test]
+fn etcd_demoted_primary_refuses_writes_on_open_connections() {
+    let mut etcd = EtcdServer::start();
+    let a = node("node-a", &etcd_lease(&etcd));
+    wait_primary(&a, Duration::from_secs(10), "a first");
+    // Kept open across the demotion below.
+    let conns: Vec<Connection> = ["WAL", "DELETE"]
+        .iter()
+        .map(|mode| {
+            let c = Connection::open(a.path(&format!("db-{mode}"))).unwrap();
+            c.busy_timeout(Duration::from_millis(200)).unwrap();
+            let _: String = c
+                .query_row(&format!("PRAGMA journal_mode={mode}"), [], |r| r.get(0))
+                .unwrap();
+            c.execute_batch("CREATE TABLE t (v TEXT); INSERT INTO t VALUES ('primary');")
+                .unwrap();
+            c
+        })
+        .collect();
+    let before: Vec<String> = ["WAL", "DELETE"]
+        .iter()
+        .map(|m| pos(&a, &format!("db-{m}")).unwrap())
+        .collect();
+    etcd.stop();
+    let ok = wait_until(TTL * 2, || a.log_text().contains("lost the lease"));
+    assert!(ok, "{}", a.log_text());
+    for (c, m) in conns.iter().zip(["WAL", "DELETE"]) {
+        let r = c.execute("INSERT INTO t VALUES ('demoted')", []);
+        assert!(
+            r.is_err(),
+            "{m}: a demoted primary took a write on an open connection"
+        );
+    }
+    for (m, want) in ["WAL", "DELETE"].iter().zip(before) {
+        assert_eq!(pos(&a, &format!("db-{m}")).unwrap(), want, "{m} moved");
+    }
 }

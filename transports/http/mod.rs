@@ -6,6 +6,7 @@
 //! drains it. A slow replica fills only its own channel.
 
 pub mod events;
+pub mod handoff;
 pub mod ops;
 pub mod wire;
 
@@ -246,6 +247,8 @@ pub async fn serve(
         .route("/info", axum::routing::get(ops::info))
         .route("/metrics", axum::routing::get(ops::metrics))
         .route("/events", axum::routing::get(events::events))
+        .route("/promote", axum::routing::post(handoff::promote))
+        .route("/handoff", axum::routing::post(handoff::handoff))
         .route("/export", axum::routing::get(ops::export))
         .route(
             "/import",
@@ -309,19 +312,22 @@ async fn stream(State(st): State<ServerState>, body: Bytes) -> Response {
     );
     let (tx, rx) = mpsc::channel(CHANNEL_FRAMES);
     let node = request.node_id;
-    let guard = ops::StreamGuard::new(st.info.clone());
+    // Lives in the body: a step-down waits until the last frame left.
+    let guard = ops::StreamGuard::new(st.info.clone(), node);
     tokio::spawn(async move {
-        let _guard = guard;
         match primary::serve(st.store, request, st.tmp_dir, tx).await {
-            Ok(()) | Err(primary::StreamError::Disconnected) => {
+            Ok(()) => info!(replica = node, "stream ended"),
+            Err(primary::StreamError::Disconnected) => {
                 info!(replica = node, "replica disconnected")
             }
             Err(e) => warn!(replica = node, error = %e, "stream ended with an error"),
         }
     });
     let preamble = wire::encode_preamble(&cluster_id);
-    let frames = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|f| (wire::encode_frame(&f), rx))
+    let frames = futures_util::stream::unfold((rx, guard), |(mut rx, guard)| async move {
+        rx.recv()
+            .await
+            .map(|f| (wire::encode_frame(&f), (rx, guard)))
     });
     let body = futures_util::stream::once(async move { preamble })
         .chain(frames)

@@ -40,10 +40,43 @@ pub struct NodeInfo {
     pub lag: Mutex<Option<Arc<Lag>>>,
     /// Replicas currently streaming from this node.
     pub streams: AtomicUsize,
+    /// Node ids of the replicas streaming from this node (one entry per stream).
+    replicas: Mutex<Vec<u64>>,
     /// Lease counters for `/metrics` (elected nodes).
     pub lease: LeaseCounters,
     /// Primary changes, for `GET /events`.
     events: tokio::sync::broadcast::Sender<super::events::Event>,
+    /// Where `/promote` and `/handoff` send their requests: the election of an
+    /// elected node (`None` on static nodes).
+    control: Mutex<Option<tokio::sync::mpsc::Sender<Control>>>,
+}
+
+/// A request from the HTTP API to the node's election.
+#[derive(Debug)]
+pub enum Control {
+    /// `POST /promote` on a replica: take over from the current primary.
+    Promote {
+        /// `Ok` once this node is the primary, or why not.
+        reply: tokio::sync::oneshot::Sender<Result<String, String>>,
+    },
+    /// `POST /handoff` on the primary: stop writing, let `replica` catch up, and hand
+    /// it the lease.
+    Handoff {
+        /// The node id of the replica taking over.
+        replica: u64,
+        /// The lease and the final positions, or why not.
+        reply: tokio::sync::oneshot::Sender<Result<HandoffAnswer, String>>,
+    },
+}
+
+/// What the primary answers to `POST /handoff`: the lease to take over and the
+/// positions the replica must have reached first.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HandoffAnswer {
+    /// [`crate::lease::Lease::id`] of the handed-over lease.
+    pub lease_id: String,
+    /// Every database's final position on the old primary.
+    pub positions: Vec<DbInfo>,
 }
 
 /// What the election did with the lease since the node started.
@@ -78,9 +111,23 @@ impl NodeInfo {
             primary: Mutex::new(None),
             lag: Mutex::new(None),
             streams: AtomicUsize::new(0),
+            replicas: Mutex::new(Vec::new()),
             lease: LeaseCounters::default(),
             events: tokio::sync::broadcast::channel(256).0,
+            control: Mutex::new(None),
         }
+    }
+
+    /// Connects `/promote` and `/handoff` to the election.
+    pub fn set_control(&self, tx: tokio::sync::mpsc::Sender<Control>) {
+        *self.control.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+    }
+
+    pub(crate) fn control(&self) -> Option<tokio::sync::mpsc::Sender<Control>> {
+        self.control
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Records who the primary is now and tells `/events` subscribers:
@@ -126,19 +173,38 @@ impl NodeInfo {
     }
 }
 
-/// Counts a connected replica for as long as it lives.
-pub(crate) struct StreamGuard(Arc<NodeInfo>);
+impl NodeInfo {
+    /// Node ids of the replicas streaming from this node now.
+    pub fn connected_replicas(&self) -> Vec<u64> {
+        self.replicas
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// Counts a connected replica for as long as its response body lives (so until the
+/// last frame was handed to the connection).
+pub(crate) struct StreamGuard(Arc<NodeInfo>, u64);
 
 impl StreamGuard {
-    pub(crate) fn new(info: Arc<NodeInfo>) -> StreamGuard {
+    pub(crate) fn new(info: Arc<NodeInfo>, node_id: u64) -> StreamGuard {
         info.streams.fetch_add(1, Ordering::Relaxed);
-        StreamGuard(info)
+        info.replicas
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(node_id);
+        StreamGuard(info, node_id)
     }
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         self.0.streams.fetch_sub(1, Ordering::Relaxed);
+        let mut r = self.0.replicas.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = r.iter().position(|&n| n == self.1) {
+            r.swap_remove(i);
+        }
     }
 }
 
