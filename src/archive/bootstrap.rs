@@ -28,7 +28,7 @@ use super::restore::{download, plan, plan_from, recorded_positions};
 use super::{ArchiveError, RestoreTarget};
 use crate::ltx::{self, Checksum, Decoder, Encoder, Header, Pos, RollingChecksum, TxId};
 use crate::sink::{LtxObject, SnapshotSink};
-use crate::store::{FileKind, Store};
+use crate::store::{FileKind, Received, Store, Verified};
 
 /// What bootstrap did to one database.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,8 +109,10 @@ async fn bootstrap_db(
     tmp: &Path,
 ) -> Result<Bootstrapped, ArchiveError> {
     let apply = |name: &str, path: &Path| -> Result<Pos, String> {
+        let file = Verified::verify(name, Received::File(path.to_path_buf()))
+            .map_err(|e| e.to_string())?;
         store
-            .apply_replicated(name, path)
+            .apply_replicated(name, file)
             .map(|a| a.pos)
             .map_err(|e| e.to_string())
     };

@@ -45,6 +45,8 @@ const POS_SUFFIX: &str = "-pos";
 /// Byte offsets of the WAL-index locks SQLite takes on the `-shm` file.
 const SHM_WRITE: u64 = 120;
 const SHM_CKPT: u64 = 121;
+/// SQLite's RESERVED lock byte of a database file: a rollback-mode writer holds it.
+const DB_RESERVED: u64 = DB_LOCKS.0 + 1;
 
 /// What an inode number stands for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -478,9 +480,10 @@ impl Shared {
         );
         let acc = OpenFlags(flags).acc_mode();
         let writable = acc != OpenAccMode::O_RDONLY;
+        let _gate = self.store.write_gate();
         // A replica's readers keep the WAL index (and, in WAL mode, an empty WAL) of
         // their own; only the database and its journal are read-only.
-        if writable && !self.store.is_primary() && !replica_writable(kind) {
+        if writable && !self.store.may_write(db.name()) && !replica_writable(kind) {
             return Err(Errno::EACCES);
         }
         let mut opts = OpenOptions::new();
@@ -513,6 +516,23 @@ impl Shared {
         }
         if let Some(t) = lock(&self.locks).get_mut(&key) {
             t.release_owner(owner);
+        }
+        self.sync_writer(db.name(), owner);
+    }
+
+    /// Tells the store when `owner` no longer holds SQLite's writer lock on `db`
+    /// (WAL-index WRITE or the database's RESERVED byte): its transaction ended.
+    fn sync_writer(&self, db: &str, owner: u64) {
+        let tables = lock(&self.locks);
+        let holds = |kind, byte| {
+            tables
+                .get(&(db.to_string(), kind))
+                .and_then(|t| t.holds(owner, byte))
+                == Some(LockKind::Write)
+        };
+        if !holds(FileKind::Shm, SHM_WRITE) && !holds(FileKind::Database, DB_RESERVED) {
+            drop(tables);
+            self.store.writer_ended(db, owner);
         }
     }
 
@@ -566,6 +586,15 @@ impl Shared {
             file.write_all_at(data, offset)
                 .map_err(|e| io_errno("write", &db.path(*kind), e))
         };
+        // Held to the end of the commit hook the write may trigger.
+        let _gate = self.store.write_gate();
+        if *kind != FileKind::Shm && !self.store.may_write(db.name()) {
+            debug!(
+                db = db.name(),
+                "write refused: not the primary, and no transaction begun as primary"
+            );
+            return Err(Errno::EROFS);
+        }
         match kind {
             FileKind::Database => {
                 pwrite(file)?;
@@ -638,10 +667,43 @@ impl Shared {
             libc::F_UNLCK => None,
             _ => return Err(Errno::EINVAL),
         };
+        let writer_byte = match kind {
+            FileKind::Shm => Some(SHM_WRITE),
+            FileKind::Database => Some(DB_RESERVED),
+            _ => None,
+        }
+        .filter(|&b| covers(start, end, b));
+        // Taking the writer lock begins a transaction: as the primary (checked under
+        // the gate) it may finish after a demotion. Releasing it runs the WAL commit
+        // hook, also under the gate.
+        let _gate = writer_byte.map(|_| self.store.write_gate());
+        let r = self.setlk_locked(db, kind, owner, pid, start, end, new_kind, &key);
+        if writer_byte.is_some() {
+            if r.is_ok() && new_kind == Some(LockKind::Write) && self.store.is_primary() {
+                self.store.writer_began(db.name(), owner);
+            } else {
+                self.sync_writer(db.name(), owner);
+            }
+        }
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn setlk_locked(
+        &self,
+        db: &Db,
+        kind: FileKind,
+        owner: u64,
+        pid: u32,
+        start: u64,
+        end: u64,
+        new_kind: Option<LockKind>,
+        key: &(String, FileKind),
+    ) -> Result<(), Errno> {
         if kind == FileKind::Shm && covers(start, end, SHM_WRITE) {
             let releases_write = new_kind != Some(LockKind::Write)
                 && lock(&self.locks)
-                    .get(&key)
+                    .get(key)
                     .and_then(|t| t.holds(owner, SHM_WRITE))
                     == Some(LockKind::Write);
             // The lock stays held while the store captures the commit, so no
@@ -652,7 +714,7 @@ impl Shared {
             }
         }
         let mut tables = lock(&self.locks);
-        let table = tables.entry(key).or_default();
+        let table = tables.entry(key.clone()).or_default();
         match new_kind {
             None => {
                 table.unlock(owner, start, end);
@@ -687,10 +749,17 @@ impl Shared {
         {
             return Err(Errno::EACCES);
         }
-        if !self.store.is_primary() {
+        let (dbname, kind) = parse_mount_name(name).ok_or(Errno::ENOENT)?;
+        let _gate = self.store.write_gate();
+        // Deleting a database begins no transaction: only the primary may.
+        let allowed = if kind == FileKind::Database {
+            self.store.is_primary()
+        } else {
+            self.store.may_write(dbname)
+        };
+        if !allowed {
             return Err(Errno::EACCES);
         }
-        let (dbname, kind) = parse_mount_name(name).ok_or(Errno::ENOENT)?;
         let db = self.db(dbname)?;
         let path = db.path(kind);
         match kind {
@@ -736,9 +805,6 @@ impl Shared {
 
     fn do_rename(&self, from: &str, to: &str, flags: RenameFlags) -> Result<(), Errno> {
         self.trace("rename", format_args!("{from} -> {to}"));
-        if !self.store.is_primary() {
-            return Err(Errno::EACCES);
-        }
         if flags.contains(RenameFlags::RENAME_EXCHANGE) {
             return Err(Errno::EINVAL);
         }
@@ -747,6 +813,10 @@ impl Shared {
         else {
             return Err(Errno::EACCES);
         };
+        let _gate = self.store.write_gate();
+        if !self.store.may_write(sdb) || !self.store.may_write(tdb) {
+            return Err(Errno::EACCES);
+        }
         if skind == FileKind::Database || tkind == FileKind::Database || skind != tkind {
             // A database cannot change its name in the replicated history; EXDEV makes
             // `mv` fall back to copy + unlink, which replicates as create + delete.
@@ -807,7 +877,8 @@ impl Shared {
         }
         let (dbname, kind) = parse_mount_name(name).ok_or(Errno::EPERM)?;
         let replica_may = replica_writable(kind) && self.store.db(dbname).is_some();
-        if !self.store.is_primary() && !replica_may {
+        let gate = self.store.write_gate();
+        if !self.store.may_write(dbname) && !replica_may {
             return Err(Errno::EACCES);
         }
         let mut flags = flags;
@@ -827,6 +898,8 @@ impl Shared {
             },
             _ => self.db(dbname)?,
         };
+        // open_real takes the gate itself.
+        drop(gate);
         let file = self.open_real(&db, kind, flags, Some(mode & 0o7777))?;
         let node = Node::File {
             db: dbname.to_string(),
@@ -885,7 +958,8 @@ impl Shared {
         };
         if let Some(size) = size {
             self.trace("truncate", format_args!("{} {kind:?} to {size}", db.name()));
-            if !self.store.is_primary() && !replica_writable(*kind) {
+            let _gate = self.store.write_gate();
+            if !self.store.may_write(db.name()) && !replica_writable(*kind) {
                 return Err(Errno::EACCES);
             }
             self.truncate(&db, *kind, file, size)?;
@@ -1212,6 +1286,8 @@ impl fuser::Filesystem for LiteFs {
             Ok(h) => h,
             Err(e) => return reply.error(e),
         };
+        // Releasing locks and flushing may run commit hooks.
+        let _gate = s.store.write_gate();
         // close() drops every POSIX lock the process holds on the file.
         if let Handle::Real { db, kind, .. } = &*h {
             s.release_locks(db, *kind, lock_owner.0);
@@ -1236,6 +1312,7 @@ impl fuser::Filesystem for LiteFs {
         let Some(h) = write_lock(&s.handles).remove(&fh.0) else {
             return reply.error(Errno::EBADF);
         };
+        let _gate = s.store.write_gate();
         if let (Handle::Real { db, kind, .. }, Some(owner)) = (&*h, lock_owner) {
             s.release_locks(db, *kind, owner.0);
         }
@@ -1253,6 +1330,7 @@ impl fuser::Filesystem for LiteFs {
         reply: ReplyEmpty,
     ) {
         let s = &self.shared;
+        let _gate = s.store.write_gate();
         let r = s.handle(fh).and_then(|h| {
             if let Handle::Real { db, kind, file, .. } = &*h {
                 let r = if datasync {

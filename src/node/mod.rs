@@ -53,7 +53,6 @@ pub struct Node {
     /// The lease client of an elected node.
     leaser: Option<Arc<dyn Leaser>>,
     reconnect_delay: std::time::Duration,
-    http_addr: std::net::SocketAddr,
     election: Mutex<Option<JoinHandle<()>>>,
     /// What `/info` and `/metrics` report about this node.
     info: Arc<http::ops::NodeInfo>,
@@ -95,8 +94,8 @@ impl Node {
         ));
         match &role {
             Role::Elected => {
-                // The election binds http.addr once this node leads: a node that joins
-                // a cluster must not found its own before it learnt the primary's id.
+                // Read-only until the election says otherwise; a node that joins a
+                // cluster founds none before it learnt the primary's id.
                 store.set_primary(false);
                 info!(
                     candidate = cfg.lease.candidate,
@@ -116,15 +115,9 @@ impl Node {
                 );
             }
         }
-        // Every static node serves HTTP: replicas answer `/info`, `/metrics` and
-        // `/export` (and refuse `/stream` and `/import`). An elected node binds
-        // `http.addr` only while it leads (see `elect`).
-        // Only a primary creates the cluster id; a replica adopts its primary's.
-        let server = if role == Role::Elected {
-            None
-        } else {
-            Some(serve_static(&role, &store, &stop_tx, &info, http_addr).await?)
-        };
+        // Every node serves HTTP from the start: replicas answer `/info`, `/metrics`,
+        // `/events` and `/export` (and refuse `/stream` and `/import`).
+        let server = Some(serve(&role, &store, &stop_tx, &info, http_addr).await?);
         Ok(Node {
             role,
             store,
@@ -135,7 +128,6 @@ impl Node {
             synced: Arc::new(watch::Sender::new(false)),
             leaser,
             reconnect_delay: cfg.lease.reconnect_delay,
-            http_addr,
             election: Mutex::new(None),
             info,
         })
@@ -227,6 +219,8 @@ impl Node {
                 return;
             }
         };
+        let (control_tx, control) = tokio::sync::mpsc::channel(8);
+        self.info.set_control(control_tx);
         let election = elect::Election {
             leaser,
             store: self.store.clone(),
@@ -236,8 +230,8 @@ impl Node {
             node_id: self.node_id,
             synced: self.synced.clone(),
             reconnect_delay: self.reconnect_delay,
-            http_addr: self.http_addr,
             info: self.info.clone(),
+            control: tokio::sync::Mutex::new(control),
         };
         let handle = tokio::spawn(election.run(self.stop_tx.subscribe()));
         *self.election.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
@@ -277,9 +271,10 @@ impl Node {
     }
 }
 
-/// Binds `http.addr` for a static node and serves the stream (primary) and the
-/// operator endpoints (every node) until the node stops.
-async fn serve_static(
+/// Binds `http.addr` and serves the stream (while primary) and the operator endpoints
+/// until the node stops. Only a static primary creates the cluster id here; an
+/// elected node creates it when it first leads, a replica adopts its primary's.
+async fn serve(
     role: &Role,
     store: &Arc<Store>,
     stop_tx: &watch::Sender<bool>,
@@ -288,9 +283,9 @@ async fn serve_static(
 ) -> anyhow::Result<JoinHandle<()>> {
     let data_dir = &store.options().data_dir;
     let id = if *role == Role::Primary {
-        cluster_id::read_or_create(data_dir)
+        cluster_id::read_or_create(data_dir).map(Some)
     } else {
-        cluster_id::read(data_dir).map(Option::unwrap_or_default)
+        cluster_id::read(data_dir)
     }
     .with_context(|| format!("cluster id in {}", data_dir.display()))?;
     let addr = http_addr;
@@ -298,7 +293,7 @@ async fn serve_static(
         .await
         .with_context(|| format!("binding http.addr {addr}"))?;
     if *role == Role::Primary {
-        info!(%addr, cluster_id = id, "primary (static lease): serving replicas");
+        info!(%addr, cluster_id = id.as_deref(), "primary (static lease): serving replicas");
     }
     let mut stop = stop_tx.subscribe();
     let shutdown = async move {
@@ -307,7 +302,7 @@ async fn serve_static(
     let st = store.clone();
     let server_info = info.clone();
     Ok(tokio::spawn(async move {
-        if let Err(e) = http::serve(listener, st, id, server_info, shutdown).await {
+        if let Err(e) = http::serve(listener, st, server_info, shutdown).await {
             error!(error = %e, "HTTP server failed");
         }
     }))

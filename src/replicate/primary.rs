@@ -45,6 +45,10 @@ pub enum StreamError {
 /// [`HEARTBEAT_INTERVAL`] when idle. Snapshots are written to `tmp_dir` and removed
 /// after sending.
 ///
+/// Once the store stopped being the primary (step-down, handoff, lost lease) and no
+/// transaction begun as primary is still open, the stream sends whatever the replica
+/// still lacks, then [`Frame::End`], and returns `Ok(())`.
+///
 /// # Errors
 /// [`StreamError::Disconnected`] when the replica goes away (the normal end); store and
 /// I/O errors end the stream (the replica reconnects).
@@ -101,6 +105,16 @@ pub async fn serve(
                 known.insert(name, pos);
                 sent_any = true;
             }
+        }
+        if !sent_any && !store.is_primary() && store.writers_in_flight() == 0 {
+            tx.send(Frame::End)
+                .await
+                .map_err(|_| StreamError::Disconnected)?;
+            info!(
+                replica = node,
+                "replica has every committed transaction: ending the stream"
+            );
+            return Ok(());
         }
         if !ready_sent && !sent_any {
             let databases = store

@@ -85,8 +85,21 @@ impl Replica {
     /// cluster is refused and retried (it may be replaced) with the longest backoff.
     /// When it returns, everything received was applied and synced
     /// ([`Store::sync_replicated`]).
-    pub async fn run(self, mut stop: watch::Receiver<bool>) {
-        self.run_until(&mut stop).await;
+    pub async fn run(self, stop: watch::Receiver<bool>) {
+        let (_never, drain) = watch::channel(false);
+        self.run_draining(stop, drain).await
+    }
+
+    /// As [`Replica::run`]; in addition, once `drain` turns true the replica does not
+    /// connect again: a stream in progress goes on until the primary ends it (with
+    /// `End` after its last file, when it steps down) or it fails. So a replica that
+    /// learns of a new primary first receives everything the old one committed.
+    pub async fn run_draining(
+        self,
+        mut stop: watch::Receiver<bool>,
+        mut drain: watch::Receiver<bool>,
+    ) {
+        self.run_until(&mut stop, &mut drain).await;
         let store = self.store.clone();
         match tokio::task::spawn_blocking(move || store.sync_replicated()).await {
             Ok(Ok(())) => {}
@@ -95,12 +108,16 @@ impl Replica {
         }
     }
 
-    async fn run_until(&self, stop: &mut watch::Receiver<bool>) {
+    async fn run_until(
+        &self,
+        stop: &mut watch::Receiver<bool>,
+        drain: &mut watch::Receiver<bool>,
+    ) {
         let tmp_dir = self.store.options().data_dir.join("repl-tmp");
         let failures: Failures = Arc::default();
         let mut backoff = MIN_BACKOFF;
         loop {
-            if *stop.borrow() {
+            if *stop.borrow() || *drain.borrow() {
                 return;
             }
             match self.session(&tmp_dir, &failures, stop).await {
@@ -134,6 +151,7 @@ impl Replica {
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
                 _ = stop.changed() => return,
+                _ = drain.wait_for(|d| *d) => return,
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }

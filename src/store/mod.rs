@@ -38,6 +38,8 @@
 //!   every capture fails the hook on a mismatch), [`Db::commit`], [`Db::ltx_dir`].
 //! - Added for replication (`src/store/replica.rs`, `src/store/snapshot.rs`):
 //!   [`Store::set_primary`] (a replica's mount is read-only and captures nothing),
+//!   [`Store::write_gate`] and [`Store::may_write`] (the write gate: what a demotion
+//!   waits for, and which transactions may still finish after it),
 //!   [`Store::subscribe_changes`] (a `tokio::sync::watch` bumped after every capture,
 //!   creation and deletion: what wakes the primary's streams), [`Store::apply_replicated`]
 //!   (verify a received LTX file completely, then apply it; the caller holds the FUSE
@@ -227,6 +229,13 @@ pub struct Store {
     archived: Mutex<Option<BTreeMap<String, TxId>>>,
     /// Whether this node takes writes (see [`Store::set_primary`]).
     primary: std::sync::atomic::AtomicBool,
+    /// Held shared by every mutating file-system operation from its permission check
+    /// to the end of its commit hook; exclusively by a demotion (see
+    /// [`Store::write_gate`]).
+    write_gate: std::sync::RwLock<()>,
+    /// Per database, the lock owners whose write transaction began while this node
+    /// was the primary (see [`Store::writer_began`]).
+    writers: Mutex<BTreeMap<String, std::collections::BTreeSet<u64>>>,
     /// Bumped after every change of a position or of the set of databases.
     changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
@@ -311,6 +320,8 @@ impl Store {
             syncer: Mutex::new(None),
             archived: Mutex::new(None),
             primary: std::sync::atomic::AtomicBool::new(true),
+            write_gate: std::sync::RwLock::new(()),
+            writers: Mutex::new(BTreeMap::new()),
             changes: Arc::new(tokio::sync::watch::Sender::new(0)),
         });
         for db in store.inner().dbs.values() {

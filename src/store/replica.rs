@@ -256,9 +256,80 @@ fn decode<R: Read>(r: R, keep: bool) -> Result<Decoded, LtxError> {
 
 impl Store {
     /// Makes this node a replica (`false`: the mount turns read-only and captures
-    /// nothing) or a primary again.
+    /// nothing new) or a primary again.
+    ///
+    /// Demotion takes the [write gate](Store::write_gate) exclusively, so it returns
+    /// only once every file-system operation that saw this node as the primary has
+    /// finished, commit hook included. Transactions that began before it (see
+    /// [`Store::writer_began`]) may still finish; [`Store::fence_writers`] ends that.
+    /// Blocks the calling thread: call it off the async runtime's workers.
     pub fn set_primary(&self, primary: bool) {
-        self.primary.store(primary, Ordering::Release);
+        if primary {
+            self.primary.store(true, Ordering::Release);
+        } else {
+            let _gate = self.write_gate.write().unwrap_or_else(|p| p.into_inner());
+            self.primary.store(false, Ordering::Release);
+        }
+        self.notify_change();
+    }
+
+    /// The write gate, shared: every mutating file-system operation holds it from its
+    /// "may I write" check ([`Store::may_write`]) to the end of its commit hook, so a
+    /// demotion cannot fall between the two. Never take it twice on one thread (a
+    /// waiting demotion would deadlock both).
+    pub fn write_gate(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.write_gate.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a write to `db` may go ahead: on the primary always; after a demotion
+    /// only while a transaction that began on the primary is still open on it (its
+    /// later frames and its commit are accepted, new transactions are not).
+    pub fn may_write(&self, db: &str) -> bool {
+        self.is_primary() || self.writers_of(db) > 0
+    }
+
+    /// Records that lock owner `owner` began a write transaction on `db` (took
+    /// SQLite's writer lock) while this node was the primary. Call it under the
+    /// write gate, after checking [`Store::is_primary`].
+    pub fn writer_began(&self, db: &str, owner: u64) {
+        let mut w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        w.entry(db.to_string()).or_default().insert(owner);
+    }
+
+    /// `owner`'s write transaction on `db` ended (writer lock released).
+    pub fn writer_ended(&self, db: &str, owner: u64) {
+        let mut w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(set) = w.get_mut(db) {
+            set.remove(&owner);
+            if set.is_empty() {
+                w.remove(db);
+                drop(w);
+                // A stepping-down primary's streams end once no transaction is open.
+                self.notify_change();
+            }
+        }
+    }
+
+    fn writers_of(&self, db: &str) -> usize {
+        let w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        w.get(db).map_or(0, |s| s.len())
+    }
+
+    /// Write transactions open now that began while this node was the primary.
+    pub fn writers_in_flight(&self) -> usize {
+        let w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        w.values().map(|s| s.len()).sum()
+    }
+
+    /// After a demotion: transactions still open may not write any more (the node
+    /// waited for them as long as its lease allowed). Takes the write gate, so no
+    /// write that was let through is still running when it returns.
+    pub fn fence_writers(&self) {
+        let _gate = self.write_gate.write().unwrap_or_else(|p| p.into_inner());
+        self.writers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         self.notify_change();
     }
 
@@ -599,4 +670,63 @@ fn redo_last(name: &str, db_path: &Path, ltx_path: &Path) -> Result<bool, StoreE
         .map_err(|e| StoreError::io(name, "open database", db_path, e))?;
     ltxio::rewrite_pages(name, &f, ltx_path)?;
     Ok(matches())
+}
+
+#[cfg(test)]
+mod gate_tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, std::sync::Arc<Store>) {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(super::super::StoreOptions {
+            data_dir: d.path().to_path_buf(),
+            retention: Duration::from_secs(60),
+            retention_monitor_interval: Duration::ZERO,
+            node_id: 1,
+        })
+        .unwrap();
+        (d, s)
+    }
+
+    #[test]
+    fn demotion_waits_for_an_operation_holding_the_gate() {
+        let (_d, s) = store();
+        let gate = s.write_gate();
+        assert!(s.may_write("db"));
+        let (tx, rx) = mpsc::channel();
+        let s2 = s.clone();
+        let demoter = std::thread::spawn(move || {
+            s2.set_primary(false);
+            tx.send(()).unwrap();
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "set_primary(false) returned while an operation held the gate"
+        );
+        // The operation that saw the primary finishes as one.
+        assert!(s.is_primary());
+        drop(gate);
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("demotion finishes once the gate is free");
+        demoter.join().unwrap();
+        assert!(!s.is_primary() && !s.may_write("db"));
+    }
+
+    #[test]
+    fn a_transaction_begun_on_the_primary_may_finish_until_fenced() {
+        let (_d, s) = store();
+        s.writer_began("db", 7);
+        s.set_primary(false);
+        assert!(s.may_write("db"), "the open transaction may commit");
+        assert!(!s.may_write("other"), "no new transaction elsewhere");
+        assert_eq!(s.writers_in_flight(), 1);
+        s.writer_ended("db", 7);
+        assert!(!s.may_write("db"));
+        s.writer_began("db", 8);
+        s.fence_writers();
+        assert!(!s.may_write("db") && s.writers_in_flight() == 0);
+    }
 }

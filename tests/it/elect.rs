@@ -2,6 +2,8 @@
 //! (in-repo test server) lease with a 2 s TTL. The primary is whichever node accepts a
 //! write through its mount.
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
@@ -91,9 +93,8 @@ pub(crate) fn converge(primary: &Process, replica: &Process) {
         pos(replica, "db"),
         replica.log_text()
     );
-    assert_eq!(
-        std::fs::read(primary.path("db")).unwrap(),
-        std::fs::read(replica.path("db")).unwrap(),
+    assert!(
+        std::fs::read(primary.path("db")).unwrap() == std::fs::read(replica.path("db")).unwrap(),
         "replica's database differs from the primary's"
     );
 }
@@ -301,4 +302,264 @@ fn etcd_non_candidate_follows_but_never_leads() {
     a.spawn();
     wait_primary(&a, Duration::from_secs(5), "a back");
     converge(&a, &c);
+}
+
+/// The HTTP port of a node started by [`node_with`] (read back from its config).
+fn port(p: &Process) -> u16 {
+    let cfg = std::fs::read_to_string(&p.config).unwrap();
+    cfg.lines()
+        .find_map(|l| l.trim().strip_prefix("addr: 127.0.0.1:"))
+        .and_then(|s| s.parse().ok())
+        .expect("http.addr in the config")
+}
+
+/// A plain HTTP/1.0 request with a 10 s deadline; returns the status and body.
+fn http(port: u16, method: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).unwrap();
+    let resp = String::from_utf8_lossy(&resp).into_owned();
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_string())
+}
+
+fn info(p: &Process) -> serde_json::Value {
+    let (status, body) = http(port(p), "GET", "/info");
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// The value of an unlabelled metric in `/metrics`.
+fn metric(p: &Process, name: &str) -> u64 {
+    let (_, text) = http(port(p), "GET", "/metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+}
+
+/// A `GET /events` subscription.
+struct Events {
+    r: BufReader<TcpStream>,
+}
+
+impl Events {
+    fn open(p: &Process) -> Events {
+        let mut s = TcpStream::connect(("127.0.0.1", port(p))).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        write!(s, "GET /events HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut r = BufReader::new(s);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut line = String::new();
+        // Skip the response head.
+        while Instant::now() < deadline {
+            line.clear();
+            match r.read_line(&mut line) {
+                Ok(_) if line == "\r\n" => return Events { r },
+                Ok(0) => panic!("/events closed"),
+                _ => {}
+            }
+        }
+        panic!("no /events response");
+    }
+
+    /// Events until one satisfies `want` (or `within` passes): all of them, the last
+    /// being the match.
+    fn until(
+        &mut self,
+        within: Duration,
+        want: impl Fn(&serde_json::Value) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + within;
+        let mut seen = Vec::new();
+        let mut line = String::new();
+        while Instant::now() < deadline {
+            match self.r.read_line(&mut line) {
+                Ok(0) => break,
+                Ok(_) if line.ends_with('\n') => {
+                    let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+                    line.clear();
+                    let done = want(&v);
+                    seen.push(v);
+                    if done {
+                        return seen;
+                    }
+                }
+                _ => {}
+            }
+        }
+        panic!("no matching event in {within:?}; saw {seen:?}");
+    }
+}
+
+/// Every elected node serves `/info`, `/metrics` and `/events` from the start; a
+/// replica's stream endpoint refuses; events report the role, commits and changes of
+/// primary; the lease counters count.
+#[test]
+fn etcd_every_node_serves_info_events_and_metrics() {
+    let etcd = EtcdServer::start();
+    let lease = etcd_lease(&etcd);
+    let mut a = node("node-a", &lease);
+    wait_primary(&a, Duration::from_secs(10), "a first");
+    let b = node("node-b", &lease);
+    let ok = wait_until(Duration::from_secs(10), || {
+        info(&b)["primary_hostname"] == "node-a"
+    });
+    assert!(ok, "b's /info: {}", info(&b));
+    assert_eq!(info(&b)["is_primary"], false);
+    assert_eq!(info(&a)["is_primary"], true);
+    assert_eq!(http(port(&b), "POST", "/stream").0, 400);
+
+    let mut ea = Events::open(&a);
+    let init = ea.until(Duration::from_secs(5), |e| e["type"] == "init");
+    assert_eq!(init[0]["data"]["isPrimary"], true, "{init:?}");
+    let mut eb = Events::open(&b);
+    let init = eb.until(Duration::from_secs(5), |e| e["type"] == "init");
+    assert_eq!(init[0]["data"]["isPrimary"], false);
+    assert_eq!(init[0]["data"]["hostname"], "node-a");
+
+    assert!(try_write(&a, "x"));
+    let txid = pos(&a, "db").unwrap();
+    let txid = txid.split('/').next().unwrap().to_string();
+    ea.until(Duration::from_secs(5), |e| {
+        e["type"] == "tx" && e["data"]["txID"] == txid
+    });
+    eb.until(Duration::from_secs(5), |e| {
+        e["type"] == "tx" && e["data"]["txID"] == txid
+    });
+
+    // Renewals every TTL/2.
+    assert!(wait_until(TTL * 2, || metric(
+        &a,
+        "litefs_lease_renewals_total"
+    ) >= 1));
+    assert_eq!(metric(&a, "litefs_lease_acquired_total"), 1);
+    assert_eq!(metric(&b, "litefs_lease_acquired_total"), 0);
+
+    a.signal(libc::SIGTERM);
+    let seen = eb.until(Duration::from_secs(5), |e| {
+        e["type"] == "primaryChange" && e["data"]["isPrimary"] == true
+    });
+    eprintln!("b's events across the handoff: {seen:?}");
+    assert_eq!(metric(&b, "litefs_lease_acquired_total"), 1);
+}
+
+fn count(p: &Process, v: &str) -> i64 {
+    let c = Connection::open(p.path("db")).unwrap();
+    c.busy_timeout(Duration::from_secs(2)).unwrap();
+    c.query_row("SELECT count(*) FROM t WHERE v = ?1", [v], |r| r.get(0))
+        .unwrap()
+}
+
+/// A WAL transaction open on the primary when it gets SIGTERM commits (the step-down
+/// waits for it), reaches the replica before the lease is released, and is there
+/// once the replica leads.
+#[test]
+fn etcd_wal_transaction_in_flight_at_sigterm_commits_and_survives() {
+    let etcd = EtcdServer::start();
+    let lease = etcd_lease(&etcd);
+    let mut a = node("node-a", &lease);
+    wait_primary(&a, Duration::from_secs(10), "a first");
+    let b = node("node-b", &lease);
+    let c = Connection::open(a.path("db")).unwrap();
+    c.busy_timeout(Duration::from_secs(2)).unwrap();
+    let mode: String = c
+        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+    c.execute("INSERT INTO t (v) VALUES ('before')", [])
+        .unwrap();
+    same_pos(&a, &b);
+
+    c.execute_batch("BEGIN IMMEDIATE; INSERT INTO t (v) VALUES ('in flight');")
+        .unwrap();
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(a.pid() as i32, libc::SIGTERM) };
+    std::thread::sleep(Duration::from_millis(300));
+    c.execute_batch("COMMIT")
+        .expect("the transaction begun as primary commits after SIGTERM");
+    drop(c);
+    let status = a.signal(0);
+    assert!(
+        status.success(),
+        "a exited {status}; log:\n{}",
+        a.log_text()
+    );
+    assert!(
+        a.log_text().contains("waiting for transactions in flight"),
+        "{}",
+        a.log_text()
+    );
+    wait_primary(&b, Duration::from_secs(5), "b after handoff");
+    assert_eq!(count(&b, "in flight"), 1, "b log:\n{}", b.log_text());
+    a.spawn();
+    assert!(try_write(&b, "b"));
+    same_pos(&b, &a);
+    assert_eq!(count(&a, "in flight"), 1);
+}
+
+/// Waits until `replica` shows `primary`'s position of `db` (in WAL mode the database
+/// files differ until a checkpoint, so only positions are compared).
+fn same_pos(primary: &Process, replica: &Process) {
+    let want = pos(primary, "db").expect("primary has db");
+    let ok = wait_until(Duration::from_secs(15), || {
+        pos(replica, "db").as_deref() == Some(&want)
+    });
+    assert!(
+        ok,
+        "replica stuck at {:?}, primary at {want}",
+        pos(replica, "db")
+    );
+}
+
+/// A primary cut off from etcd demotes itself; a connection it had open before can
+/// neither start a new transaction nor leave a trace of one.
+#[test]
+fn etcd_demoted_primary_refuses_writes_on_open_connections() {
+    let mut etcd = EtcdServer::start();
+    let a = node("node-a", &etcd_lease(&etcd));
+    wait_primary(&a, Duration::from_secs(10), "a first");
+    // Kept open across the demotion below.
+    let conns: Vec<Connection> = ["WAL", "DELETE"]
+        .iter()
+        .map(|mode| {
+            let c = Connection::open(a.path(&format!("db-{mode}"))).unwrap();
+            c.busy_timeout(Duration::from_millis(200)).unwrap();
+            let _: String = c
+                .query_row(&format!("PRAGMA journal_mode={mode}"), [], |r| r.get(0))
+                .unwrap();
+            c.execute_batch("CREATE TABLE t (v TEXT); INSERT INTO t VALUES ('primary');")
+                .unwrap();
+            c
+        })
+        .collect();
+    let before: Vec<String> = ["WAL", "DELETE"]
+        .iter()
+        .map(|m| pos(&a, &format!("db-{m}")).unwrap())
+        .collect();
+    etcd.stop();
+    let ok = wait_until(TTL * 2, || a.log_text().contains("lost the lease"));
+    assert!(ok, "{}", a.log_text());
+    for (c, m) in conns.iter().zip(["WAL", "DELETE"]) {
+        let r = c.execute("INSERT INTO t VALUES ('demoted')", []);
+        assert!(
+            r.is_err(),
+            "{m}: a demoted primary took a write on an open connection"
+        );
+    }
+    for (m, want) in ["WAL", "DELETE"].iter().zip(before) {
+        assert_eq!(pos(&a, &format!("db-{m}")).unwrap(), want, "{m} moved");
+    }
 }

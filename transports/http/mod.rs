@@ -5,6 +5,8 @@
 //! ([`crate::replicate::primary::serve`]) feeding a small bounded channel; the HTTP body
 //! drains it. A slow replica fills only its own channel.
 
+pub mod events;
+pub mod handoff;
 pub mod ops;
 pub mod wire;
 
@@ -202,7 +204,6 @@ impl FrameStream for HttpFrameStream {
 #[derive(Clone)]
 struct ServerState {
     store: Arc<Store>,
-    cluster_id: String,
     tmp_dir: PathBuf,
     info: Arc<ops::NodeInfo>,
 }
@@ -219,16 +220,16 @@ pub fn parse_addr(addr: &str) -> Result<SocketAddr, std::net::AddrParseError> {
     }
 }
 
-/// Serves `POST /stream` and the operator endpoints of [`ops`] (`/info`, `/metrics`,
-/// `/export`, `/import`) on `listener` until `shutdown` resolves. Streams are served
-/// only while `store.is_primary()`; a replica answers 503.
+/// Serves `POST /stream`, `GET /events` and the operator endpoints of [`ops`]
+/// (`/info`, `/metrics`, `/export`, `/import`) on `listener` until `shutdown`
+/// resolves. Streams are served only while `store.is_primary()` (a replica answers
+/// 503), under the cluster id in the data directory at the time of the request.
 ///
 /// # Errors
 /// When the server fails.
 pub async fn serve(
     listener: TcpListener,
     store: Arc<Store>,
-    cluster_id: String,
     info: Arc<ops::NodeInfo>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -239,13 +240,15 @@ pub async fn serve(
     };
     let state = ServerState {
         store,
-        cluster_id,
         tmp_dir,
         info,
     };
     let ops_routes = axum::Router::new()
         .route("/info", axum::routing::get(ops::info))
         .route("/metrics", axum::routing::get(ops::metrics))
+        .route("/events", axum::routing::get(events::events))
+        .route("/promote", axum::routing::post(handoff::promote))
+        .route("/handoff", axum::routing::post(handoff::handoff))
         .route("/export", axum::routing::get(ops::export))
         .route(
             "/import",
@@ -277,16 +280,30 @@ async fn stream(State(st): State<ServerState>, body: Bytes) -> Response {
     if !st.store.is_primary() {
         return (StatusCode::SERVICE_UNAVAILABLE, "not the primary\n").into_response();
     }
+    let data_dir = &st.store.options().data_dir;
+    let cluster_id = match crate::replicate::cluster_id::read(data_dir) {
+        Ok(Some(id)) => id,
+        Ok(None) => {
+            return (StatusCode::SERVICE_UNAVAILABLE, "no cluster id yet\n").into_response();
+        }
+        Err(e) => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cluster id: {e}\n"),
+            )
+                .into_response();
+        }
+    };
     if let Some(theirs) = &request.cluster_id
-        && *theirs != st.cluster_id
+        && *theirs != cluster_id
     {
         warn!(
             replica = request.node_id,
             replica_cluster = theirs,
-            cluster = st.cluster_id,
+            cluster = cluster_id,
             "refusing a replica of another cluster"
         );
-        return (StatusCode::CONFLICT, format!("{}\n", st.cluster_id)).into_response();
+        return (StatusCode::CONFLICT, format!("{cluster_id}\n")).into_response();
     }
     info!(
         replica = request.node_id,
@@ -295,19 +312,22 @@ async fn stream(State(st): State<ServerState>, body: Bytes) -> Response {
     );
     let (tx, rx) = mpsc::channel(CHANNEL_FRAMES);
     let node = request.node_id;
-    let guard = ops::StreamGuard::new(st.info.clone());
+    // Lives in the body: a step-down waits until the last frame left.
+    let guard = ops::StreamGuard::new(st.info.clone(), node);
     tokio::spawn(async move {
-        let _guard = guard;
         match primary::serve(st.store, request, st.tmp_dir, tx).await {
-            Ok(()) | Err(primary::StreamError::Disconnected) => {
+            Ok(()) => info!(replica = node, "stream ended"),
+            Err(primary::StreamError::Disconnected) => {
                 info!(replica = node, "replica disconnected")
             }
             Err(e) => warn!(replica = node, error = %e, "stream ended with an error"),
         }
     });
-    let preamble = wire::encode_preamble(&st.cluster_id);
-    let frames = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|f| (wire::encode_frame(&f), rx))
+    let preamble = wire::encode_preamble(&cluster_id);
+    let frames = futures_util::stream::unfold((rx, guard), |(mut rx, guard)| async move {
+        rx.recv()
+            .await
+            .map(|f| (wire::encode_frame(&f), (rx, guard)))
     });
     let body = futures_util::stream::once(async move { preamble })
         .chain(frames)

@@ -43,6 +43,65 @@ pub struct NodeInfo {
     pub streams: AtomicUsize,
     /// The archiver's state, when `backup` is set.
     pub archive: Mutex<Option<Arc<ArchiveState>>>,
+    /// Node ids of the replicas streaming from this node (one entry per stream).
+    replicas: Mutex<Vec<u64>>,
+    /// Lease counters for `/metrics` (elected nodes).
+    pub lease: LeaseCounters,
+    /// Primary changes, for `GET /events`.
+    events: tokio::sync::broadcast::Sender<super::events::Event>,
+    /// Where `/promote` and `/handoff` send their requests: the election of an
+    /// elected node (`None` on static nodes).
+    control: Mutex<Option<tokio::sync::mpsc::Sender<Control>>>,
+}
+
+/// A request from the HTTP API to the node's election.
+#[derive(Debug)]
+pub enum Control {
+    /// `POST /promote` on a replica: take over from the current primary.
+    Promote {
+        /// `Ok` once this node is the primary, or why not.
+        reply: tokio::sync::oneshot::Sender<Result<String, String>>,
+    },
+    /// `POST /handoff` on the primary: stop writing, let `replica` catch up, and hand
+    /// it the lease.
+    Handoff {
+        /// The node id of the replica taking over.
+        replica: u64,
+        /// The lease and the final positions, or why not.
+        reply: tokio::sync::oneshot::Sender<Result<HandoffAnswer, String>>,
+    },
+}
+
+/// What the primary answers to `POST /handoff`: the lease to take over and the
+/// positions the replica must have reached first.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HandoffAnswer {
+    /// [`crate::lease::Lease::id`] of the handed-over lease.
+    pub lease_id: String,
+    /// Every database's final position on the old primary.
+    pub positions: Vec<DbInfo>,
+}
+
+/// What the election did with the lease since the node started.
+#[derive(Debug, Default)]
+pub struct LeaseCounters {
+    /// Leases acquired (including by handoff).
+    pub acquired: AtomicU64,
+    /// Successful renewals.
+    pub renewals: AtomicU64,
+    /// Renewals that failed (the lease may still be valid).
+    pub renewal_failures: AtomicU64,
+    /// Leases lost (renewal impossible before expiry, or taken by someone else).
+    pub lost: AtomicU64,
+    /// Leases handed to another node or taken over from one (`/handoff`, `/promote`).
+    pub handoffs: AtomicU64,
+}
+
+impl LeaseCounters {
+    /// Adds one to a counter.
+    pub fn bump(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl NodeInfo {
@@ -56,6 +115,10 @@ impl NodeInfo {
             lag: Mutex::new(None),
             streams: AtomicUsize::new(0),
             archive: Mutex::new(None),
+            replicas: Mutex::new(Vec::new()),
+            lease: LeaseCounters::default(),
+            events: tokio::sync::broadcast::channel(256).0,
+            control: Mutex::new(None),
         }
     }
 
@@ -71,6 +134,35 @@ impl NodeInfo {
             .clone()
     }
 
+    /// Connects `/promote` and `/handoff` to the election.
+    pub fn set_control(&self, tx: tokio::sync::mpsc::Sender<Control>) {
+        *self.control.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+    }
+
+    pub(crate) fn control(&self) -> Option<tokio::sync::mpsc::Sender<Control>> {
+        self.control
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Records who the primary is now and tells `/events` subscribers:
+    /// `primary` is `None` while no primary is known.
+    pub fn primary_changed(&self, is_primary: bool, primary: Option<(String, String)>) {
+        *self.primary.lock().unwrap_or_else(|p| p.into_inner()) = primary.clone();
+        let _ = self.events.send(super::events::Event::primary_change(
+            is_primary,
+            primary.map(|p| p.0),
+        ));
+    }
+
+    /// A receiver of primary changes.
+    pub(crate) fn subscribe_events(
+        &self,
+    ) -> tokio::sync::broadcast::Receiver<super::events::Event> {
+        self.events.subscribe()
+    }
+
     /// Records the current primary.
     pub fn set_primary(&self, hostname: String, url: String) {
         *self.primary.lock().unwrap_or_else(|p| p.into_inner()) = Some((hostname, url));
@@ -81,7 +173,7 @@ impl NodeInfo {
         *self.lag.lock().unwrap_or_else(|p| p.into_inner()) = Some(lag);
     }
 
-    fn primary(&self) -> Option<(String, String)> {
+    pub(crate) fn primary(&self) -> Option<(String, String)> {
         self.primary
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -97,19 +189,38 @@ impl NodeInfo {
     }
 }
 
-/// Counts a connected replica for as long as it lives.
-pub(crate) struct StreamGuard(Arc<NodeInfo>);
+impl NodeInfo {
+    /// Node ids of the replicas streaming from this node now.
+    pub fn connected_replicas(&self) -> Vec<u64> {
+        self.replicas
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// Counts a connected replica for as long as its response body lives (so until the
+/// last frame was handed to the connection).
+pub(crate) struct StreamGuard(Arc<NodeInfo>, u64);
 
 impl StreamGuard {
-    pub(crate) fn new(info: Arc<NodeInfo>) -> StreamGuard {
+    pub(crate) fn new(info: Arc<NodeInfo>, node_id: u64) -> StreamGuard {
         info.streams.fetch_add(1, Ordering::Relaxed);
-        StreamGuard(info)
+        info.replicas
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(node_id);
+        StreamGuard(info, node_id)
     }
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         self.0.streams.fetch_sub(1, Ordering::Relaxed);
+        let mut r = self.0.replicas.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = r.iter().position(|&n| n == self.1) {
+            r.swap_remove(i);
+        }
     }
 }
 
@@ -238,6 +349,36 @@ pub(crate) async fn metrics(State(st): State<OpsState>) -> Response {
         "Replicas streaming from this node.",
         st.info.streams.load(Ordering::Relaxed).to_string(),
     );
+    let lease = &st.info.lease;
+    for (name, help, c) in [
+        (
+            "litefs_lease_acquired_total",
+            "Leases acquired.",
+            &lease.acquired,
+        ),
+        (
+            "litefs_lease_renewals_total",
+            "Lease renewals that succeeded.",
+            &lease.renewals,
+        ),
+        (
+            "litefs_lease_renewal_failures_total",
+            "Lease renewals that failed.",
+            &lease.renewal_failures,
+        ),
+        (
+            "litefs_lease_lost_total",
+            "Leases lost while leading.",
+            &lease.lost,
+        ),
+        (
+            "litefs_lease_handoffs_total",
+            "Leases handed over to or taken over from another node.",
+            &lease.handoffs,
+        ),
+    ] {
+        gauge(name, "counter", help, c.load(Ordering::Relaxed).to_string());
+    }
     if !is_primary && let Some(ms) = st.info.lag_ms() {
         gauge(
             "litefs_lag_seconds",

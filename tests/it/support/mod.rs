@@ -271,12 +271,24 @@ impl Process {
         self.mnt.join(name)
     }
 
-    /// Sends a signal and waits for the exit status.
+    /// Sends a signal and waits (at most 30 s, then SIGKILL) for the exit status.
     pub fn signal(&mut self, sig: i32) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
         // SAFETY: kill(2) with a pid we own.
         unsafe { libc::kill(child.id() as i32, sig) };
-        child.wait().unwrap()
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        panic!(
+            "litefs did not exit within 30 s of signal {sig} ({status}); log:\n{}",
+            self.log_text()
+        );
     }
 
     /// Waits up to `timeout` for the process to exit by itself.
