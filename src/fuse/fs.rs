@@ -111,6 +111,9 @@ pub(crate) struct Shared {
     lag: RwLock<Option<Arc<crate::replicate::replica::Lag>>>,
     /// Set when a committed transaction could not be captured (see `set_fatal`).
     fatal: Mutex<Option<String>>,
+    /// Database directories with entries created, removed or renamed through the mount
+    /// since the last `fsyncdir`: the only ones it needs to fsync.
+    dirty_dirs: Mutex<std::collections::HashSet<PathBuf>>,
     /// `fuse.debug`: log every operation that changes something or takes a lock.
     debug: bool,
     uid: u32,
@@ -131,6 +134,7 @@ impl Shared {
             primary_hostname: RwLock::new(None),
             lag: RwLock::new(None),
             fatal: Mutex::new(None),
+            dirty_dirs: Mutex::new(std::collections::HashSet::new()),
             debug,
             uid,
             gid,
@@ -731,6 +735,7 @@ impl Shared {
             Err(e) => return Err(io_errno("unlink", &path, e)),
         }
         lock(&self.inodes).forget_name(name);
+        lock(&self.dirty_dirs).insert(db.dir().to_path_buf());
         Ok(())
     }
 
@@ -778,6 +783,11 @@ impl Shared {
             unlink_hook(&dst, tkind)?;
         }
         std::fs::rename(&spath, &tpath).map_err(|e| io_errno("rename", &spath, e))?;
+        {
+            let mut dirty = lock(&self.dirty_dirs);
+            dirty.insert(src.dir().to_path_buf());
+            dirty.insert(dst.dir().to_path_buf());
+        }
         let mut inodes = lock(&self.inodes);
         let node = Node::File {
             db: tdb.to_string(),
@@ -828,6 +838,7 @@ impl Shared {
             _ => self.db(dbname)?,
         };
         let file = self.open_real(&db, kind, flags, Some(mode & 0o7777))?;
+        lock(&self.dirty_dirs).insert(db.dir().to_path_buf());
         let node = Node::File {
             db: dbname.to_string(),
             kind,
@@ -1255,6 +1266,7 @@ impl fuser::Filesystem for LiteFs {
         let s = &self.shared;
         let r = s.handle(fh).and_then(|h| {
             if let Handle::Real { db, kind, file, .. } = &*h {
+                let changes = db.database_changes();
                 let r = if datasync {
                     file.sync_data()
                 } else {
@@ -1270,6 +1282,9 @@ impl fuser::Filesystem for LiteFs {
                         return Err(Errno::EIO);
                     }
                     return Err(io_errno("fsync", &db.path(*kind), e));
+                }
+                if *kind == FileKind::Database {
+                    db.database_fsynced(changes);
                 }
             }
             s.flush_handle(&h)
@@ -1331,25 +1346,27 @@ impl fuser::Filesystem for LiteFs {
     ) {
         // SQLite syncs the directory after creating a journal or WAL so the file
         // survives a power cut; the mount's one directory stands for every database
-        // directory of the data dir.
-        let mut dirs = vec![self.shared.data_dir.join("dbs")];
-        dirs.extend(
-            self.shared
-                .store
-                .databases()
-                .iter()
-                .filter_map(|db| db.path(FileKind::Database).parent().map(Path::to_path_buf)),
-        );
-        for dir in dirs {
-            let r = File::open(&dir).and_then(|d| {
+        // directory of the data dir, of which only those changed through the mount since
+        // the last fsyncdir need it (a new database's directory is made durable by the
+        // store when it is created).
+        let dirs: Vec<PathBuf> = lock(&self.shared.dirty_dirs).drain().collect();
+        for (i, dir) in dirs.iter().enumerate() {
+            let r = File::open(dir).and_then(|d| {
                 if datasync {
                     d.sync_data()
                 } else {
                     d.sync_all()
                 }
             });
-            if let Err(e) = r {
-                return reply.error(io_errno("fsyncdir", &dir, e));
+            match r {
+                // A database deleted since: nothing of it to keep.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    // Still to be made durable by the next fsyncdir.
+                    lock(&self.shared.dirty_dirs).extend(dirs[i..].iter().cloned());
+                    return reply.error(io_errno("fsyncdir", dir, e));
+                }
+                Ok(()) => {}
             }
         }
         reply.ok();
