@@ -436,6 +436,16 @@ impl Shared {
         }
     }
 
+    /// Whether a missing `name` may be cached as absent by the kernel: a side file of an
+    /// existing database, on a primary.
+    fn negative_cacheable(&self, name: &OsStr) -> bool {
+        self.store.is_primary()
+            && name
+                .to_str()
+                .and_then(parse_mount_name)
+                .is_some_and(|(db, kind)| kind != FileKind::Database && self.store.db(db).is_some())
+    }
+
     fn lookup_name(&self, name: &str) -> Result<(u64, FileAttr), Errno> {
         let node = self.resolve(name)?;
         let ino = lock(&self.inodes).ino_for(name, node.clone());
@@ -988,8 +998,16 @@ impl fuser::Filesystem for LiteFs {
         if parent.0 != ROOT {
             return reply.error(Errno::ENOENT);
         }
-        match name_str(name).and_then(|n| self.shared.lookup_name(n)) {
+        let s = &self.shared;
+        match name_str(name).and_then(|n| s.lookup_name(n)) {
             Ok((_, attr)) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(Errno::ENOENT) if s.negative_cacheable(name) => {
+                // A cached negative entry (inode 0): SQLite asks whether a hot journal
+                // exists at the start of every rollback-mode transaction, and on a
+                // primary a side file appears only through this mount, which replaces
+                // the negative entry.
+                reply.entry(&TTL, &s.virtual_attr(0, 0), Generation(0))
+            }
             Err(e) => reply.error(e),
         }
     }
