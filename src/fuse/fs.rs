@@ -113,6 +113,9 @@ pub(crate) struct Shared {
     lag: RwLock<Option<Arc<crate::replicate::replica::Lag>>>,
     /// Set when a committed transaction could not be captured (see `set_fatal`).
     fatal: Mutex<Option<String>>,
+    /// Database directories with entries created, removed or renamed through the mount
+    /// since the last `fsyncdir`: the only ones it needs to fsync.
+    dirty_dirs: Mutex<std::collections::HashSet<PathBuf>>,
     /// `fuse.debug`: log every operation that changes something or takes a lock.
     debug: bool,
     uid: u32,
@@ -133,6 +136,7 @@ impl Shared {
             primary_hostname: RwLock::new(None),
             lag: RwLock::new(None),
             fatal: Mutex::new(None),
+            dirty_dirs: Mutex::new(std::collections::HashSet::new()),
             debug,
             uid,
             gid,
@@ -432,6 +436,16 @@ impl Shared {
                 Ok(self.virtual_attr(ino, len))
             }
         }
+    }
+
+    /// Whether a missing `name` may be cached as absent by the kernel: a side file of an
+    /// existing database, on a primary.
+    fn negative_cacheable(&self, name: &OsStr) -> bool {
+        self.store.is_primary()
+            && name
+                .to_str()
+                .and_then(parse_mount_name)
+                .is_some_and(|(db, kind)| kind != FileKind::Database && self.store.db(db).is_some())
     }
 
     fn lookup_name(&self, name: &str) -> Result<(u64, FileAttr), Errno> {
@@ -800,6 +814,7 @@ impl Shared {
             Err(e) => return Err(io_errno("unlink", &path, e)),
         }
         lock(&self.inodes).forget_name(name);
+        lock(&self.dirty_dirs).insert(db.dir().to_path_buf());
         Ok(())
     }
 
@@ -848,6 +863,11 @@ impl Shared {
             unlink_hook(&dst, tkind)?;
         }
         std::fs::rename(&spath, &tpath).map_err(|e| io_errno("rename", &spath, e))?;
+        {
+            let mut dirty = lock(&self.dirty_dirs);
+            dirty.insert(src.dir().to_path_buf());
+            dirty.insert(dst.dir().to_path_buf());
+        }
         let mut inodes = lock(&self.inodes);
         let node = Node::File {
             db: tdb.to_string(),
@@ -901,6 +921,7 @@ impl Shared {
         // open_real takes the gate itself.
         drop(gate);
         let file = self.open_real(&db, kind, flags, Some(mode & 0o7777))?;
+        lock(&self.dirty_dirs).insert(db.dir().to_path_buf());
         let node = Node::File {
             db: dbname.to_string(),
             kind,
@@ -1051,8 +1072,16 @@ impl fuser::Filesystem for LiteFs {
         if parent.0 != ROOT {
             return reply.error(Errno::ENOENT);
         }
-        match name_str(name).and_then(|n| self.shared.lookup_name(n)) {
+        let s = &self.shared;
+        match name_str(name).and_then(|n| s.lookup_name(n)) {
             Ok((_, attr)) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(Errno::ENOENT) if s.negative_cacheable(name) => {
+                // A cached negative entry (inode 0): SQLite asks whether a hot journal
+                // exists at the start of every rollback-mode transaction, and on a
+                // primary a side file appears only through this mount, which replaces
+                // the negative entry.
+                reply.entry(&TTL, &s.virtual_attr(0, 0), Generation(0))
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -1333,6 +1362,7 @@ impl fuser::Filesystem for LiteFs {
         let _gate = s.store.write_gate();
         let r = s.handle(fh).and_then(|h| {
             if let Handle::Real { db, kind, file, .. } = &*h {
+                let changes = db.database_changes();
                 let r = if datasync {
                     file.sync_data()
                 } else {
@@ -1348,6 +1378,9 @@ impl fuser::Filesystem for LiteFs {
                         return Err(Errno::EIO);
                     }
                     return Err(io_errno("fsync", &db.path(*kind), e));
+                }
+                if *kind == FileKind::Database {
+                    db.database_fsynced(changes);
                 }
             }
             s.flush_handle(&h)
@@ -1409,25 +1442,27 @@ impl fuser::Filesystem for LiteFs {
     ) {
         // SQLite syncs the directory after creating a journal or WAL so the file
         // survives a power cut; the mount's one directory stands for every database
-        // directory of the data dir.
-        let mut dirs = vec![self.shared.data_dir.join("dbs")];
-        dirs.extend(
-            self.shared
-                .store
-                .databases()
-                .iter()
-                .filter_map(|db| db.path(FileKind::Database).parent().map(Path::to_path_buf)),
-        );
-        for dir in dirs {
-            let r = File::open(&dir).and_then(|d| {
+        // directory of the data dir, of which only those changed through the mount since
+        // the last fsyncdir need it (a new database's directory is made durable by the
+        // store when it is created).
+        let dirs: Vec<PathBuf> = lock(&self.shared.dirty_dirs).drain().collect();
+        for (i, dir) in dirs.iter().enumerate() {
+            let r = File::open(dir).and_then(|d| {
                 if datasync {
                     d.sync_data()
                 } else {
                     d.sync_all()
                 }
             });
-            if let Err(e) = r {
-                return reply.error(io_errno("fsyncdir", &dir, e));
+            match r {
+                // A database deleted since: nothing of it to keep.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    // Still to be made durable by the next fsyncdir.
+                    lock(&self.shared.dirty_dirs).extend(dirs[i..].iter().cloned());
+                    return reply.error(io_errno("fsyncdir", dir, e));
+                }
+                Ok(()) => {}
             }
         }
         reply.ok();

@@ -127,6 +127,10 @@ pub struct Db {
     changes: std::sync::OnceLock<std::sync::Arc<tokio::sync::watch::Sender<u64>>>,
     /// Counters for `/metrics`.
     counters: Counters,
+    /// Writes and truncations of the database file so far.
+    db_changes: std::sync::atomic::AtomicU64,
+    /// `db_changes` as it was before the last fsync of the database file that succeeded.
+    db_synced: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -169,6 +173,9 @@ impl Db {
             state: Mutex::new(state),
             changes: std::sync::OnceLock::new(),
             counters: Counters::default(),
+            // 1: the first capture fsyncs whatever was written before the store opened.
+            db_changes: std::sync::atomic::AtomicU64::new(1),
+            db_synced: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -385,6 +392,7 @@ impl Db {
     /// database writes are checkpoint copies of captured frames and change nothing.
     pub fn database_written(&self, offset: u64, len: usize) -> Result<(), StoreError> {
         let mut st = self.usable()?;
+        self.db_changes.fetch_add(1, Ordering::AcqRel);
         if st.wal_present || len == 0 {
             return Ok(());
         }
@@ -406,6 +414,7 @@ impl Db {
     /// part of the captured database are re-checked at the next capture.
     pub fn database_truncated(&self, size: u64) -> Result<(), StoreError> {
         let mut st = self.usable()?;
+        self.db_changes.fetch_add(1, Ordering::AcqRel);
         if st.wal_present {
             return Ok(());
         }
@@ -448,6 +457,20 @@ impl Db {
             self.capture_database(&mut st)?;
         }
         Ok(())
+    }
+
+    /// A token to pass to [`Db::database_fsynced`]: take it just before an fsync of the
+    /// database file.
+    pub fn database_changes(&self) -> u64 {
+        self.db_changes.load(Ordering::Acquire)
+    }
+
+    /// An fsync (or fdatasync) of the database file succeeded (AFTER); `before` is
+    /// [`Db::database_changes`] taken just before it. Optional: it spares the capture of
+    /// a rollback-journal transaction its own fsync of the database when SQLite's
+    /// covered every write (`synchronous=NORMAL` or `FULL`).
+    pub fn database_fsynced(&self, before: u64) {
+        self.db_synced.fetch_max(before, Ordering::AcqRel);
     }
 
     /// The journal is about to be unlinked: the DELETE-mode commit point.
@@ -729,10 +752,15 @@ impl Db {
             return Ok(());
         }
         let cap = self.plan(st, same_ps, ps, commit, changes);
-        // The database's new pages must be durable no later than the LTX that names them.
-        if let Err(e) = f.sync_all() {
-            pending.abort();
-            return Err(StoreError::io(&self.name, "fsync database", &path, e));
+        // The database's new pages must be durable no later than the LTX that names them
+        // (SQLite's own fsync of the database usually made them so already).
+        let changes = self.db_changes.load(Ordering::Acquire);
+        if self.db_synced.load(Ordering::Acquire) < changes {
+            if let Err(e) = f.sync_data() {
+                pending.abort();
+                return Err(StoreError::io(&self.name, "fsync database", &path, e));
+            }
+            self.db_synced.fetch_max(changes, Ordering::AcqRel);
         }
         let post = post_apply(&cap);
         let enc = pending

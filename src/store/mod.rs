@@ -240,6 +240,9 @@ pub struct Store {
     changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
+/// How long the LTX sync thread waits after the first commit of a batch.
+const SYNC_BATCH_DELAY: Duration = Duration::from_millis(20);
+
 /// The thread that fsyncs named LTX files and their directories in batches (see
 /// `ltxlog.rs`).
 struct Syncer {
@@ -609,7 +612,10 @@ impl Store {
                             continue;
                         }
                     };
-                    // Everything queued meanwhile joins this batch.
+                    // Let commits accumulate, so one directory fsync covers many files
+                    // and the batch competes less often with the commit path's own
+                    // fdatasync; everything queued meanwhile joins this batch.
+                    std::thread::sleep(SYNC_BATCH_DELAY);
                     let mut names = std::collections::BTreeSet::from([first]);
                     let mut stop = false;
                     while let Ok(m) = rx.try_recv() {

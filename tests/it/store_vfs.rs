@@ -5,7 +5,8 @@
 //! store's files (`dbs/<name>/database`, `journal`, `wal`) and calls, around the real
 //! unix VFS operation:
 //! - database: `database_written`/`database_truncated` after a write/truncate,
-//!   `database_flushed` after an fsync or at close of a handle that wrote;
+//!   `database_fsynced` and `database_flushed` after an fsync, `database_flushed` at close
+//!   of a handle that wrote;
 //! - journal: `journal_write`/`journal_truncate` before the write/truncate,
 //!   `journal_unlink` before the delete;
 //! - WAL: `wal_write` before and `wal_written` after a write (which captures a commit at
@@ -565,9 +566,14 @@ unsafe extern "C" fn f_truncate(f: *mut ffi::sqlite3_file, size: i64) -> c_int {
 unsafe extern "C" fn f_sync(f: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
     unsafe {
         let h = hf(f);
+        let changes = db_of(h).map(|db| db.database_changes());
         let rc = (real_methods(h).xSync.unwrap())(h.real, flags);
         if rc != ffi::SQLITE_OK {
             return rc;
+        }
+        if let (Some(db), Some(changes), Kind::Db(FileKind::Database)) = (db_of(h), changes, h.kind)
+        {
+            db.database_fsynced(changes);
         }
         if let (Some(db), Kind::Db(FileKind::Database)) = (db_of(h), h.kind)
             && h.wrote
