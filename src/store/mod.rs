@@ -220,6 +220,8 @@ pub struct Store {
     spare_maker: Mutex<Option<SpareMaker>>,
     /// Archive watermarks (`None`: no archive, retention by age only).
     archived: Mutex<Option<BTreeMap<String, TxId>>>,
+    /// The archive a replica may catch up from (see [`Store::set_archive_sink`]).
+    archive_sink: Mutex<Option<Arc<dyn crate::sink::SnapshotSink>>>,
     /// Whether this node takes writes (see [`Store::set_primary`]).
     primary: std::sync::atomic::AtomicBool,
     /// Bumped after every change of a position or of the set of databases.
@@ -304,6 +306,7 @@ impl Store {
             retention: Mutex::new(None),
             spare_maker: Mutex::new(None),
             archived: Mutex::new(None),
+            archive_sink: Mutex::new(None),
             primary: std::sync::atomic::AtomicBool::new(true),
             changes: Arc::new(tokio::sync::watch::Sender::new(0)),
         });
@@ -508,6 +511,20 @@ impl Store {
     pub fn hold_for_archive(&self) {
         let mut a = self.archived.lock().unwrap_or_else(|p| p.into_inner());
         a.get_or_insert_with(BTreeMap::new);
+    }
+
+    /// Names the archive this node's replica loop may catch up from instead of asking
+    /// the primary for a snapshot (`backup` set).
+    pub fn set_archive_sink(&self, sink: Arc<dyn crate::sink::SnapshotSink>) {
+        *self.archive_sink.lock().unwrap_or_else(|p| p.into_inner()) = Some(sink);
+    }
+
+    /// The archive set by [`Store::set_archive_sink`].
+    pub fn archive_sink(&self) -> Option<Arc<dyn crate::sink::SnapshotSink>> {
+        self.archive_sink
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Records that every LTX file of `db` up to `txid` is in the archive, so retention

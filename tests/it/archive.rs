@@ -1720,3 +1720,55 @@ fn busy_primary_batches_transactions_into_fewer_files() {
     );
     drop(conn);
 }
+
+/// A running replica cut off from its primary (TCP proxy) while the primary's local
+/// retention (1 s) removes the files it would need: before reconnecting it catches up
+/// from the archive, so the primary sends it no snapshot.
+#[test]
+fn running_replica_behind_retention_catches_up_from_the_archive() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("archive");
+    let backup = file_backup(&root);
+    let port = crate::repl::free_port();
+    let primary = crate::repl::primary(
+        port,
+        &format!("  retention: 1s\n  retention-monitor-interval: 100ms\n{backup}"),
+    );
+    let proxy = Proxy::start(port);
+    let via = proxy.port;
+    let replica = Process::start_with(move |mnt, data| {
+        format!(
+            "fuse:\n  dir: {}\ndata:\n  dir: {}\nlease:\n  type: static\n  candidate: false\n  advertise-url: http://127.0.0.1:{via}\nhttp:\n  addr: 127.0.0.1:{}\n{backup}",
+            mnt.display(),
+            data.display(),
+            crate::repl::free_port()
+        )
+    });
+    let db = primary.path(DB);
+    crate::ltx_support::sqlite(&db, "CREATE TABLE t(x); INSERT INTO t VALUES (1);");
+    crate::repl::wait_converged(&primary, &[&replica], DB);
+
+    proxy.down.store(true, Ordering::SeqCst);
+    for i in 0..20 {
+        crate::ltx_support::sqlite(&db, &format!("INSERT INTO t VALUES ({i});"));
+    }
+    let top = mount_txid(&primary, DB).unwrap();
+    wait_archived(&root, DB, top, || primary.log_text());
+    wait_local_history_pruned(&primary, DB);
+    proxy.down.store(false, Ordering::SeqCst);
+
+    crate::repl::wait_converged(&primary, &[&replica], DB);
+    assert_eq!(fs::read(&db).unwrap(), fs::read(replica.path(DB)).unwrap());
+    assert!(
+        replica
+            .log_text()
+            .contains("database caught up from the archive"),
+        "{}",
+        replica.log_text()
+    );
+    assert!(
+        !primary.log_text().contains("sending snapshot"),
+        "{}",
+        primary.log_text()
+    );
+}
