@@ -82,9 +82,11 @@ pub async fn bootstrap(
     result.map(|()| out)
 }
 
-/// Catches up the databases that a running replica holds and that are behind the
-/// archive, like [`bootstrap`] does at start-up but without creating missing ones,
-/// applying through `apply` (the mount's applier, which keeps readers out).
+/// Catches up a database that a running replica holds from the archive, when the
+/// archive recorded the replica's exact position (same history) and its files from
+/// there reach the archive's newest TXID; applies through `apply` (the mount's
+/// applier, which keeps readers out). Anything else is left to the primary (a
+/// diverged replica still gets the primary's snapshot).
 ///
 /// # Errors
 /// As [`bootstrap`].
@@ -92,12 +94,13 @@ pub async fn catch_up_db(
     store: &Store,
     sink: &dyn SnapshotSink,
     db: &str,
-    apply: &dyn Fn(&str, &Path) -> Result<Pos, String>,
+    apply: &(dyn Fn(&str, &Path) -> Result<Pos, String> + Sync),
 ) -> Result<Bootstrapped, ArchiveError> {
     let tmp = store.options().data_dir.join("archive-catch-up");
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| ArchiveError::io(db, "create", &tmp, e))?;
-    let r = continue_db(store, sink, db, &tmp, apply).await;
+    let top = super::shipper::archive_top(sink, db).await?;
+    let r = continue_db(store, sink, db, &tmp, apply, Some(top)).await;
     let _ = std::fs::remove_dir_all(&tmp);
     r
 }
@@ -117,7 +120,7 @@ async fn bootstrap_db(
             .map_err(|e| e.to_string())
     };
     if store.db(db).is_some() {
-        return continue_db(store, sink, db, tmp, &apply).await;
+        return continue_db(store, sink, db, tmp, &apply, None).await;
     }
     if store.deleted_databases().iter().any(|(n, _)| n == db) {
         return Ok(left(db, "deleted locally; left to replication"));
@@ -146,13 +149,15 @@ fn left(db: &str, reason: &str) -> Bootstrapped {
     }
 }
 
-/// Continues a local database that is behind the archive on the same history.
+/// Continues a local database that is behind the archive on the same history (to
+/// `must_reach` exactly, when given).
 async fn continue_db(
     store: &Store,
     sink: &dyn SnapshotSink,
     db: &str,
     tmp: &Path,
-    apply: &dyn Fn(&str, &Path) -> Result<Pos, String>,
+    apply: &(dyn Fn(&str, &Path) -> Result<Pos, String> + Sync),
+    must_reach: Option<TxId>,
 ) -> Result<Bootstrapped, ArchiveError> {
     let Some(local) = store.db(db) else {
         return Ok(left(db, "not present locally"));
@@ -167,6 +172,11 @@ async fn continue_db(
     let files = plan_from(sink, db, pos.txid).await?;
     if files.is_empty() {
         return Ok(left(db, "up to date with (or ahead of) the archive"));
+    }
+    if let Some(top) = must_reach
+        && files.last().map(|o| o.key.max_txid) != Some(top.0)
+    {
+        return Ok(left(db, "the archive's files do not reach its newest TXID"));
     }
     let recorded = recorded_positions(sink, db).await?;
     if pos.txid.0 > 0 && recorded.get(&pos.txid) != Some(&pos.post_apply_checksum) {
@@ -195,7 +205,7 @@ async fn apply_files(
     files: &[LtxObject],
     recorded: &BTreeMap<TxId, Checksum>,
     tmp: &Path,
-    apply: &dyn Fn(&str, &Path) -> Result<Pos, String>,
+    apply: &(dyn Fn(&str, &Path) -> Result<Pos, String> + Sync),
 ) -> Result<Pos, ArchiveError> {
     let raw = tmp.join(format!("{db}.archive.ltx"));
     let ltx_err = |e| ArchiveError::ltx(db, e);

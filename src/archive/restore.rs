@@ -173,6 +173,20 @@ pub(crate) async fn plan(
     if let RestoreTarget::Txid(t) = target
         && at != t.0
     {
+        if let Some(o) = all
+            .iter()
+            .find(|o| o.key.level == 0 && o.key.min_txid <= t.0 && t.0 < o.key.max_txid)
+        {
+            return Err(unrestorable(format!(
+                "TXID {t} is inside {}, whose transactions {}..{} were shipped together \
+                 (backup.max-files-per-sync); restore TXID {} or {} instead",
+                o.key,
+                TxId(o.key.min_txid),
+                TxId(o.key.max_txid),
+                TxId(o.key.min_txid - 1),
+                TxId(o.key.max_txid)
+            )));
+        }
         return Err(unrestorable(format!(
             "no file in the archive ends at TXID {t} (the chain from the snapshot at {} stops at {})",
             TxId(base.key.max_txid),

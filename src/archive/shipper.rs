@@ -18,10 +18,11 @@ use super::{
 use super::{ArchiveState, RestoreTarget};
 use crate::ltx::{Pos, TxId};
 use crate::sink::{LtxKey, MAX_COMPACTION_LEVEL, SNAPSHOT_LEVEL, SinkError, SnapshotSink};
-use crate::store::{Store, list_ltx_files};
+use crate::store::{LtxFile, Store, list_ltx_files};
 
-/// Most files shipped per database in one round (one positions object each round).
-const MAX_BATCH: usize = 1000;
+/// Most local files shipped per database in one round (one positions object each
+/// round); `max_files_per_sync` bounds the level-0 files they become.
+const MAX_BATCH: usize = 4096;
 /// Longest the last round at shutdown may take.
 const FINAL_ROUND_LIMIT: Duration = Duration::from_secs(10);
 /// Puts in flight at once.
@@ -46,6 +47,9 @@ pub struct ArchiverOptions {
     /// `backup.compaction-levels`: level `i + 1` merges the files of level `i` every
     /// `compaction_levels[i]`.
     pub compaction_levels: Vec<Duration>,
+    /// `backup.max-files-per-sync`: most level-0 files put per database and round;
+    /// above it, consecutive transactions share one level-0 file.
+    pub max_files_per_sync: usize,
 }
 
 impl Default for ArchiverOptions {
@@ -63,6 +67,7 @@ impl ArchiverOptions {
             snapshot_interval: cfg.snapshot_interval,
             retention: cfg.retention,
             compaction_levels: cfg.compaction_levels.clone(),
+            max_files_per_sync: cfg.max_files_per_sync,
         }
     }
 }
@@ -191,7 +196,8 @@ struct DbArchive {
 struct Prepared {
     key: LtxKey,
     tmp: PathBuf,
-    record: PositionRecord,
+    /// One per transaction in the file.
+    records: Vec<PositionRecord>,
     pos: Pos,
 }
 
@@ -397,19 +403,21 @@ impl Worker {
             .filter(|f| f.max > shipped)
             .take(MAX_BATCH)
             .collect();
-        let mut prepared = Vec::with_capacity(pending.len());
+        let groups = batches(&pending, self.opts.max_files_per_sync);
+        let mut prepared = Vec::with_capacity(groups.len());
         let mut result = Ok(());
         let (mut expect, mut last_pos) = (shipped, self.dbs[db].last);
-        for f in &pending {
+        for group in &groups {
+            let (f, end) = (group[0], group[group.len() - 1].max);
             if f.min.0 != expect.0 + 1 && f.min.0 != 1 && !self.dbs[db].gap_logged {
                 warn!(db, archive = %expect, next = %f.min, "the local LTX history does not continue the archive: restores need a snapshot after this point");
                 if let Some(st) = self.dbs.get_mut(db) {
                     st.gap_logged = true;
                 }
             }
-            match self.prepare(db, &f.path, expect, last_pos) {
+            match self.prepare(db, group, expect, last_pos) {
                 Ok(p) => {
-                    expect = f.max;
+                    expect = end;
                     last_pos = Some(p.pos);
                     prepared.push(p);
                 }
@@ -434,7 +442,7 @@ impl Worker {
                 result = Err(e);
                 break;
             }
-            records.push(p.record.clone());
+            records.extend(p.records.iter().cloned());
             top = TxId(p.key.max_txid);
             shipped_last = Some(p.pos);
         }
@@ -468,46 +476,61 @@ impl Worker {
         Ok(())
     }
 
-    /// Re-encodes one local file without checksums for level 0. A file that continues
-    /// the archive (`archived + 1`) must start from the archive's position `last`:
-    /// otherwise this node's history diverged from the archive's.
+    /// Re-encodes local files (one, or consecutive ones merged) without checksums
+    /// for one level-0 file. A file that continues the archive (`archived + 1`) must
+    /// start from the archive's position `last`: otherwise this node's history
+    /// diverged from the archive's.
     fn prepare(
         &self,
         db: &str,
-        local: &Path,
+        files: &[&LtxFile],
         archived: TxId,
         last: Option<Pos>,
     ) -> Result<Prepared, ArchiveError> {
-        let (header, trailer) = peek(local).map_err(|e| ArchiveError::ltx(db, e))?;
+        let ends = files
+            .iter()
+            .map(|f| peek(&f.path))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ArchiveError::ltx(db, e))?;
+        let (first, _) = &ends[0];
+        let (final_header, final_trailer) = &ends[ends.len() - 1];
         let key = LtxKey {
             db: db.to_string(),
             level: 0,
-            min_txid: header.min_txid.0,
-            max_txid: header.max_txid.0,
+            min_txid: first.min_txid.0,
+            max_txid: final_header.max_txid.0,
         };
         if let Some(last) = last
             && last.txid == archived
-            && header.min_txid.0 == archived.0 + 1
-            && !header.is_snapshot()
-            && !header.no_checksum()
-            && header.pre_apply_pos() != last
+            && first.min_txid.0 == archived.0 + 1
+            && !first.is_snapshot()
+            && !first.no_checksum()
+            && first.pre_apply_pos() != last
         {
-            warn!(db, archive = %last, local = %header.pre_apply_pos(), "this node's history differs from the archive's");
+            warn!(db, archive = %last, local = %first.pre_apply_pos(), "this node's history differs from the archive's");
             return Err(ArchiveError::Diverged { key });
         }
-        let tmp = self.scratch.join(format!("{db}.{}.ltx", header.min_txid));
-        to_archive_file(local, &tmp).map_err(|e| ArchiveError::ltx(db, e))?;
+        let tmp = self.scratch.join(format!("{db}.{}.ltx", first.min_txid));
+        if files.len() == 1 {
+            to_archive_file(&files[0].path, &tmp).map_err(|e| ArchiveError::ltx(db, e))?;
+        } else {
+            let paths: Vec<PathBuf> = files.iter().map(|f| f.path.clone()).collect();
+            compact_files(&paths, &tmp).map_err(|e| ArchiveError::ltx(db, e))?;
+        }
         Ok(Prepared {
             key,
             tmp,
-            record: PositionRecord {
-                txid: header.max_txid.to_string(),
-                checksum: trailer.post_apply_checksum.to_string(),
-                timestamp_ms: header.timestamp,
-            },
+            records: ends
+                .iter()
+                .map(|(h, t)| PositionRecord {
+                    txid: h.max_txid.to_string(),
+                    checksum: t.post_apply_checksum.to_string(),
+                    timestamp_ms: h.timestamp,
+                })
+                .collect(),
             pos: Pos {
-                txid: header.max_txid,
-                post_apply_checksum: trailer.post_apply_checksum,
+                txid: final_header.max_txid,
+                post_apply_checksum: final_trailer.post_apply_checksum,
             },
         })
     }
@@ -735,6 +758,25 @@ impl Worker {
         }
         Ok(removed)
     }
+}
+
+/// Splits `pending` (TXID order) into runs that each become one level-0 file: at most
+/// `max_files` runs of about equal length when there are more files than that, one
+/// file per run otherwise. A run never spans a TXID gap or a snapshot.
+fn batches(pending: &[LtxFile], max_files: usize) -> Vec<Vec<&LtxFile>> {
+    let per = pending.len().div_ceil(max_files.max(1)).max(1);
+    let mut out: Vec<Vec<&LtxFile>> = Vec::new();
+    for f in pending {
+        let joins = out.last().is_some_and(|run| {
+            let prev = run[run.len() - 1];
+            run.len() < per && f.min.0 == prev.max.0 + 1 && f.min.0 != 1
+        });
+        match out.last_mut() {
+            Some(run) if joins => run.push(f),
+            _ => out.push(vec![f]),
+        }
+    }
+    out
 }
 
 /// Newest TXID the archive holds for `db` (0: none), over every level.

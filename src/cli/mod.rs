@@ -223,6 +223,9 @@ pub fn mount(cfg: Config, opts: MountOptions) -> anyhow::Result<ExitCode> {
         let node = crate::node::Node::prepare(&cfg, store.clone()).await?;
         // After the role is known: only the primary ships (the archiver follows the
         // store's primary flag from then on).
+        if let Some(sink) = &sink {
+            store.set_archive_sink(sink.clone());
+        }
         let archiver = match sink {
             Some(sink) => Some(
                 crate::archive::Archiver::start(

@@ -413,6 +413,10 @@ pub struct BackupConfig {
     /// 5m, 1h.
     #[serde(deserialize_with = "duration::de_list")]
     pub compaction_levels: Vec<Duration>,
+    /// Most level-0 files shipped per database and sync; above it, consecutive
+    /// transactions share one file (restore `-txid` then stops only at file ends).
+    /// Default 256.
+    pub max_files_per_sync: usize,
     /// At start-up, bring missing or lagging databases to the archive's newest state
     /// before mounting. Default true.
     pub bootstrap: bool,
@@ -440,6 +444,7 @@ impl Default for BackupConfig {
             snapshot_interval: Duration::from_secs(24 * 3600),
             retention: Duration::from_secs(24 * 3600),
             bootstrap: true,
+            max_files_per_sync: 256,
             compaction_levels: vec![
                 Duration::from_secs(30),
                 Duration::from_secs(300),

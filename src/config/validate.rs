@@ -242,6 +242,9 @@ impl Config {
                 return err(key, "must be a positive duration, like \"1s\"");
             }
         }
+        if b.max_files_per_sync == 0 {
+            return err("backup.max-files-per-sync", "must be at least 1");
+        }
         if b.compaction_levels.len() > 8 {
             return err(
                 "backup.compaction-levels",

@@ -116,10 +116,19 @@ impl Replica {
         let tmp_dir = self.store.options().data_dir.join("repl-tmp");
         let failures: Failures = Arc::default();
         let mut backoff = MIN_BACKOFF;
+        let mut first = true;
         loop {
             if *stop.borrow() || *drain.borrow() {
                 return;
             }
+            // Not before the first connection: the start-up bootstrap just ran.
+            if !first {
+                tokio::select! {
+                    _ = self.catch_up_from_archive() => {}
+                    _ = stop.changed() => return,
+                }
+            }
+            first = false;
             match self.session(&tmp_dir, &failures, stop).await {
                 Ok(()) => backoff = MIN_BACKOFF,
                 Err(SessionError::Transport(e)) => {
@@ -154,6 +163,32 @@ impl Replica {
                 _ = drain.wait_for(|d| *d) => return,
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// Before a reconnect: brings each database that is behind the archive (on the same
+    /// history) to the archive's newest TXID, so that a primary whose retention
+    /// already removed the files this replica needs does not have to send a snapshot.
+    /// Failures are logged; the primary then sends what is missing.
+    async fn catch_up_from_archive(&self) {
+        let Some(sink) = self.store.archive_sink() else {
+            return;
+        };
+        let applier = self.applier.clone();
+        let apply = move |db: &str, path: &Path| {
+            tokio::task::block_in_place(|| {
+                let file = Verified::verify(db, Received::File(path.to_path_buf()))?;
+                applier.apply(db, vec![file])
+            })
+            .map(|a| a.pos)
+            .map_err(|e| e.to_string())
+        };
+        for db in self.store.databases() {
+            if let Err(e) =
+                crate::archive::catch_up_db(&self.store, sink.as_ref(), db.name(), &apply).await
+            {
+                warn!(db = db.name(), error = %e, "cannot catch up from the archive; the primary sends what is missing");
+            }
         }
     }
 

@@ -227,6 +227,8 @@ pub struct Store {
     syncer: Mutex<Option<Syncer>>,
     /// Archive watermarks (`None`: no archive, retention by age only).
     archived: Mutex<Option<BTreeMap<String, TxId>>>,
+    /// The archive a replica may catch up from (see [`Store::set_archive_sink`]).
+    archive_sink: Mutex<Option<Arc<dyn crate::sink::SnapshotSink>>>,
     /// Whether this node takes writes (see [`Store::set_primary`]).
     primary: std::sync::atomic::AtomicBool,
     /// Held shared by every mutating file-system operation from its permission check
@@ -322,6 +324,7 @@ impl Store {
             retention: Mutex::new(None),
             syncer: Mutex::new(None),
             archived: Mutex::new(None),
+            archive_sink: Mutex::new(None),
             primary: std::sync::atomic::AtomicBool::new(true),
             write_gate: std::sync::RwLock::new(()),
             writers: Mutex::new(BTreeMap::new()),
@@ -529,6 +532,20 @@ impl Store {
     pub fn hold_for_archive(&self) {
         let mut a = self.archived.lock().unwrap_or_else(|p| p.into_inner());
         a.get_or_insert_with(BTreeMap::new);
+    }
+
+    /// Names the archive this node's replica loop may catch up from instead of asking
+    /// the primary for a snapshot (`backup` set).
+    pub fn set_archive_sink(&self, sink: Arc<dyn crate::sink::SnapshotSink>) {
+        *self.archive_sink.lock().unwrap_or_else(|p| p.into_inner()) = Some(sink);
+    }
+
+    /// The archive set by [`Store::set_archive_sink`].
+    pub fn archive_sink(&self) -> Option<Arc<dyn crate::sink::SnapshotSink>> {
+        self.archive_sink
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Records that every LTX file of `db` up to `txid` is in the archive, so retention

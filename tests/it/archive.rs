@@ -1483,6 +1483,7 @@ fn compaction_levels_cut_the_files_a_restore_reads() {
             snapshot_interval: Duration::from_secs(3600),
             retention: Duration::from_secs(3600),
             compaction_levels: vec![Duration::from_millis(300), Duration::from_millis(900)],
+            ..ArchiverOptions::default()
         },
     );
     let conn = open_db(&node);
@@ -1631,4 +1632,143 @@ fn archive_state_in_metrics_info_and_status() {
     let o = litefs(args!["status", "-url", format!("http://127.0.0.1:{rport}")]);
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(out.contains("idle: not the primary"), "{out}");
+}
+
+/// `backup.max-files-per-sync`: a primary committing faster than the archive takes
+/// files ships consecutive transactions in shared level-0 files; every TXID's position
+/// is still recorded, every file end restores byte for byte (ours and Litestream's),
+/// and a TXID inside a shared file is refused with a reason.
+#[test]
+fn busy_primary_batches_transactions_into_fewer_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("archive");
+    let sink: Arc<dyn SnapshotSink> = Arc::new(ObjectStoreSink::local(&root).unwrap());
+    let node = Node::start_with(
+        tempfile::tempdir().unwrap(),
+        sink.clone(),
+        ArchiverOptions {
+            sync_interval: Duration::from_millis(400),
+            snapshot_interval: Duration::from_secs(3600),
+            retention: Duration::from_secs(3600),
+            max_files_per_sync: 3,
+            ..ArchiverOptions::default()
+        },
+    );
+    let conn = open_db(&node);
+    let mut records = Vec::new();
+    node.record(&mut records);
+    workload(&node, &conn, 60, 1, &mut records);
+    node.wait_shipped(Duration::from_secs(20));
+    let l0 = level0(&root, DB);
+    let shared: Vec<&(u64, u64)> = l0.iter().filter(|(min, max)| max > min).collect();
+    assert!(
+        !shared.is_empty() && l0.len() < records.len() / 2,
+        "{} level-0 files for {} transactions: {l0:?}",
+        l0.len(),
+        records.len()
+    );
+    // Every TXID's position is recorded.
+    let mut recorded = 0;
+    for e in fs::read_dir(root.join(DB).join("litefs/positions")).unwrap() {
+        let body = fs::read(e.unwrap().path()).unwrap();
+        let file: litefs::archive::PositionsFile = serde_json::from_slice(&body).unwrap();
+        recorded += file.positions.len();
+    }
+    assert_eq!(recorded as u64, node.txid());
+
+    let by_txid: BTreeMap<u64, &Record> = records.iter().map(|r| (r.txid, r)).collect();
+    let out = tmp.path().join("out.db");
+    for &(_, max) in l0.iter().filter(|(_, max)| by_txid.contains_key(max)) {
+        let r = run_restore(sink.as_ref(), &out, RestoreTarget::Txid(TxId(max)));
+        assert!(r.final_position_recorded);
+        assert_eq!(sha256_file(&out), by_txid[&max].sha, "TXID {max}");
+    }
+    litestream_restore(&root.join(DB), &out, None);
+    assert_eq!(sha256_file(&out), records.last().unwrap().sha);
+    let &&(min, max) = shared.last().unwrap();
+    litestream_restore(&root.join(DB), &out, Some(max));
+    assert_eq!(sha256_file(&out), by_txid[&max].sha);
+
+    let inside = TxId(min);
+    let cfg = tmp.path().join("litefs.yml");
+    fs::write(
+        &cfg,
+        format!(
+            "fuse:\n  dir: {m}\ndata:\n  dir: {d}\nlease:\n  type: static\n  candidate: true\n  advertise-url: http://127.0.0.1:1\nbackup:\n  type: file\n  path: {b}\n",
+            m = tmp.path().join("mnt").display(),
+            d = tmp.path().join("data").display(),
+            b = root.display()
+        ),
+    )
+    .unwrap();
+    let o = litefs(args![
+        "restore",
+        "-config",
+        cfg,
+        "-name",
+        DB,
+        "-o",
+        tmp.path().join("inside.db"),
+        "-txid",
+        inside.to_string()
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("were shipped together"),
+        "{}",
+        text(&o)
+    );
+    drop(conn);
+}
+
+/// A running replica cut off from its primary (TCP proxy) while the primary's local
+/// retention (1 s) removes the files it would need: before reconnecting it catches up
+/// from the archive, so the primary sends it no snapshot.
+#[test]
+fn running_replica_behind_retention_catches_up_from_the_archive() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("archive");
+    let backup = file_backup(&root);
+    let port = crate::repl::free_port();
+    let primary = crate::repl::primary(
+        port,
+        &format!("  retention: 1s\n  retention-monitor-interval: 100ms\n{backup}"),
+    );
+    let proxy = Proxy::start(port);
+    let via = proxy.port;
+    let replica = Process::start_with(move |mnt, data| {
+        format!(
+            "fuse:\n  dir: {}\ndata:\n  dir: {}\nlease:\n  type: static\n  candidate: false\n  advertise-url: http://127.0.0.1:{via}\nhttp:\n  addr: 127.0.0.1:{}\n{backup}",
+            mnt.display(),
+            data.display(),
+            crate::repl::free_port()
+        )
+    });
+    let db = primary.path(DB);
+    crate::ltx_support::sqlite(&db, "CREATE TABLE t(x); INSERT INTO t VALUES (1);");
+    crate::repl::wait_converged(&primary, &[&replica], DB);
+
+    proxy.down.store(true, Ordering::SeqCst);
+    for i in 0..20 {
+        crate::ltx_support::sqlite(&db, &format!("INSERT INTO t VALUES ({i});"));
+    }
+    let top = mount_txid(&primary, DB).unwrap();
+    wait_archived(&root, DB, top, || primary.log_text());
+    wait_local_history_pruned(&primary, DB);
+    proxy.down.store(false, Ordering::SeqCst);
+
+    crate::repl::wait_converged(&primary, &[&replica], DB);
+    assert_eq!(fs::read(&db).unwrap(), fs::read(replica.path(DB)).unwrap());
+    assert!(
+        replica
+            .log_text()
+            .contains("database caught up from the archive"),
+        "{}",
+        replica.log_text()
+    );
+    assert!(
+        !primary.log_text().contains("sending snapshot"),
+        "{}",
+        primary.log_text()
+    );
 }
