@@ -563,3 +563,153 @@ fn etcd_demoted_primary_refuses_writes_on_open_connections() {
         assert_eq!(pos(&a, &format!("db-{m}")).unwrap(), want, "{m} moved");
     }
 }
+
+/// `litefs run` with `args`; waits (bounded) for its exit status.
+fn litefs_run(args: &[&str], within: Duration) -> (std::process::ExitStatus, String) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_litefs"))
+        .arg("run")
+        .args(args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+            return (status, err);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("litefs run {args:?} did not exit within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `litefs run -promote` on a replica: the primary stops writes, the replica gets
+/// every committed transaction and the lease, turns writable before the command runs;
+/// the old primary follows it. Both nodes report it in `/events` and `/metrics`.
+fn promote_hands_over(lease: &str) {
+    let a = node("node-a", lease);
+    wait_primary(&a, Duration::from_secs(10), "a first");
+    let b = node("node-b", lease);
+    for i in 0..20 {
+        assert!(try_write(&a, &format!("a {i}")));
+    }
+    converge(&a, &b);
+    let mut ea = Events::open(&a);
+    ea.until(Duration::from_secs(5), |e| e["type"] == "init");
+    let mut eb = Events::open(&b);
+    eb.until(Duration::from_secs(5), |e| e["type"] == "init");
+
+    let url = format!("http://127.0.0.1:{}", port(&b));
+    let db = b.path("db");
+    let sql = "INSERT INTO t (v) VALUES ('by the promoted node')";
+    let t0 = Instant::now();
+    let (status, err) = litefs_run(
+        &[
+            "-promote",
+            "-url",
+            &url,
+            "--",
+            "sqlite3",
+            db.to_str().unwrap(),
+            sql,
+        ],
+        Duration::from_secs(30),
+    );
+    let took = t0.elapsed();
+    assert!(
+        status.success(),
+        "litefs run -promote: {status}\n{err}\nb:\n{}\na:\n{}",
+        b.log_text(),
+        a.log_text()
+    );
+    eprintln!("litefs run -promote took {took:?}");
+    assert_eq!(count(&b, "by the promoted node"), 1);
+    assert!(
+        !try_write(&a, "old primary"),
+        "the old primary still writes"
+    );
+    converge(&b, &a);
+    assert_eq!(count(&a, "by the promoted node"), 1);
+    let c = Connection::open(b.path("db")).unwrap();
+    let rows: i64 = c
+        .query_row("SELECT count(*) FROM t WHERE v GLOB 'a [0-9]*'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(rows, 20, "rows written before the handoff");
+
+    eb.until(Duration::from_secs(5), |e| {
+        e["type"] == "primaryChange" && e["data"]["isPrimary"] == true
+    });
+    ea.until(Duration::from_secs(5), |e| {
+        e["type"] == "primaryChange" && e["data"]["hostname"] == "node-b"
+    });
+    assert_eq!(metric(&a, "litefs_lease_handoffs_total"), 1);
+    assert_eq!(metric(&b, "litefs_lease_handoffs_total"), 1);
+    assert_eq!(info(&a)["primary_hostname"], "node-b");
+    assert_eq!(info(&b)["is_primary"], true);
+}
+
+#[test]
+fn etcd_promote_hands_over_with_events_and_metrics() {
+    let etcd = EtcdServer::start();
+    promote_hands_over(&etcd_lease(&etcd));
+}
+
+#[test]
+fn consul_promote_hands_over_with_events_and_metrics() {
+    let consul = consul();
+    promote_hands_over(&consul_lease(&consul));
+}
+
+/// `litefs run -- CMD` exits with the command's status, and SIGTERM sent to litefs
+/// reaches the command (which here exits 7 on it).
+#[test]
+fn litefs_run_forwards_sigterm_and_exits_with_the_commands_status() {
+    let (status, _) = litefs_run(&["--", "sh", "-c", "exit 3"], Duration::from_secs(10));
+    assert_eq!(status.code(), Some(3));
+
+    let tmp = tempfile::tempdir().unwrap();
+    let ready = tmp.path().join("ready");
+    let script = format!(
+        "trap 'exit 7' TERM; touch {}; while :; do sleep 0.05; done",
+        ready.display()
+    );
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_litefs"))
+        .args(["run", "--", "sh", "-c", &script])
+        .spawn()
+        .unwrap();
+    let ok = wait_until(Duration::from_secs(10), || ready.exists());
+    if !ok {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the command never started");
+    }
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("litefs run did not exit after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(7), "the command's status on SIGTERM");
+
+    let (status, err) = litefs_run(
+        &["-promote", "-url", "http://127.0.0.1:1", "--", "true"],
+        Duration::from_secs(10),
+    );
+    assert!(!status.success(), "promotion against nothing must fail");
+    assert!(err.contains("promote"), "{err}");
+}
