@@ -13,16 +13,16 @@ use crate::etcd_server::EtcdServer;
 use crate::repl::{free_port, pos};
 use crate::support::{Process, wait_until};
 
-const TTL: Duration = Duration::from_secs(2);
+pub(crate) const TTL: Duration = Duration::from_secs(2);
 
 /// A candidate node named `name`, with `lease` as the YAML under `lease:` (type and its
 /// store settings).
-fn node(name: &str, lease: &str) -> Process {
+pub(crate) fn node(name: &str, lease: &str) -> Process {
     node_with(name, lease, true)
 }
 
 /// As [`node`], with `lease.candidate` set to `candidate`.
-fn node_with(name: &str, lease: &str, candidate: bool) -> Process {
+pub(crate) fn node_with(name: &str, lease: &str, candidate: bool) -> Process {
     let port = free_port();
     let (name, lease) = (name.to_string(), lease.to_string());
     Process::start_with(move |mnt, data| {
@@ -34,7 +34,7 @@ fn node_with(name: &str, lease: &str, candidate: bool) -> Process {
     })
 }
 
-fn etcd_lease(etcd: &EtcdServer) -> String {
+pub(crate) fn etcd_lease(etcd: &EtcdServer) -> String {
     format!(
         "  type: etcd\n  etcd:\n    endpoints: [{}]\n    key: litefs-test\n    ttl: 2s\n",
         etcd.url()
@@ -43,7 +43,7 @@ fn etcd_lease(etcd: &EtcdServer) -> String {
 
 /// The in-repo Consul server, accepting the short test TTL (real Consul's minimum is
 /// 10 s) and expiring sessions exactly at their TTL.
-fn consul() -> ConsulServer {
+pub(crate) fn consul() -> ConsulServer {
     ConsulServer::start_with(ConsulServerOptions {
         min_ttl: Duration::from_secs(1),
         expiry_factor: 1.0,
@@ -51,7 +51,7 @@ fn consul() -> ConsulServer {
     })
 }
 
-fn consul_lease(consul: &ConsulServer) -> String {
+pub(crate) fn consul_lease(consul: &ConsulServer) -> String {
     format!(
         "  type: consul\n  consul:\n    url: {}\n    key: litefs-test\n    ttl: 2s\n    lock-delay: 1s\n",
         consul.url()
@@ -59,7 +59,7 @@ fn consul_lease(consul: &ConsulServer) -> String {
 }
 
 /// Inserts one row through the node's mount; false when the node refuses the write.
-fn try_write(p: &Process, v: &str) -> bool {
+pub(crate) fn try_write(p: &Process, v: &str) -> bool {
     let Ok(c) = Connection::open(p.path("db")) else {
         return false;
     };
@@ -70,7 +70,7 @@ fn try_write(p: &Process, v: &str) -> bool {
 }
 
 /// Waits until `p` accepts a write; returns how long that took.
-fn wait_primary(p: &Process, within: Duration, what: &str) -> Duration {
+pub(crate) fn wait_primary(p: &Process, within: Duration, what: &str) -> Duration {
     let t0 = Instant::now();
     let ok = wait_until(within, || try_write(p, what));
     assert!(
@@ -82,7 +82,7 @@ fn wait_primary(p: &Process, within: Duration, what: &str) -> Duration {
 }
 
 /// Waits until `replica` shows `primary`'s position, then compares the database bytes.
-fn converge(primary: &Process, replica: &Process) {
+pub(crate) fn converge(primary: &Process, replica: &Process) {
     let want = pos(primary, "db").expect("primary has db");
     let ok = wait_until(Duration::from_secs(15), || {
         pos(replica, "db").as_deref() == Some(&want)
@@ -100,7 +100,7 @@ fn converge(primary: &Process, replica: &Process) {
 }
 
 /// Restarts a node after kill -9 (its mount point is left stale).
-fn respawn_after_crash(p: &mut Process) {
+pub(crate) fn respawn_after_crash(p: &mut Process) {
     let _ = std::process::Command::new("fusermount3")
         .args(["-u", "-z"])
         .arg(&p.mnt)
@@ -305,7 +305,7 @@ fn etcd_non_candidate_follows_but_never_leads() {
 }
 
 /// The HTTP port of a node started by [`node_with`] (read back from its config).
-fn port(p: &Process) -> u16 {
+pub(crate) fn port(p: &Process) -> u16 {
     let cfg = std::fs::read_to_string(&p.config).unwrap();
     cfg.lines()
         .find_map(|l| l.trim().strip_prefix("addr: 127.0.0.1:"))
@@ -334,14 +334,14 @@ fn http(port: u16, method: &str, path: &str) -> (u16, String) {
     (status, body.to_string())
 }
 
-fn info(p: &Process) -> serde_json::Value {
+pub(crate) fn info(p: &Process) -> serde_json::Value {
     let (status, body) = http(port(p), "GET", "/info");
     assert_eq!(status, 200, "{body}");
     serde_json::from_str(&body).unwrap()
 }
 
 /// The value of an unlabelled metric in `/metrics`.
-fn metric(p: &Process, name: &str) -> u64 {
+pub(crate) fn metric(p: &Process, name: &str) -> u64 {
     let (_, text) = http(port(p), "GET", "/metrics");
     text.lines()
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
@@ -456,7 +456,7 @@ fn etcd_every_node_serves_info_events_and_metrics() {
     assert_eq!(metric(&b, "litefs_lease_acquired_total"), 1);
 }
 
-fn count(p: &Process, v: &str) -> i64 {
+pub(crate) fn count(p: &Process, v: &str) -> i64 {
     let c = Connection::open(p.path("db")).unwrap();
     c.busy_timeout(Duration::from_secs(2)).unwrap();
     c.query_row("SELECT count(*) FROM t WHERE v = ?1", [v], |r| r.get(0))
@@ -512,7 +512,7 @@ fn etcd_wal_transaction_in_flight_at_sigterm_commits_and_survives() {
 
 /// Waits until `replica` shows `primary`'s position of `db` (in WAL mode the database
 /// files differ until a checkpoint, so only positions are compared).
-fn same_pos(primary: &Process, replica: &Process) {
+pub(crate) fn same_pos(primary: &Process, replica: &Process) {
     let want = pos(primary, "db").expect("primary has db");
     let ok = wait_until(Duration::from_secs(15), || {
         pos(replica, "db").as_deref() == Some(&want)
@@ -565,7 +565,7 @@ fn etcd_demoted_primary_refuses_writes_on_open_connections() {
 }
 
 /// `litefs run` with `args`; waits (bounded) for its exit status.
-fn litefs_run(args: &[&str], within: Duration) -> (std::process::ExitStatus, String) {
+pub(crate) fn litefs_run(args: &[&str], within: Duration) -> (std::process::ExitStatus, String) {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_litefs"))
         .arg("run")
         .args(args)
