@@ -713,3 +713,40 @@ fn litefs_run_forwards_sigterm_and_exits_with_the_commands_status() {
     assert!(!status.success(), "promotion against nothing must fail");
     assert!(err.contains("promote"), "{err}");
 }
+
+/// The first primary stores the cluster id in the lease store; a node whose data
+/// directory belongs to another cluster neither follows nor leads, and says why.
+#[test]
+fn etcd_node_of_another_cluster_refuses_to_lead_or_follow() {
+    let etcd = EtcdServer::start();
+    let lease = etcd_lease(&etcd);
+    let mut a = node("node-a", &lease);
+    wait_primary(&a, Duration::from_secs(10), "a first");
+    let mut c = node("node-c", &lease);
+    converge(&a, &c);
+    let id = |p: &Process| std::fs::read_to_string(p.data.join("clusterid")).unwrap();
+    assert_eq!(id(&a), id(&c), "the replica joined the primary's cluster");
+    assert!(c.signal(libc::SIGTERM).success());
+    std::fs::write(c.data.join("clusterid"), "LFSC0000000000000001\n").unwrap();
+    c.spawn();
+    let ok = wait_until(Duration::from_secs(5), || {
+        c.log_text()
+            .contains("belongs to cluster LFSC0000000000000001")
+    });
+    assert!(ok, "no refusal logged:\n{}", c.log_text());
+    let before = pos(&c, "db");
+    assert!(try_write(&a, "after the refusal"));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(pos(&c, "db"), before, "a refused node replicated");
+    assert!(a.signal(libc::SIGTERM).success());
+    std::thread::sleep(TTL);
+    assert!(
+        !try_write(&c, "refused node"),
+        "a node of another cluster took the lease"
+    );
+    assert!(
+        c.log_text().contains("refusing to lead or follow"),
+        "{}",
+        c.log_text()
+    );
+}
