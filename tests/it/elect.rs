@@ -750,3 +750,86 @@ fn etcd_node_of_another_cluster_refuses_to_lead_or_follow() {
         c.log_text()
     );
 }
+
+/// Polls (every 2 ms) until `p` accepts a write; how long that took.
+fn time_to_write(p: &Process, within: Duration) -> Duration {
+    let t0 = Instant::now();
+    while t0.elapsed() < within {
+        if try_write(p, "bench") {
+            return t0.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    panic!(
+        "no write accepted within {within:?}; log:\n{}",
+        p.log_text()
+    );
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Failover measurement (etcd, two nodes, TTL 2 s, 10 rounds): time from SIGTERM of
+/// the primary until the other node accepts a write; `litefs run -promote -- true` on
+/// a replica; time from kill -9 of the primary until the other accepts a write.
+/// Run with `cargo test --release --test it elect::etcd_failover_bench -- --ignored
+/// --nocapture`.
+#[test]
+#[ignore]
+fn etcd_failover_bench() {
+    let load = || std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    eprintln!("loadavg before: {}", load().trim());
+    let etcd = EtcdServer::start();
+    let lease = etcd_lease(&etcd);
+    let mut n = [node("node-a", &lease), node("node-b", &lease)];
+    wait_primary(&n[0], Duration::from_secs(20), "a first");
+    same_pos_when_ready(&n);
+    let (mut clean, mut promote, mut crash) = (Vec::new(), Vec::new(), Vec::new());
+    let mut p = 0;
+    for _ in 0..10 {
+        let o = 1 - p;
+        // Clean handoff.
+        // SAFETY: kill(2) on our child.
+        unsafe { libc::kill(n[p].pid() as i32, libc::SIGTERM) };
+        clean.push(time_to_write(&n[o], Duration::from_secs(5)));
+        assert!(n[p].signal(0).success());
+        n[p].spawn();
+        converge(&n[o], &n[p]);
+        // Promotion of the old primary back.
+        let url = format!("http://127.0.0.1:{}", port(&n[p]));
+        let t0 = Instant::now();
+        let (status, err) = litefs_run(
+            &["-promote", "-url", &url, "--", "true"],
+            Duration::from_secs(30),
+        );
+        promote.push(t0.elapsed());
+        assert!(status.success(), "{err}");
+        converge(&n[p], &n[o]);
+        // Crash of the primary (now n[p] again).
+        n[p].signal(libc::SIGKILL);
+        crash.push(time_to_write(&n[o], Duration::from_secs(10)));
+        respawn_after_crash(&mut n[p]);
+        converge(&n[o], &n[p]);
+        p = o;
+    }
+    eprintln!(
+        "clean SIGTERM takeover: median {:?} (all {clean:?})",
+        median(clean.clone())
+    );
+    eprintln!(
+        "litefs run -promote: median {:?} (all {promote:?})",
+        median(promote.clone())
+    );
+    eprintln!(
+        "crash takeover: median {:?} (all {crash:?})",
+        median(crash.clone())
+    );
+    eprintln!("loadavg after: {}", load().trim());
+}
+
+fn same_pos_when_ready(n: &[Process; 2]) {
+    assert!(try_write(&n[0], "seed"));
+    converge(&n[0], &n[1]);
+}
