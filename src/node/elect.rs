@@ -1,5 +1,9 @@
 //! The elected role: follow whoever holds the lease, take it when nobody does (as a
 //! candidate), and give up writes before a lease that cannot be renewed could expire.
+//! A primary that steps down (SIGINT/SIGTERM) or hands over (`/handoff`) stops writes,
+//! lets transactions in flight finish and its replicas receive every committed file
+//! before the lease changes hands; a replica asked to `/promote` takes the lease over
+//! from its primary. See "Roles and elections" in `docs/design.md`.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -783,8 +783,9 @@ fn etcd_failover_bench() {
     eprintln!("loadavg before: {}", load().trim());
     let etcd = EtcdServer::start();
     let lease = etcd_lease(&etcd);
-    let mut n = [node("node-a", &lease), node("node-b", &lease)];
-    wait_primary(&n[0], Duration::from_secs(20), "a first");
+    let a = node("node-a", &lease);
+    wait_primary(&a, Duration::from_secs(20), "a first");
+    let mut n = [a, node("node-b", &lease)];
     same_pos_when_ready(&n);
     let (mut clean, mut promote, mut crash) = (Vec::new(), Vec::new(), Vec::new());
     let mut p = 0;

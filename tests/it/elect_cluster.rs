@@ -57,12 +57,9 @@ fn primary_of(nodes: &[&Process], within: Duration) -> usize {
 /// TTL (and Consul's lock-delay); both old primaries rejoin as replicas with
 /// byte-identical databases.
 fn three_nodes(lease: &str, crash_bound: Duration) {
-    let mut n = [
-        node("node-a", lease),
-        node("node-b", lease),
-        node("node-c", lease),
-    ];
-    wait_primary(&n[0], Duration::from_secs(10), "a first");
+    let a = node("node-a", lease);
+    wait_primary(&a, Duration::from_secs(10), "a first");
+    let mut n = [a, node("node-b", lease), node("node-c", lease)];
     for i in 0..10 {
         assert!(try_write(&n[0], &format!("a {i}")));
     }
@@ -278,8 +275,9 @@ fn wait_same_pos(a: &Process, b: &Process) {
 /// per failover.
 fn twenty_failovers(lease: &str, crash_bound: Duration) {
     const FAILOVERS: usize = 20;
-    let mut n = [node("node-a", lease), node("node-b", lease)];
-    wait_primary(&n[0], Duration::from_secs(10), "a first");
+    let a = node("node-a", lease);
+    wait_primary(&a, Duration::from_secs(10), "a first");
+    let mut n = [a, node("node-b", lease)];
     Connection::open(n[0].path("db"))
         .unwrap()
         .execute_batch("CREATE TABLE w (v INTEGER PRIMARY KEY)")
@@ -439,11 +437,9 @@ impl Drop for Proxy {
 /// primary follows and converges.
 fn partitioned_primary(upstream: std::net::SocketAddr, lease_at: fn(&str) -> String) {
     let proxies = [Proxy::start(upstream), Proxy::start(upstream)];
-    let n = [
-        node("node-a", &lease_at(&proxies[0].url())),
-        node("node-b", &lease_at(&proxies[1].url())),
-    ];
-    wait_primary(&n[0], Duration::from_secs(10), "a first");
+    let a = node("node-a", &lease_at(&proxies[0].url()));
+    wait_primary(&a, Duration::from_secs(10), "a first");
+    let n = [a, node("node-b", &lease_at(&proxies[1].url()))];
     Connection::open(n[0].path("db"))
         .unwrap()
         .execute_batch("CREATE TABLE w (v INTEGER PRIMARY KEY)")
