@@ -287,6 +287,22 @@ pub async fn watch_sees_a_new_holder(a: &dyn Leaser, b: &dyn Leaser) {
     lease.release().await.expect("release");
 }
 
+/// The cluster id: none at first; the first id stored wins, whoever stores next
+/// gets it back, and every client reads it. For stores that keep one (Consul, etcd).
+pub async fn cluster_id_is_kept_once(a: &dyn Leaser, b: &dyn Leaser) {
+    assert_eq!(a.cluster_id().await.expect("read"), None);
+    let first = "LFSC00000000000000AA";
+    assert_eq!(a.set_cluster_id_if_absent(first).await.expect("set"), first);
+    assert_eq!(
+        b.set_cluster_id_if_absent("LFSC00000000000000BB")
+            .await
+            .expect("set"),
+        first,
+        "the first id stays"
+    );
+    assert_eq!(b.cluster_id().await.expect("read").as_deref(), Some(first));
+}
+
 /// Handoff: the holder gives [`Lease::id`] to `b`, which takes the lease over with
 /// [`Leaser::acquire_existing`] without it ever being free; every reader then names
 /// `b`, `b` renews and releases it. For stores where a lease can change hands

@@ -478,6 +478,52 @@ impl Leaser for ConsulLeaser {
         }))
     }
 
+    async fn cluster_id(&self) -> Result<Option<String>, LeaseError> {
+        let key = format!("{}/clusterid", self.inner.key);
+        let url = self.inner.url(&["v1/kv", &key], &[]);
+        let path = url.path().to_string();
+        let (status, _, bytes) = self
+            .inner
+            .send(Method::GET, url, None, self.inner.request_timeout)
+            .await?;
+        match status {
+            StatusCode::NOT_FOUND => Ok(None),
+            StatusCode::OK => {
+                let mut entries: Vec<KvEntry> =
+                    serde_json::from_slice(&bytes).map_err(|e| LeaseError::Protocol {
+                        backend: BACKEND,
+                        message: format!("GET {path}: not a KV entry list: {e}"),
+                    })?;
+                let value = entries.pop().and_then(|e| e.value).unwrap_or_default();
+                let raw = base64::engine::general_purpose::STANDARD
+                    .decode(value.as_bytes())
+                    .map_err(|e| LeaseError::Protocol {
+                        backend: BACKEND,
+                        message: format!("key {key}: value is not base64: {e}"),
+                    })?;
+                Ok(Some(String::from_utf8_lossy(&raw).trim().to_string()))
+            }
+            _ => Err(http_error(status, Method::GET, path, &bytes)),
+        }
+    }
+
+    /// `PUT ?cas=0` (only if absent), then reads back whichever id is stored.
+    async fn set_cluster_id_if_absent(&self, id: &str) -> Result<String, LeaseError> {
+        let key = format!("{}/clusterid", self.inner.key);
+        let url = self
+            .inner
+            .url(&["v1/kv", &key], &[("cas", "0".to_string())]);
+        self.inner
+            .send_ok(Method::PUT, url, Some(id.as_bytes().to_vec()))
+            .await?;
+        self.cluster_id()
+            .await?
+            .ok_or_else(|| LeaseError::Protocol {
+                backend: BACKEND,
+                message: format!("key {key} not readable after it was written"),
+            })
+    }
+
     /// Takes over the session a former holder handed over: it must still exist and
     /// still hold the key; the key's value then names this node.
     async fn acquire_existing(&self, lease_id: &str) -> Result<Box<dyn Lease>, LeaseError> {

@@ -292,6 +292,48 @@ impl Leaser for EtcdLeaser {
         }))
     }
 
+    async fn cluster_id(&self) -> Result<Option<String>, LeaseError> {
+        let key = format!("{}/clusterid", self.key);
+        let mut client = self.client().await?;
+        let resp = client
+            .get(key.as_bytes(), None)
+            .await
+            .map_err(unavailable)?;
+        Ok(resp
+            .kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).trim().to_string()))
+    }
+
+    /// One transaction: put `id` if the key does not exist, else read it.
+    async fn set_cluster_id_if_absent(&self, id: &str) -> Result<String, LeaseError> {
+        let key = format!("{}/clusterid", self.key);
+        let mut client = self.client().await?;
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                key.as_bytes(),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then([TxnOp::put(key.as_bytes(), id.as_bytes(), None)])
+            .or_else([TxnOp::get(key.as_bytes(), None)]);
+        let resp = client.txn(txn).await.map_err(unavailable)?;
+        if resp.succeeded() {
+            return Ok(id.to_string());
+        }
+        for op in resp.op_responses() {
+            if let TxnOpResponse::Get(g) = op
+                && let Some(kv) = g.kvs().first()
+            {
+                return Ok(String::from_utf8_lossy(kv.value()).trim().to_string());
+            }
+        }
+        Err(LeaseError::Protocol {
+            backend: BACKEND,
+            message: format!("key {key} exists but could not be read"),
+        })
+    }
+
     /// Takes over the etcd lease a former holder handed over (its id in hex): the
     /// lease must be alive and still own the key; the key's value then names this
     /// node.

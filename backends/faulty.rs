@@ -136,6 +136,16 @@ impl<L: Leaser> Leaser for FaultyLeaser<L> {
         }))
     }
 
+    async fn cluster_id(&self) -> Result<Option<String>, LeaseError> {
+        gate(&self.switch, self.type_name(), "cluster_id").await?;
+        self.inner.cluster_id().await
+    }
+
+    async fn set_cluster_id_if_absent(&self, id: &str) -> Result<String, LeaseError> {
+        gate(&self.switch, self.type_name(), "set_cluster_id_if_absent").await?;
+        self.inner.set_cluster_id_if_absent(id).await
+    }
+
     async fn acquire_existing(&self, lease_id: &str) -> Result<Box<dyn Lease>, LeaseError> {
         gate(&self.switch, self.type_name(), "acquire_existing").await?;
         let lease = self.inner.acquire_existing(lease_id).await?;

@@ -98,6 +98,24 @@ pub trait Leaser: Debug + Send + Sync + 'static {
     /// [`LeaseError::Unavailable`] when the store cannot be reached.
     async fn acquire(&self) -> Result<Box<dyn Lease>, LeaseError>;
 
+    /// The cluster id kept in the lease store (at `<key>/clusterid`, as LiteFS keeps
+    /// it), if any. By default `Ok(None)`: a store that keeps none (static).
+    ///
+    /// # Errors
+    /// [`LeaseError::Unavailable`] when the store cannot be reached.
+    async fn cluster_id(&self) -> Result<Option<String>, LeaseError> {
+        Ok(None)
+    }
+
+    /// Stores `id` as the cluster id unless one is stored already, and returns the
+    /// stored one (which wins). By default returns `id`: nothing is kept.
+    ///
+    /// # Errors
+    /// [`LeaseError::Unavailable`] when the store cannot be reached.
+    async fn set_cluster_id_if_absent(&self, id: &str) -> Result<String, LeaseError> {
+        Ok(id.to_string())
+    }
+
     /// Takes over a lease that its current holder handed to this node (`litefs run
     /// -promote` / `POST /handoff`), identified by [`Lease::id`] on the old holder.
     ///

@@ -19,10 +19,11 @@
 //! - [`archive`]: shipping every LTX file to the [`sink::SnapshotSink`] (Litestream 0.5
 //!   layout, no database checksums, recorded positions beside it) and restoring from it.
 //! - [`replicate`]: the primary's per-replica streams and the replica's apply loop.
-//! - [`node`]: the node's role (static lease: primary or replica) and its services.
+//! - [`node`]: the node's role (static lease: primary or replica; Consul/etcd: elected,
+//!   with step-down, handoff and the cluster id kept in the lease store) and its services.
 //! - [`exec`]: the application litefs runs once the node is in sync (`exec`, `-- CMD`):
 //!   migrations in order, then a supervised command whose exit ends litefs.
-//! - [`cli`]: the command line (`litefs mount`, `litefs ltx ...`); the binary in
+//! - [`cli`]: the command line (`litefs mount`, `litefs run`, `litefs ltx ...`); the binary in
 //!   `src/main.rs` only calls into it.
 
 pub mod archive;

@@ -7,6 +7,7 @@
 mod ltx;
 mod ops;
 mod restore;
+mod run;
 
 use std::ffi::OsString;
 use std::io::IsTerminal;
@@ -55,6 +56,8 @@ pub enum Command {
     Export(ops::ExportArgs),
     /// Load a SQLite file into the cluster through the primary (one transaction).
     Import(ops::ImportArgs),
+    /// Run a command, after promoting the local node to primary with -promote.
+    Run(run::RunArgs),
 }
 
 /// Arguments of `litefs mount` (and of bare `litefs`).
@@ -131,6 +134,7 @@ pub fn main() -> ExitCode {
         Some(Command::Status(args)) => ops::status(args),
         Some(Command::Export(args)) => ops::export(args),
         Some(Command::Import(args)) => ops::import(args),
+        Some(Command::Run(args)) => run::run(args),
         Some(Command::Mount(args)) => run_mount(args),
         None => run_mount(cli.mount),
     }

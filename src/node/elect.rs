@@ -1,5 +1,9 @@
 //! The elected role: follow whoever holds the lease, take it when nobody does (as a
 //! candidate), and give up writes before a lease that cannot be renewed could expire.
+//! A primary that steps down (SIGINT/SIGTERM) or hands over (`/handoff`) stops writes,
+//! lets transactions in flight finish and its replicas receive every committed file
+//! before the lease changes hands; a replica asked to `/promote` takes the lease over
+//! from its primary. See "Roles and elections" in `docs/design.md`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +16,7 @@ use tracing::{debug, error, info, warn};
 use crate::fuse::ReplicaApplier;
 use crate::lease::{Lease, LeaseError, Leaser, PrimaryInfo};
 use crate::replicate::Apply;
+use crate::replicate::cluster_id;
 use crate::replicate::replica::{Lag, Replica};
 use crate::store::Store;
 use crate::transport::Transport;
@@ -101,8 +106,35 @@ impl Following {
     }
 }
 
+/// Why the cluster id could not be settled.
+#[derive(Debug, thiserror::Error)]
+enum ClusterIdError {
+    /// The data directory belongs to another cluster than the lease store's.
+    #[error(
+        "the data directory {dir} belongs to cluster {local}, but the lease store keeps cluster \
+         {stored}: this node was part of another cluster (remove {dir}/clusterid and the \
+         databases to join this one)"
+    )]
+    Mismatch {
+        /// The data directory.
+        dir: String,
+        /// Its cluster id.
+        local: String,
+        /// The lease store's.
+        stored: String,
+    },
+    /// The store could not be read or written.
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+    /// The data directory's `clusterid` could not be read or written.
+    #[error("cluster id in the data directory: {0}")]
+    Io(#[from] std::io::Error),
+}
+
 /// How leading ended.
 enum Led {
+    /// This node belongs to another cluster than the lease store's.
+    Refused,
     /// The lease was handed to another node (`/handoff`); not released.
     HandedOff,
     /// The node is stopping; the lease was released.
@@ -149,8 +181,17 @@ impl Election {
                     }
                 }
                 Ok(Some(p)) if p != *self.leaser.node_info() => {
+                    if let Err(e) = self.check_cluster_id().await {
+                        error!("{e}: refusing to lead or follow");
+                        stopped(&mut stop).await;
+                        return;
+                    }
                     if let Some((lease, reply)) = self.follow(p, &mut stop, control).await {
                         match self.lead(lease, &mut stop, control, Some(reply)).await {
+                            Led::Refused => {
+                                stopped(&mut stop).await;
+                                return;
+                            }
                             Led::Stopped => return,
                             Led::HandedOff => self.after_handoff(&mut stop).await,
                             Led::Demoted => {}
@@ -175,6 +216,10 @@ impl Election {
                     };
                     match acquired {
                         Ok(lease) => match self.lead(lease, &mut stop, control, None).await {
+                            Led::Refused => {
+                                stopped(&mut stop).await;
+                                return;
+                            }
                             Led::Stopped => return,
                             Led::HandedOff => self.after_handoff(&mut stop).await,
                             Led::Demoted => {}
@@ -385,14 +430,18 @@ impl Election {
             "acquired the lease: this node is the primary"
         );
         LeaseCounters::bump(&self.info.lease.acquired);
-        // A node that never joined a cluster founds one; a former replica keeps its id.
-        let data_dir = &self.store.options().data_dir;
-        if let Err(e) = crate::replicate::cluster_id::read_or_create(data_dir) {
-            error!(error = %e, dir = %data_dir.display(), "cannot create the cluster id: giving the lease up");
+        // A node that never joined a cluster founds one (or adopts the one the lease
+        // store keeps); a node of another cluster refuses.
+        if let Err(e) = self.cluster_id_as_primary().await {
             if let Some(r) = promoted {
-                let _ = r.send(Err(format!("cluster id: {e}")));
+                let _ = r.send(Err(e.to_string()));
             }
             self.step_down(lease.as_ref()).await;
+            if let ClusterIdError::Mismatch { .. } = e {
+                error!("{e}: refusing to lead or follow");
+                return Led::Refused;
+            }
+            error!(error = %e, "cannot settle the cluster id: gave the lease up");
             let _ = pause(self.reconnect_delay, stop).await;
             return Led::Demoted;
         }
@@ -572,6 +621,56 @@ impl Election {
                     }
                 }
                 Err(_) => return,
+            }
+        }
+    }
+
+    /// The cluster id as the new primary: the lease store's (`<key>/clusterid`) wins;
+    /// with none stored, this node's (created if it has none) is stored. A data
+    /// directory of another cluster is refused.
+    async fn cluster_id_as_primary(&self) -> Result<String, ClusterIdError> {
+        let dir = &self.store.options().data_dir;
+        let local = cluster_id::read(dir)?;
+        let stored = match self.leaser.cluster_id().await? {
+            Some(s) => s,
+            None => {
+                let ours = match &local {
+                    Some(l) => l.clone(),
+                    None => cluster_id::read_or_create(dir)?,
+                };
+                self.leaser.set_cluster_id_if_absent(&ours).await?
+            }
+        };
+        match local {
+            Some(l) if l != stored => Err(ClusterIdError::Mismatch {
+                dir: dir.display().to_string(),
+                local: l,
+                stored,
+            }),
+            _ => {
+                cluster_id::write(dir, &stored)?;
+                Ok(stored)
+            }
+        }
+    }
+
+    /// Before following: a data directory of another cluster than the lease store's
+    /// is refused (an unreachable store is not: the primary's stream checks too).
+    async fn check_cluster_id(&self) -> Result<(), ClusterIdError> {
+        let dir = &self.store.options().data_dir;
+        let Some(local) = cluster_id::read(dir)? else {
+            return Ok(());
+        };
+        match self.leaser.cluster_id().await {
+            Ok(Some(stored)) if stored != local => Err(ClusterIdError::Mismatch {
+                dir: dir.display().to_string(),
+                local,
+                stored,
+            }),
+            Ok(_) => Ok(()),
+            Err(e) => {
+                warn!(error = %e, "cannot read the cluster id from the lease store");
+                Ok(())
             }
         }
     }

@@ -59,11 +59,11 @@ pub struct Node {
 }
 
 impl Node {
-    /// Decides the role from the config; a static primary binds `http.addr` and starts
-    /// serving (streams are served once the store is open; the mount comes next), a
-    /// static replica and every elected node (Consul, etcd) switch the store to
-    /// read-only before anything is mounted: an elected node turns writable only once
-    /// it holds the lease (see [`Node::on_mount`]).
+    /// Decides the role from the config and binds `http.addr` (every node serves
+    /// `/info`, `/metrics`, `/events`; the stream is served while primary). A static
+    /// replica and every elected node (Consul, etcd) switch the store to read-only
+    /// before anything is mounted: an elected node turns writable only once it holds
+    /// the lease (see [`Node::on_mount`]).
     ///
     /// # Errors
     /// When `http.addr` cannot be parsed or bound, or the cluster id cannot be read or

@@ -13,16 +13,16 @@ use crate::etcd_server::EtcdServer;
 use crate::repl::{free_port, pos};
 use crate::support::{Process, wait_until};
 
-const TTL: Duration = Duration::from_secs(2);
+pub(crate) const TTL: Duration = Duration::from_secs(2);
 
 /// A candidate node named `name`, with `lease` as the YAML under `lease:` (type and its
 /// store settings).
-fn node(name: &str, lease: &str) -> Process {
+pub(crate) fn node(name: &str, lease: &str) -> Process {
     node_with(name, lease, true)
 }
 
 /// As [`node`], with `lease.candidate` set to `candidate`.
-fn node_with(name: &str, lease: &str, candidate: bool) -> Process {
+pub(crate) fn node_with(name: &str, lease: &str, candidate: bool) -> Process {
     let port = free_port();
     let (name, lease) = (name.to_string(), lease.to_string());
     Process::start_with(move |mnt, data| {
@@ -43,7 +43,7 @@ pub(crate) fn etcd_lease(etcd: &EtcdServer) -> String {
 
 /// The in-repo Consul server, accepting the short test TTL (real Consul's minimum is
 /// 10 s) and expiring sessions exactly at their TTL.
-fn consul() -> ConsulServer {
+pub(crate) fn consul() -> ConsulServer {
     ConsulServer::start_with(ConsulServerOptions {
         min_ttl: Duration::from_secs(1),
         expiry_factor: 1.0,
@@ -51,7 +51,7 @@ fn consul() -> ConsulServer {
     })
 }
 
-fn consul_lease(consul: &ConsulServer) -> String {
+pub(crate) fn consul_lease(consul: &ConsulServer) -> String {
     format!(
         "  type: consul\n  consul:\n    url: {}\n    key: litefs-test\n    ttl: 2s\n    lock-delay: 1s\n",
         consul.url()
@@ -100,7 +100,7 @@ pub(crate) fn converge(primary: &Process, replica: &Process) {
 }
 
 /// Restarts a node after kill -9 (its mount point is left stale).
-fn respawn_after_crash(p: &mut Process) {
+pub(crate) fn respawn_after_crash(p: &mut Process) {
     let _ = std::process::Command::new("fusermount3")
         .args(["-u", "-z"])
         .arg(&p.mnt)
@@ -305,7 +305,7 @@ fn etcd_non_candidate_follows_but_never_leads() {
 }
 
 /// The HTTP port of a node started by [`node_with`] (read back from its config).
-fn port(p: &Process) -> u16 {
+pub(crate) fn port(p: &Process) -> u16 {
     let cfg = std::fs::read_to_string(&p.config).unwrap();
     cfg.lines()
         .find_map(|l| l.trim().strip_prefix("addr: 127.0.0.1:"))
@@ -334,14 +334,14 @@ fn http(port: u16, method: &str, path: &str) -> (u16, String) {
     (status, body.to_string())
 }
 
-fn info(p: &Process) -> serde_json::Value {
+pub(crate) fn info(p: &Process) -> serde_json::Value {
     let (status, body) = http(port(p), "GET", "/info");
     assert_eq!(status, 200, "{body}");
     serde_json::from_str(&body).unwrap()
 }
 
 /// The value of an unlabelled metric in `/metrics`.
-fn metric(p: &Process, name: &str) -> u64 {
+pub(crate) fn metric(p: &Process, name: &str) -> u64 {
     let (_, text) = http(port(p), "GET", "/metrics");
     text.lines()
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
@@ -456,7 +456,7 @@ fn etcd_every_node_serves_info_events_and_metrics() {
     assert_eq!(metric(&b, "litefs_lease_acquired_total"), 1);
 }
 
-fn count(p: &Process, v: &str) -> i64 {
+pub(crate) fn count(p: &Process, v: &str) -> i64 {
     let c = Connection::open(p.path("db")).unwrap();
     c.busy_timeout(Duration::from_secs(2)).unwrap();
     c.query_row("SELECT count(*) FROM t WHERE v = ?1", [v], |r| r.get(0))
@@ -512,7 +512,7 @@ fn etcd_wal_transaction_in_flight_at_sigterm_commits_and_survives() {
 
 /// Waits until `replica` shows `primary`'s position of `db` (in WAL mode the database
 /// files differ until a checkpoint, so only positions are compared).
-fn same_pos(primary: &Process, replica: &Process) {
+pub(crate) fn same_pos(primary: &Process, replica: &Process) {
     let want = pos(primary, "db").expect("primary has db");
     let ok = wait_until(Duration::from_secs(15), || {
         pos(replica, "db").as_deref() == Some(&want)
@@ -562,4 +562,275 @@ fn etcd_demoted_primary_refuses_writes_on_open_connections() {
     for (m, want) in ["WAL", "DELETE"].iter().zip(before) {
         assert_eq!(pos(&a, &format!("db-{m}")).unwrap(), want, "{m} moved");
     }
+}
+
+/// `litefs run` with `args`; waits (bounded) for its exit status.
+pub(crate) fn litefs_run(args: &[&str], within: Duration) -> (std::process::ExitStatus, String) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_litefs"))
+        .arg("run")
+        .args(args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+            return (status, err);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("litefs run {args:?} did not exit within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `litefs run -promote` on a replica: the primary stops writes, the replica gets
+/// every committed transaction and the lease, turns writable before the command runs;
+/// the old primary follows it. Both nodes report it in `/events` and `/metrics`.
+fn promote_hands_over(lease: &str) {
+    let a = node("node-a", lease);
+    wait_primary(&a, Duration::from_secs(10), "a first");
+    let b = node("node-b", lease);
+    for i in 0..20 {
+        assert!(try_write(&a, &format!("a {i}")));
+    }
+    converge(&a, &b);
+    let mut ea = Events::open(&a);
+    ea.until(Duration::from_secs(5), |e| e["type"] == "init");
+    let mut eb = Events::open(&b);
+    eb.until(Duration::from_secs(5), |e| e["type"] == "init");
+
+    let url = format!("http://127.0.0.1:{}", port(&b));
+    let db = b.path("db");
+    let sql = "INSERT INTO t (v) VALUES ('by the promoted node')";
+    let t0 = Instant::now();
+    let (status, err) = litefs_run(
+        &[
+            "-promote",
+            "-url",
+            &url,
+            "--",
+            "sqlite3",
+            db.to_str().unwrap(),
+            sql,
+        ],
+        Duration::from_secs(30),
+    );
+    let took = t0.elapsed();
+    assert!(
+        status.success(),
+        "litefs run -promote: {status}\n{err}\nb:\n{}\na:\n{}",
+        b.log_text(),
+        a.log_text()
+    );
+    eprintln!("litefs run -promote took {took:?}");
+    assert_eq!(count(&b, "by the promoted node"), 1);
+    assert!(
+        !try_write(&a, "old primary"),
+        "the old primary still writes"
+    );
+    converge(&b, &a);
+    assert_eq!(count(&a, "by the promoted node"), 1);
+    let c = Connection::open(b.path("db")).unwrap();
+    let rows: i64 = c
+        .query_row("SELECT count(*) FROM t WHERE v GLOB 'a [0-9]*'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(rows, 20, "rows written before the handoff");
+
+    eb.until(Duration::from_secs(5), |e| {
+        e["type"] == "primaryChange" && e["data"]["isPrimary"] == true
+    });
+    ea.until(Duration::from_secs(5), |e| {
+        e["type"] == "primaryChange" && e["data"]["hostname"] == "node-b"
+    });
+    assert_eq!(metric(&a, "litefs_lease_handoffs_total"), 1);
+    assert_eq!(metric(&b, "litefs_lease_handoffs_total"), 1);
+    assert_eq!(info(&a)["primary_hostname"], "node-b");
+    assert_eq!(info(&b)["is_primary"], true);
+}
+
+#[test]
+fn etcd_promote_hands_over_with_events_and_metrics() {
+    let etcd = EtcdServer::start();
+    promote_hands_over(&etcd_lease(&etcd));
+}
+
+#[test]
+fn consul_promote_hands_over_with_events_and_metrics() {
+    let consul = consul();
+    promote_hands_over(&consul_lease(&consul));
+}
+
+/// `litefs run -- CMD` exits with the command's status, and SIGTERM sent to litefs
+/// reaches the command (which here exits 7 on it).
+#[test]
+fn litefs_run_forwards_sigterm_and_exits_with_the_commands_status() {
+    let (status, _) = litefs_run(&["--", "sh", "-c", "exit 3"], Duration::from_secs(10));
+    assert_eq!(status.code(), Some(3));
+
+    let tmp = tempfile::tempdir().unwrap();
+    let ready = tmp.path().join("ready");
+    let script = format!(
+        "trap 'exit 7' TERM; touch {}; while :; do sleep 0.05; done",
+        ready.display()
+    );
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_litefs"))
+        .args(["run", "--", "sh", "-c", &script])
+        .spawn()
+        .unwrap();
+    let ok = wait_until(Duration::from_secs(10), || ready.exists());
+    if !ok {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the command never started");
+    }
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("litefs run did not exit after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(7), "the command's status on SIGTERM");
+
+    let (status, err) = litefs_run(
+        &["-promote", "-url", "http://127.0.0.1:1", "--", "true"],
+        Duration::from_secs(10),
+    );
+    assert!(!status.success(), "promotion against nothing must fail");
+    assert!(err.contains("promote"), "{err}");
+}
+
+/// The first primary stores the cluster id in the lease store; a node whose data
+/// directory belongs to another cluster neither follows nor leads, and says why.
+#[test]
+fn etcd_node_of_another_cluster_refuses_to_lead_or_follow() {
+    let etcd = EtcdServer::start();
+    let lease = etcd_lease(&etcd);
+    let mut a = node("node-a", &lease);
+    wait_primary(&a, Duration::from_secs(10), "a first");
+    let mut c = node("node-c", &lease);
+    converge(&a, &c);
+    let id = |p: &Process| std::fs::read_to_string(p.data.join("clusterid")).unwrap();
+    assert_eq!(id(&a), id(&c), "the replica joined the primary's cluster");
+    assert!(c.signal(libc::SIGTERM).success());
+    std::fs::write(c.data.join("clusterid"), "LFSC0000000000000001\n").unwrap();
+    c.spawn();
+    let ok = wait_until(Duration::from_secs(5), || {
+        c.log_text()
+            .contains("belongs to cluster LFSC0000000000000001")
+    });
+    assert!(ok, "no refusal logged:\n{}", c.log_text());
+    let before = pos(&c, "db");
+    assert!(try_write(&a, "after the refusal"));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(pos(&c, "db"), before, "a refused node replicated");
+    assert!(a.signal(libc::SIGTERM).success());
+    std::thread::sleep(TTL);
+    assert!(
+        !try_write(&c, "refused node"),
+        "a node of another cluster took the lease"
+    );
+    assert!(
+        c.log_text().contains("refusing to lead or follow"),
+        "{}",
+        c.log_text()
+    );
+}
+
+/// Polls (every 2 ms) until `p` accepts a write; how long that took.
+fn time_to_write(p: &Process, within: Duration) -> Duration {
+    let t0 = Instant::now();
+    while t0.elapsed() < within {
+        if try_write(p, "bench") {
+            return t0.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    panic!(
+        "no write accepted within {within:?}; log:\n{}",
+        p.log_text()
+    );
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Failover measurement (etcd, two nodes, TTL 2 s, 10 rounds): time from SIGTERM of
+/// the primary until the other node accepts a write; `litefs run -promote -- true` on
+/// a replica; time from kill -9 of the primary until the other accepts a write.
+/// Run with `cargo test --release --test it elect::etcd_failover_bench -- --ignored
+/// --nocapture`.
+#[test]
+#[ignore]
+fn etcd_failover_bench() {
+    let load = || std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    eprintln!("loadavg before: {}", load().trim());
+    let etcd = EtcdServer::start();
+    let lease = etcd_lease(&etcd);
+    let a = node("node-a", &lease);
+    wait_primary(&a, Duration::from_secs(20), "a first");
+    let mut n = [a, node("node-b", &lease)];
+    same_pos_when_ready(&n);
+    let (mut clean, mut promote, mut crash) = (Vec::new(), Vec::new(), Vec::new());
+    let mut p = 0;
+    for _ in 0..10 {
+        let o = 1 - p;
+        // Clean handoff.
+        // SAFETY: kill(2) on our child.
+        unsafe { libc::kill(n[p].pid() as i32, libc::SIGTERM) };
+        clean.push(time_to_write(&n[o], Duration::from_secs(5)));
+        assert!(n[p].signal(0).success());
+        n[p].spawn();
+        converge(&n[o], &n[p]);
+        // Promotion of the old primary back.
+        let url = format!("http://127.0.0.1:{}", port(&n[p]));
+        let t0 = Instant::now();
+        let (status, err) = litefs_run(
+            &["-promote", "-url", &url, "--", "true"],
+            Duration::from_secs(30),
+        );
+        promote.push(t0.elapsed());
+        assert!(status.success(), "{err}");
+        converge(&n[p], &n[o]);
+        // Crash of the primary (now n[p] again).
+        n[p].signal(libc::SIGKILL);
+        crash.push(time_to_write(&n[o], Duration::from_secs(10)));
+        respawn_after_crash(&mut n[p]);
+        converge(&n[o], &n[p]);
+        p = o;
+    }
+    eprintln!(
+        "clean SIGTERM takeover: median {:?} (all {clean:?})",
+        median(clean.clone())
+    );
+    eprintln!(
+        "litefs run -promote: median {:?} (all {promote:?})",
+        median(promote.clone())
+    );
+    eprintln!(
+        "crash takeover: median {:?} (all {crash:?})",
+        median(crash.clone())
+    );
+    eprintln!("loadavg after: {}", load().trim());
+}
+
+fn same_pos_when_ready(n: &[Process; 2]) {
+    assert!(try_write(&n[0], "seed"));
+    converge(&n[0], &n[1]);
 }

@@ -386,6 +386,12 @@ async fn consul_handoff_names_the_new_holder() {
     conformance::handoff_names_the_new_holder(&leaser(&s.url(), "a"), &leaser(&s.url(), "b")).await;
 }
 
+#[tokio::test]
+async fn consul_cluster_id_is_kept_once() {
+    let s = server(2.0);
+    conformance::cluster_id_is_kept_once(&leaser(&s.url(), "a"), &leaser(&s.url(), "b")).await;
+}
+
 /// The same suite against a real Consul agent, when the `consul` binary exists.
 #[tokio::test]
 async fn consul_suite_against_a_real_consul_agent() {
@@ -409,6 +415,7 @@ async fn consul_suite_against_a_real_consul_agent() {
     conformance::non_candidate_never_acquires(&mk("r", false)).await;
     conformance::watch_sees_a_new_holder(&mk("a", true), &mk("b", true)).await;
     conformance::handoff_names_the_new_holder(&mk("a", true), &mk("b", true)).await;
+    conformance::cluster_id_is_kept_once(&mk("a", true), &mk("b", true)).await;
     conformance::renew_keeps_it(&mk("a", true), &mk("b", true), t).await;
     conformance::holder_learns_it_lost(&mk("a", true), &mk("b", true), t).await;
     let info = PrimaryInfo {

@@ -158,3 +158,10 @@ async fn etcd_handoff_names_the_new_holder() {
     let (a, b) = pair(&e);
     conformance::handoff_names_the_new_holder(&a, &b).await;
 }
+
+#[tokio::test]
+async fn etcd_cluster_id_is_kept_once() {
+    let e = EtcdServer::start();
+    let (a, b) = pair(&e);
+    conformance::cluster_id_is_kept_once(&a, &b).await;
+}

@@ -5,6 +5,7 @@ mod cli_mount;
 mod config;
 mod consul_server;
 mod elect;
+mod elect_cluster;
 mod etcd_server;
 mod exec;
 mod fuse;
