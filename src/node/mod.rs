@@ -88,11 +88,10 @@ impl Node {
         let node_id = u64::from(std::process::id());
         let http_addr = http::parse_addr(&cfg.http.addr)
             .with_context(|| format!("http.addr {:?}", cfg.http.addr))?;
-        let info = Arc::new(http::ops::NodeInfo::new(
-            node_id,
-            cfg.lease.candidate,
-            cfg.fuse.dir.clone(),
-        ));
+        let info = Arc::new(
+            http::ops::NodeInfo::new(node_id, cfg.lease.candidate, cfg.fuse.dir.clone())
+                .with_auth_token(cfg.http.resolved_auth_token()),
+        );
         match &role {
             Role::Elected => {
                 // The election binds http.addr once this node leads: a node that joins
@@ -163,6 +162,11 @@ impl Node {
         }
     }
 
+    /// What `/info` reports about this node (shared with the proxy).
+    pub fn info(&self) -> Arc<http::ops::NodeInfo> {
+        self.info.clone()
+    }
+
     /// This node's role.
     pub fn role(&self) -> &Role {
         &self.role
@@ -185,7 +189,7 @@ impl Node {
             error!("the mount has no session: cannot replicate");
             return;
         };
-        let transport = match HttpTransport::new() {
+        let transport = match HttpTransport::with_auth_token(self.info.auth_token.as_deref()) {
             Ok(t) => Arc::new(t),
             Err(e) => {
                 error!(error = %e, "cannot build the HTTP client: not replicating");
@@ -215,7 +219,7 @@ impl Node {
             error!("the mount has no session: cannot take part in the election");
             return;
         };
-        let transport = match HttpTransport::new() {
+        let transport = match HttpTransport::with_auth_token(self.info.auth_token.as_deref()) {
             Ok(t) => Arc::new(t),
             Err(e) => {
                 error!(error = %e, "cannot build the HTTP client: not taking part in the election");

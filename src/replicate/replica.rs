@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use super::{Apply, cluster_id};
+use crate::progress::Tenths;
 use crate::store::Store;
 use crate::transport::{DbPosition, Frame, Transport, TransportError};
 
@@ -23,19 +24,35 @@ pub const SNAPSHOT_REQUEST_TXID: u64 = u64::MAX;
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// Milliseconds behind the primary, shown in the mount's `.lag`.
+/// Milliseconds behind the primary, shown in the mount's `.lag`, and when the primary
+/// was last heard from.
 #[derive(Debug, Default)]
-pub struct Lag(AtomicU64);
+pub struct Lag {
+    millis: AtomicU64,
+    /// Local wall-clock milliseconds of the last file or heartbeat; 0: never.
+    heard_at_ms: AtomicU64,
+}
 
 impl Lag {
-    /// Current value in milliseconds.
+    /// Current value in milliseconds (as of the last file or heartbeat).
     pub fn millis(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.millis.load(Ordering::Relaxed)
+    }
+
+    /// Time since the primary was last heard from (a file or a heartbeat); `None`
+    /// before the first.
+    pub fn since_heard(&self) -> Option<Duration> {
+        match self.heard_at_ms.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(Duration::from_millis(now_ms().saturating_sub(at))),
+        }
     }
 
     fn set_since(&self, primary_ms: u64) {
-        self.0
-            .store(now_ms().saturating_sub(primary_ms), Ordering::Relaxed);
+        let now = now_ms();
+        self.millis
+            .store(now.saturating_sub(primary_ms), Ordering::Relaxed);
+        self.heard_at_ms.store(now.max(1), Ordering::Relaxed);
     }
 }
 
@@ -167,6 +184,8 @@ impl Replica {
             .map_err(|e| SessionError::Local(e.to_string()))?;
         // The file being received: database, temp path, open file.
         let mut current: Option<(String, PathBuf, std::fs::File)> = None;
+        // Progress of a large snapshot being received, and when it started.
+        let mut snapshot: Option<(Tenths, std::time::Instant)> = None;
         loop {
             let frame = stream.next_frame().await.map_err(SessionError::Transport)?;
             let Some(frame) = frame else { return Ok(()) };
@@ -193,10 +212,48 @@ impl Replica {
                         let f = std::fs::File::create(&path)
                             .map_err(|e| SessionError::Local(format!("{}: {e}", path.display())))?;
                         current = Some((db.clone(), path, f));
+                        snapshot = large_snapshot(&chunk).map(|total| {
+                            info!(
+                                db,
+                                mib = total >> 20,
+                                "receiving a snapshot from the primary"
+                            );
+                            (Tenths::new(total), std::time::Instant::now())
+                        });
                     }
                     if let Some((_, path, f)) = current.as_mut() {
                         f.write_all(&chunk)
                             .map_err(|e| SessionError::Local(format!("{}: {e}", path.display())))?;
+                    }
+                    if let Some((tenths, started)) = snapshot.as_mut() {
+                        if let Some(t) = tenths.add(chunk.len() as u64) {
+                            info!(
+                                db,
+                                percent = t * 10,
+                                received_mib = tenths.done() >> 20,
+                                elapsed = ?started.elapsed(),
+                                "snapshot progress"
+                            );
+                        }
+                        if last {
+                            // The total was an upper bound (LZ4 shrinks some pages).
+                            if tenths.tenth() < 10 {
+                                info!(
+                                    db,
+                                    percent = 100,
+                                    received_mib = tenths.done() >> 20,
+                                    elapsed = ?started.elapsed(),
+                                    "snapshot progress"
+                                );
+                            }
+                            info!(
+                                db,
+                                received_mib = tenths.done() >> 20,
+                                elapsed = ?started.elapsed(),
+                                "snapshot received"
+                            );
+                            snapshot = None;
+                        }
                     }
                     if last && let Some((db, path, f)) = current.take() {
                         drop(f);
@@ -233,6 +290,22 @@ impl Replica {
             }
         }
     }
+}
+
+/// Snapshots at least this large log their progress.
+pub const SNAPSHOT_PROGRESS_MIN: u64 = 16 << 20;
+
+/// The database size of a snapshot of at least [`SNAPSHOT_PROGRESS_MIN`] bytes whose
+/// LTX file starts with `first_chunk`: the progress total (the LTX's page data is at
+/// most that when LZ4 shrinks nothing, and a little less when it does).
+fn large_snapshot(first_chunk: &[u8]) -> Option<u64> {
+    let hdr: &[u8; crate::ltx::HEADER_SIZE] = first_chunk
+        .get(..crate::ltx::HEADER_SIZE)?
+        .try_into()
+        .ok()?;
+    let h = crate::ltx::Header::from_bytes(hdr).ok()?;
+    let total = u64::from(h.commit) * u64::from(h.page_size);
+    (h.is_snapshot() && total >= SNAPSHOT_PROGRESS_MIN).then_some(total)
 }
 
 enum SessionError {

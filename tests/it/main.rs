@@ -18,6 +18,7 @@ mod ltx_props;
 mod ltx_support;
 mod ltx_testdata;
 mod ops;
+mod proxy;
 mod repl;
 mod repl_bench;
 mod store;
