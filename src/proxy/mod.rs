@@ -12,7 +12,8 @@
 //!   on a replica it is forwarded to the primary's proxy: the host of the primary's
 //!   advertise URL with this node's proxy port, marked with [`FORWARDED_HEADER`]. A
 //!   forwarded request reaching a node that is not the primary is answered 503, so
-//!   requests never loop.
+//!   requests never loop. With no primary known, a write waits up to
+//!   `primary-redirect-timeout` for one, then gets 503.
 //!
 //! [`serve`] is the accept loop enforcing the four server timeouts.
 
@@ -77,6 +78,7 @@ struct Proxy {
     db: String,
     port: u16,
     max_lag: Duration,
+    primary_redirect_timeout: Duration,
     passthrough: Vec<String>,
     always_forward: Vec<String>,
     store: Arc<Store>,
@@ -115,6 +117,7 @@ pub async fn start(
         db: cfg.db.clone().unwrap_or_default(),
         port,
         max_lag: cfg.max_lag,
+        primary_redirect_timeout: cfg.primary_redirect_timeout,
         passthrough: cfg.passthrough.clone(),
         always_forward: cfg.always_forward.clone(),
         store,
@@ -243,7 +246,7 @@ impl Proxy {
         if primary {
             return self.send(req, Route::Target, deadlines, true).await;
         }
-        match self.primary_proxy_url() {
+        match self.wait_for_primary().await {
             Some(url) => self.send(req, Route::Primary(url), deadlines, false).await,
             None => text(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -288,6 +291,21 @@ impl Proxy {
         } else {
             format!("http://{host}:{}", self.port)
         })
+    }
+
+    /// The primary's proxy URL, waiting up to `primary-redirect-timeout` for a primary
+    /// to be known (an elected cluster between two leaders).
+    async fn wait_for_primary(&self) -> Option<String> {
+        let deadline = tokio::time::Instant::now() + self.primary_redirect_timeout;
+        loop {
+            if let Some(url) = self.primary_proxy_url() {
+                return Some(url);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Waits until `proxy.db` reaches `txid`; false after [`TXID_WAIT`].
