@@ -99,6 +99,10 @@ fn app_connection(conn: TcpStream, db: &OnceLock<PathBuf>, completed: &AtomicUsi
                 "ok".to_string()
             }
             ("GET", "/read", Some(db)) => rows(db).to_string(),
+            ("GET", "/slow", _) => {
+                std::thread::sleep(Duration::from_secs(3));
+                "slow".to_string()
+            }
             _ => "pong".to_string(),
         };
         let resp = format!(
@@ -452,6 +456,34 @@ fn read_timeout_abandons_a_request_whose_body_stalls() {
     assert!(
         !p.p.path(DB).exists(),
         "the stalled write reached the database"
+    );
+}
+
+#[test]
+fn write_timeout_drops_a_response_that_is_too_slow() {
+    let http = free_port();
+    let proxy = free_port();
+    let _p = app_node(PRIMARY_IP, true, http, proxy, "  write-timeout: 1s\n");
+    let s = TcpStream::connect((PRIMARY_IP, proxy)).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    r.get_ref()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // A quick answer is unaffected.
+    w.write_all(b"GET /ping HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut r).unwrap().body, "pong");
+    // The app takes 3 s: the connection is dropped after about 1 s, with no answer.
+    let t = Instant::now();
+    w.write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    let got = read_response(&mut r);
+    let took = t.elapsed();
+    assert!(got.is_err(), "{got:?}");
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_millis(2500),
+        "dropped after {took:?}"
     );
 }
 
