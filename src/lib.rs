@@ -21,6 +21,11 @@
 //! - [`replicate`]: the primary's per-replica streams and the replica's apply loop.
 //! - [`node`]: the node's role (static lease: primary or replica; Consul/etcd: elected,
 //!   with step-down, handoff and the cluster id kept in the lease store) and its services.
+//! - [`progress`]: progress of long transfers: a bar on a terminal, a line per tenth
+//!   otherwise.
+//! - [`proxy`]: the optional HTTP proxy in front of the application (`proxy:`):
+//!   read-your-writes with the `__txid` cookie, writes forwarded to the primary,
+//!   `/litefs/health`, and its own accept loop with the server timeouts.
 //! - [`exec`]: the application litefs runs once the node is in sync (`exec`, `-- CMD`):
 //!   migrations in order, then a supervised command whose exit ends litefs.
 //! - [`cli`]: the command line (`litefs mount`, `litefs run`, `litefs ltx ...`); the binary in
@@ -34,6 +39,8 @@ pub mod fuse;
 pub mod lease;
 pub mod ltx;
 pub mod node;
+pub mod progress;
+pub mod proxy;
 pub mod replicate;
 pub mod sink;
 pub mod store;

@@ -247,6 +247,9 @@ pub fn mount(cfg: Config, opts: MountOptions) -> anyhow::Result<ExitCode> {
         // A static primary is in sync at once; a replica once the primary said Ready.
         let in_sync = node.in_sync(&cfg.lease);
         let stopper = node.stopper();
+        let proxy =
+            crate::proxy::start(&cfg.proxy, store.clone(), node.info(), stopper.subscribe())
+                .await?;
         let mut outcome = None;
         // fuse::run polls this only once the file system is mounted, and stops at its
         // end; replication stops first, before the unmount and the store's clean close.
@@ -258,6 +261,9 @@ pub fn mount(cfg: Config, opts: MountOptions) -> anyhow::Result<ExitCode> {
         };
         let result = crate::fuse::run_with(fuse_opts, store, work, |m| node.on_mount(m)).await;
         node.stop().await;
+        if let Some(p) = proxy {
+            let _ = p.await;
+        }
         let code = match result {
             Ok(()) => Ok(ExitCode::from(outcome.map_or(0, |o| o.exit_code()))),
             Err(e @ crate::fuse::MountError::Fatal(_)) => {

@@ -1,5 +1,6 @@
 //! `litefs status`, `litefs export`, `litefs import`: clients of a node's HTTP
-//! endpoints (`/info`, `/export`, `/import`).
+//! endpoints (`/info`, `/export`, `/import`). They send the token of the
+//! `LITEFS_AUTH_TOKEN` environment variable when it is set.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -79,6 +80,33 @@ fn url(base: &str, path: &str) -> String {
     format!("{}{path}", base.trim_end_matches('/'))
 }
 
+/// Progress on stderr: a bar on a terminal, a line per tenth otherwise.
+fn progress(label: String, total: u64) -> crate::progress::Progress<std::io::Stderr> {
+    use std::io::IsTerminal;
+    let err = std::io::stderr();
+    let terminal = err.is_terminal();
+    crate::progress::Progress::new(label, total, err, terminal)
+}
+
+/// An HTTP client sending the [`crate::config::AUTH_TOKEN_ENV`] token, when set.
+fn client() -> anyhow::Result<reqwest::Client> {
+    Ok(client_builder().build()?)
+}
+
+/// A client builder whose clients send the [`crate::config::AUTH_TOKEN_ENV`] token,
+/// when set.
+pub(super) fn client_builder() -> reqwest::ClientBuilder {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(v) = std::env::var(crate::config::AUTH_TOKEN_ENV)
+        .ok()
+        .filter(|t| !t.is_empty())
+        .and_then(|t| crate::transports::http::ops::bearer(&t))
+    {
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+    }
+    reqwest::Client::builder().default_headers(headers)
+}
+
 async fn fail_unless_ok(resp: reqwest::Response, what: &str) -> anyhow::Result<reqwest::Response> {
     let status = resp.status();
     if status.is_success() {
@@ -92,7 +120,11 @@ async fn fail_unless_ok(resp: reqwest::Response, what: &str) -> anyhow::Result<r
 pub fn status(args: StatusArgs) -> ExitCode {
     run(async move {
         let u = url(&args.url, "/info");
-        let resp = reqwest::get(&u).await.with_context(|| format!("GET {u}"))?;
+        let resp = client()?
+            .get(&u)
+            .send()
+            .await
+            .with_context(|| format!("GET {u}"))?;
         let text = fail_unless_ok(resp, &u).await?.text().await?;
         let info: Info =
             serde_json::from_str(&text).with_context(|| format!("{u} answered {text:?}"))?;
@@ -160,7 +192,7 @@ pub fn render_status(info: &Info) -> String {
 pub fn export(args: ExportArgs) -> ExitCode {
     run(async move {
         let u = url(&args.url, &format!("/export?name={}", enc(&args.name)));
-        let resp = reqwest::Client::new()
+        let resp = client()?
             .get(&u)
             .send()
             .await
@@ -171,15 +203,19 @@ pub fn export(args: ExportArgs) -> ExitCode {
             let mut f = tokio::fs::File::create(&tmp)
                 .await
                 .with_context(|| format!("creating {}", tmp.display()))?;
+            let total = resp.content_length().unwrap_or(0);
+            let mut progress = progress(format!("export {}", args.name), total);
             let mut body = resp.bytes_stream();
             let mut n = 0u64;
             while let Some(chunk) = body.next().await {
                 let chunk = chunk.context("reading the export")?;
                 n += chunk.len() as u64;
+                progress.add(chunk.len() as u64);
                 f.write_all(&chunk)
                     .await
                     .with_context(|| format!("writing {}", tmp.display()))?;
             }
+            progress.finish();
             f.sync_all().await?;
             drop(f);
             // The copy must be whole before it replaces anything.
@@ -225,12 +261,20 @@ pub fn import(args: ImportArgs) -> ExitCode {
         let file = tokio::fs::File::open(&args.path).await?;
         let len = file.metadata().await?.len();
         let u = url(&args.url, &format!("/import?name={}", enc(&args.name)));
-        let resp = reqwest::Client::new()
+        let progress = std::sync::Mutex::new(progress(format!("import {}", args.name), len));
+        let upload = tokio_util::io::ReaderStream::new(file).inspect(move |chunk| {
+            if let Ok(c) = chunk {
+                let mut p = progress.lock().unwrap_or_else(|p| p.into_inner());
+                p.add(c.len() as u64);
+                if p.is_done() {
+                    p.finish();
+                }
+            }
+        });
+        let resp = client()?
             .post(&u)
             .header("content-length", len)
-            .body(reqwest::Body::wrap_stream(
-                tokio_util::io::ReaderStream::new(file),
-            ))
+            .body(reqwest::Body::wrap_stream(upload))
             .send()
             .await
             .with_context(|| format!("POST {u}"))?;

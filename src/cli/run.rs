@@ -66,7 +66,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<u8> {
 
 async fn promote(args: &RunArgs) -> anyhow::Result<()> {
     let base = args.url.trim_end_matches('/');
-    let client = reqwest::Client::builder()
+    let client = super::ops::client_builder()
         .timeout(
             crate::transports::http::handoff::HANDOFF_TIMEOUT + std::time::Duration::from_secs(5),
         )

@@ -155,18 +155,36 @@ pub struct HttpConfig {
     /// Limit on serving one snapshot to a replica; unset means no limit.
     #[serde(deserialize_with = "duration::de_opt")]
     pub snapshot_timeout: Option<Duration>,
+    /// Shared secret every HTTP request to a node must carry as
+    /// `Authorization: Bearer <token>` (except `GET /metrics`); the node sends it to
+    /// its primary too. Unset: the [`AUTH_TOKEN_ENV`] environment variable; neither: no
+    /// check.
+    pub auth_token: Option<String>,
 }
+
+/// Environment variable holding the auth token when `http.auth-token` is not set; the
+/// `litefs status`, `export` and `import` commands read it too.
+pub const AUTH_TOKEN_ENV: &str = "LITEFS_AUTH_TOKEN";
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             addr: format!(":{DEFAULT_HTTP_PORT}"),
             snapshot_timeout: None,
+            auth_token: None,
         }
     }
 }
 
 impl HttpConfig {
+    /// `auth-token`, else [`AUTH_TOKEN_ENV`]; an empty value is no token.
+    pub fn resolved_auth_token(&self) -> Option<String> {
+        self.auth_token
+            .clone()
+            .or_else(|| std::env::var(AUTH_TOKEN_ENV).ok())
+            .filter(|t| !t.is_empty())
+    }
+
     /// The port of [`HttpConfig::addr`].
     ///
     /// # Errors

@@ -369,8 +369,16 @@ impl Election {
             .timeout(HANDOFF_TIMEOUT)
             .build()
             .map_err(|e| format!("HTTP client: {e}"))?;
-        let resp = client
-            .post(&url)
+        let mut request = client.post(&url);
+        if let Some(v) = self
+            .info
+            .auth_token
+            .as_deref()
+            .and_then(crate::transports::http::ops::bearer)
+        {
+            request = request.header(reqwest::header::AUTHORIZATION, v);
+        }
+        let resp = request
             .send()
             .await
             .map_err(|e| format!("POST {url}: {e}"))?;

@@ -87,11 +87,10 @@ impl Node {
         let node_id = u64::from(std::process::id());
         let http_addr = http::parse_addr(&cfg.http.addr)
             .with_context(|| format!("http.addr {:?}", cfg.http.addr))?;
-        let info = Arc::new(http::ops::NodeInfo::new(
-            node_id,
-            cfg.lease.candidate,
-            cfg.fuse.dir.clone(),
-        ));
+        let info = Arc::new(
+            http::ops::NodeInfo::new(node_id, cfg.lease.candidate, cfg.fuse.dir.clone())
+                .with_auth_token(cfg.http.resolved_auth_token()),
+        );
         match &role {
             Role::Elected => {
                 // Read-only until the election says otherwise; a node that joins a
@@ -160,6 +159,11 @@ impl Node {
         self.info.set_archive(state);
     }
 
+    /// What `/info` reports about this node (shared with the proxy).
+    pub fn info(&self) -> Arc<http::ops::NodeInfo> {
+        self.info.clone()
+    }
+
     /// This node's role.
     pub fn role(&self) -> &Role {
         &self.role
@@ -182,7 +186,7 @@ impl Node {
             error!("the mount has no session: cannot replicate");
             return;
         };
-        let transport = match HttpTransport::new() {
+        let transport = match HttpTransport::with_auth_token(self.info.auth_token.as_deref()) {
             Ok(t) => Arc::new(t),
             Err(e) => {
                 error!(error = %e, "cannot build the HTTP client: not replicating");
@@ -212,7 +216,7 @@ impl Node {
             error!("the mount has no session: cannot take part in the election");
             return;
         };
-        let transport = match HttpTransport::new() {
+        let transport = match HttpTransport::with_auth_token(self.info.auth_token.as_deref()) {
             Ok(t) => Arc::new(t),
             Err(e) => {
                 error!(error = %e, "cannot build the HTTP client: not taking part in the election");

@@ -19,6 +19,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tracing::{error, info, warn};
 
 use super::{Apply, cluster_id};
+use crate::progress::Tenths;
 use crate::store::{MEMORY_FILE_LIMIT, Received, Store, Verified};
 use crate::transport::{DbPosition, Frame, Transport, TransportError};
 
@@ -36,19 +37,35 @@ pub const SNAPSHOT_REQUEST_TXID: u64 = u64::MAX;
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// Milliseconds behind the primary, shown in the mount's `.lag`.
+/// Milliseconds behind the primary, shown in the mount's `.lag`, and when the primary
+/// was last heard from.
 #[derive(Debug, Default)]
-pub struct Lag(AtomicU64);
+pub struct Lag {
+    millis: AtomicU64,
+    /// Local wall-clock milliseconds of the last file or heartbeat; 0: never.
+    heard_at_ms: AtomicU64,
+}
 
 impl Lag {
-    /// Current value in milliseconds.
+    /// Current value in milliseconds (as of the last file or heartbeat).
     pub fn millis(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.millis.load(Ordering::Relaxed)
+    }
+
+    /// Time since the primary was last heard from (a file or a heartbeat); `None`
+    /// before the first.
+    pub fn since_heard(&self) -> Option<Duration> {
+        match self.heard_at_ms.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(Duration::from_millis(now_ms().saturating_sub(at))),
+        }
     }
 
     fn set_since(&self, primary_ms: u64) {
-        self.0
-            .store(now_ms().saturating_sub(primary_ms), Ordering::Relaxed);
+        let now = now_ms();
+        self.millis
+            .store(now.saturating_sub(primary_ms), Ordering::Relaxed);
+        self.heard_at_ms.store(now.max(1), Ordering::Relaxed);
     }
 }
 
@@ -260,6 +277,7 @@ impl Replica {
         };
         let mut applier = tokio::task::spawn_blocking(move || stage.run(qrx));
         let mut receiving = Receiving::default();
+        let mut progress = SnapshotProgress::default();
         let received: Result<(), SessionError> = loop {
             let frame = tokio::select! {
                 r = &mut applier => {
@@ -281,6 +299,7 @@ impl Replica {
             };
             match frame {
                 Frame::Ltx { db, chunk, last } => {
+                    progress.chunk(&db, &chunk, receiving.current.is_none(), last);
                     if let Err(e) = receiving.chunk(&self.primary_url, tmp_dir, db, chunk) {
                         break Err(e);
                     }
@@ -402,6 +421,59 @@ impl Receiving {
     }
 }
 
+/// Progress of a large snapshot being received: a log line per tenth.
+#[derive(Default)]
+struct SnapshotProgress {
+    current: Option<(Tenths, std::time::Instant)>,
+}
+
+impl SnapshotProgress {
+    /// Counts a chunk of `db`'s file; `first` and `last` mark the file's ends.
+    fn chunk(&mut self, db: &str, chunk: &[u8], first: bool, last: bool) {
+        if first {
+            self.current = large_snapshot(chunk).map(|total| {
+                info!(
+                    db,
+                    mib = total >> 20,
+                    "receiving a snapshot from the primary"
+                );
+                (Tenths::new(total), std::time::Instant::now())
+            });
+        }
+        let Some((tenths, started)) = self.current.as_mut() else {
+            return;
+        };
+        if let Some(t) = tenths.add(chunk.len() as u64) {
+            info!(
+                db,
+                percent = t * 10,
+                received_mib = tenths.done() >> 20,
+                elapsed = ?started.elapsed(),
+                "snapshot progress"
+            );
+        }
+        if last {
+            // The total was an upper bound (LZ4 shrinks some pages).
+            if tenths.tenth() < 10 {
+                info!(
+                    db,
+                    percent = 100,
+                    received_mib = tenths.done() >> 20,
+                    elapsed = ?started.elapsed(),
+                    "snapshot progress"
+                );
+            }
+            info!(
+                db,
+                received_mib = tenths.done() >> 20,
+                elapsed = ?started.elapsed(),
+                "snapshot received"
+            );
+            self.current = None;
+        }
+    }
+}
+
 /// What the receiving task hands the applier.
 enum Item {
     /// A complete file; `permit` holds its share of [`QUEUE_BYTES`] until it is applied.
@@ -514,6 +586,22 @@ impl ApplyStage {
                 .remove(&db);
         }
     }
+}
+
+/// Snapshots at least this large log their progress.
+pub const SNAPSHOT_PROGRESS_MIN: u64 = 16 << 20;
+
+/// The database size of a snapshot of at least [`SNAPSHOT_PROGRESS_MIN`] bytes whose
+/// LTX file starts with `first_chunk`: the progress total (the LTX's page data is at
+/// most that when LZ4 shrinks nothing, and a little less when it does).
+fn large_snapshot(first_chunk: &[u8]) -> Option<u64> {
+    let hdr: &[u8; crate::ltx::HEADER_SIZE] = first_chunk
+        .get(..crate::ltx::HEADER_SIZE)?
+        .try_into()
+        .ok()?;
+    let h = crate::ltx::Header::from_bytes(hdr).ok()?;
+    let total = u64::from(h.commit) * u64::from(h.page_size);
+    (h.is_snapshot() && total >= SNAPSHOT_PROGRESS_MIN).then_some(total)
 }
 
 enum SessionError {

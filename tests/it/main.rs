@@ -19,6 +19,7 @@ mod ltx_props;
 mod ltx_support;
 mod ltx_testdata;
 mod ops;
+mod proxy;
 mod repl;
 mod store;
 mod store_bench;

@@ -334,7 +334,8 @@ fn info_metrics_and_status_reflect_a_workload() {
 fn import_of_50_mb_is_read_on_every_replica() {
     let port = free_port();
     let p = primary(port, "");
-    let r1 = replica_on(port, free_port());
+    let r1_port = free_port();
+    let r1 = replica_on(port, r1_port);
     let r2 = replica_on(port, free_port());
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("big.db");
@@ -367,4 +368,151 @@ fn import_of_50_mb_is_read_on_every_replica() {
     for node in [&p, &r1, &r2] {
         assert_eq!(rows(&node.path("big.db")), 50_000);
     }
+
+    // Off a terminal, progress is one line per tenth.
+    let err = String::from_utf8_lossy(&out.stderr);
+    let tenths: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("import big.db: "))
+        .collect();
+    assert_eq!(tenths.len(), 10, "{err}");
+    assert!(tenths[0].starts_with("import big.db: 10% ") && tenths[9].contains(" 100% "));
+    // A replica receiving a large snapshot (the import created the database, so its
+    // one LTX file starts at TXID 1) logs its progress per tenth.
+    for r in [&r1, &r2] {
+        let log = r.log_text();
+        // Tenths of the database size; LZ4 makes the file a little smaller, so the
+        // last step or two may jump to 100%.
+        let lines = log.lines().filter(|l| l.contains("snapshot progress"));
+        assert!((8..=10).contains(&lines.count()), "{log}");
+        assert!(log.contains("percent=10 "), "{log}");
+        assert!(log.contains("percent=100"), "{log}");
+        assert!(log.contains("snapshot received"), "{log}");
+    }
+    let dst = tmp.path().join("out.db");
+    let out = litefs(&[
+        "export",
+        "-name",
+        "big.db",
+        "-url",
+        &format!("http://127.0.0.1:{}", r1_port),
+        dst.to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.lines()
+            .filter(|l| l.starts_with("export big.db: "))
+            .count(),
+        10,
+        "{err}"
+    );
+    assert_eq!(std::fs::metadata(&dst).unwrap().len(), len);
+}
+
+/// A static node with `http.auth-token` set (`token`), primary when `primary_port` is
+/// its own port.
+fn node_with_token(port: u16, http_port: u16, token: Option<&str>) -> Process {
+    let candidate = port == http_port;
+    let auth = token.map_or(String::new(), |t| format!("  auth-token: {t}\n"));
+    Process::start_with(move |mnt, data| {
+        format!(
+            "fuse:\n  dir: {}\ndata:\n  dir: {}\nlease:\n  type: static\n  candidate: {candidate}\n  hostname: primary-host\n  advertise-url: http://127.0.0.1:{port}\nhttp:\n  addr: 127.0.0.1:{http_port}\n{auth}",
+            mnt.display(),
+            data.display(),
+        )
+    })
+}
+
+/// Status of `GET path` with an optional `Authorization` header value.
+fn get_status(port: u16, path: &str, auth: Option<&str>) -> u16 {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let auth = auth.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n{auth}\r\n").unwrap();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).unwrap();
+    String::from_utf8_lossy(&resp)
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn requests_without_the_auth_token_are_refused() {
+    let token = "s3cret-token";
+    let port = free_port();
+    let p = node_with_token(port, port, Some(token));
+    let rport = free_port();
+    let r = node_with_token(port, rport, Some(token));
+    let outsider = node_with_token(port, free_port(), None);
+
+    // Replication works with the token.
+    let c = Connection::open(p.path("auth.db")).unwrap();
+    c.execute_batch("CREATE TABLE t (v); INSERT INTO t VALUES (1);")
+        .unwrap();
+    wait_converged(&p, &[&r], "auth.db");
+
+    let bearer = format!("Bearer {token}");
+    for node in [port, rport] {
+        assert_eq!(get_status(node, "/info", None), 401);
+        assert_eq!(get_status(node, "/info", Some("Bearer wrong")), 401);
+        assert_eq!(get_status(node, "/export?name=auth.db", None), 401);
+        assert_eq!(get_status(node, "/info", Some(&bearer)), 200);
+        // Metrics stay open to scrapers.
+        assert_eq!(get_status(node, "/metrics", None), 200);
+    }
+    let (status, _) = http(port, "POST", "/import?name=x.db", b"");
+    assert_eq!(status, 401);
+    let (status, _) = http(port, "POST", "/stream", b"");
+    assert_eq!(status, 401);
+
+    // A replica without the token is refused the stream and gets nothing.
+    assert!(
+        wait_until(Duration::from_secs(10), || outsider
+            .log_text()
+            .contains("401")),
+        "outsider log:\n{}",
+        outsider.log_text()
+    );
+    assert!(!outsider.path("auth.db").exists());
+
+    // The commands send LITEFS_AUTH_TOKEN.
+    let url = format!("http://127.0.0.1:{rport}");
+    let out = litefs(&["status", "-url", &url]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+    let out = Command::new(env!("CARGO_BIN_EXE_litefs"))
+        .args(["status", "-url", &url])
+        .env("LITEFS_AUTH_TOKEN", token)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("auth.db"));
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = tmp.path().join("out.db");
+    let out = Command::new(env!("CARGO_BIN_EXE_litefs"))
+        .args(["export", "-name", "auth.db", "-url", &url])
+        .arg(&dst)
+        .env("LITEFS_AUTH_TOKEN", token)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(rows_of(&dst, "t"), 1);
+}
+
+fn rows_of(path: &Path, table: &str) -> i64 {
+    let c = Connection::open(path).unwrap();
+    c.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+        .unwrap()
 }

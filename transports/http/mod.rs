@@ -49,10 +49,23 @@ impl HttpTransport {
     /// # Errors
     /// When the HTTP client cannot be built.
     pub fn new() -> Result<Self, reqwest::Error> {
+        Self::with_auth_token(None)
+    }
+
+    /// A transport that sends `Authorization: Bearer <token>` on every request.
+    ///
+    /// # Errors
+    /// When the HTTP client cannot be built.
+    pub fn with_auth_token(token: Option<&str>) -> Result<Self, reqwest::Error> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(v) = token.and_then(ops::bearer) {
+            headers.insert(reqwest::header::AUTHORIZATION, v);
+        }
         Ok(HttpTransport {
             client: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(5))
                 .tcp_nodelay(true)
+                .default_headers(headers)
                 .build()?,
         })
     }
@@ -222,8 +235,9 @@ pub fn parse_addr(addr: &str) -> Result<SocketAddr, std::net::AddrParseError> {
 
 /// Serves `POST /stream`, `GET /events` and the operator endpoints of [`ops`]
 /// (`/info`, `/metrics`, `/export`, `/import`) on `listener` until `shutdown`
-/// resolves. Streams are served only while `store.is_primary()` (a replica answers
-/// 503), under the cluster id in the data directory at the time of the request.
+/// resolves; with an auth token in `info`, every request but `GET /metrics` must carry
+/// it. Streams are served only while `store.is_primary()` (a replica answers 503),
+/// under the cluster id in the data directory at the time of the request.
 ///
 /// # Errors
 /// When the server fails.
@@ -255,10 +269,12 @@ pub async fn serve(
             axum::routing::post(ops::import).layer(axum::extract::DefaultBodyLimit::disable()),
         )
         .with_state(ops_state);
+    let auth = axum::middleware::from_fn_with_state(state.info.clone(), ops::require_token);
     let app = axum::Router::new()
         .route("/stream", axum::routing::post(stream))
         .with_state(state)
-        .merge(ops_routes);
+        .merge(ops_routes)
+        .layer(auth);
     info!(addr = ?listener.local_addr().ok(), "HTTP server listening");
     // Frames are small and latency matters: no Nagle delay on the stream.
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {

@@ -52,6 +52,9 @@ pub struct NodeInfo {
     /// Where `/promote` and `/handoff` send their requests: the election of an
     /// elected node (`None` on static nodes).
     control: Mutex<Option<tokio::sync::mpsc::Sender<Control>>>,
+    /// `http.auth-token`: required on every request but `GET /metrics`
+    /// ([`require_token`]) and sent to the primary.
+    pub auth_token: Option<String>,
 }
 
 /// A request from the HTTP API to the node's election.
@@ -115,6 +118,7 @@ impl NodeInfo {
             lag: Mutex::new(None),
             streams: AtomicUsize::new(0),
             archive: Mutex::new(None),
+            auth_token: None,
             replicas: Mutex::new(Vec::new()),
             lease: LeaseCounters::default(),
             events: tokio::sync::broadcast::channel(256).0,
@@ -163,6 +167,12 @@ impl NodeInfo {
         self.events.subscribe()
     }
 
+    /// The same info with the shared secret set.
+    pub fn with_auth_token(mut self, token: Option<String>) -> NodeInfo {
+        self.auth_token = token;
+        self
+    }
+
     /// Records the current primary.
     pub fn set_primary(&self, hostname: String, url: String) {
         *self.primary.lock().unwrap_or_else(|p| p.into_inner()) = Some((hostname, url));
@@ -173,11 +183,17 @@ impl NodeInfo {
         *self.lag.lock().unwrap_or_else(|p| p.into_inner()) = Some(lag);
     }
 
-    pub(crate) fn primary(&self) -> Option<(String, String)> {
+    /// The current primary's `(hostname, advertise URL)`, if known.
+    pub fn primary(&self) -> Option<(String, String)> {
         self.primary
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// The replication loop's lag gauge (replicas only).
+    pub fn lag(&self) -> Option<Arc<Lag>> {
+        self.lag.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn lag_ms(&self) -> Option<u64> {
@@ -511,12 +527,17 @@ pub(crate) async fn export(State(st): State<OpsState>, Query(q): Query<NameQuery
         Ok(f) => f,
         Err(e) => return bad(StatusCode::INTERNAL_SERVER_ERROR, e),
     };
+    let len = match file.metadata().await {
+        Ok(m) => m.len(),
+        Err(e) => return bad(StatusCode::INTERNAL_SERVER_ERROR, e),
+    };
     // Unlinking an open file keeps its content readable until the stream ends.
     drop(out);
     info!(db = name, "exporting");
     Response::builder()
         .status(StatusCode::OK)
         .header("content-type", "application/vnd.sqlite3")
+        .header("content-length", len)
         .body(Body::from_stream(tokio_util::io::ReaderStream::new(file)))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
@@ -697,4 +718,52 @@ fn lock_out_sqlite(f: &File) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// The one auth check over the whole router: with `http.auth-token` set, every request
+/// except `GET /metrics` must carry `Authorization: Bearer <token>`; 401 otherwise.
+pub(crate) async fn require_token(
+    State(info): State<Arc<NodeInfo>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(token) = info.auth_token.as_deref() else {
+        return next.run(req).await;
+    };
+    if req.uri().path() == "/metrics" {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given.is_some_and(|g| same_secret(g.as_bytes(), token.as_bytes())) {
+        return next.run(req).await;
+    }
+    warn!(
+        path = req.uri().path(),
+        "refused a request without the auth token"
+    );
+    (
+        StatusCode::UNAUTHORIZED,
+        [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],
+        "missing or wrong auth token (Authorization: Bearer <http.auth-token>)\n",
+    )
+        .into_response()
+}
+
+/// Compares in time independent of where the inputs differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The header value clients send for `token`.
+pub fn bearer(token: &str) -> Option<axum::http::HeaderValue> {
+    axum::http::HeaderValue::from_str(&format!("Bearer {token}"))
+        .ok()
+        .map(|mut v| {
+            v.set_sensitive(true);
+            v
+        })
 }
