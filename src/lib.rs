@@ -16,8 +16,9 @@
 //! - [`fuse`]: the FUSE mount: a flat directory of databases and their side files,
 //!   POSIX locks served by the file system, virtual `-pos`/`.primary` files, and the
 //!   mount lifecycle (stale mounts, signals, clean unmount).
-//! - [`archive`]: shipping every LTX file to the [`sink::SnapshotSink`] (Litestream 0.5
-//!   layout, no database checksums, recorded positions beside it) and restoring from it.
+//! - [`archive`]: shipping every LTX file to the [`sink::SnapshotSink`] while primary
+//!   (Litestream 0.5 layout with compaction levels, no database checksums, recorded
+//!   positions beside it), restoring from it, and starting or catching up nodes from it.
 //! - [`replicate`]: the primary's per-replica streams and the replica's apply loop.
 //! - [`node`]: the node's role (static lease: primary or replica; Consul/etcd: elected,
 //!   with step-down, handoff and the cluster id kept in the lease store) and its services.
