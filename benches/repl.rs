@@ -25,7 +25,7 @@ mod support;
 use std::net::TcpListener;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
@@ -118,13 +118,15 @@ fn lag(rate: u32, seconds: u32, plain_dir: &Path) {
     let c = open(&p.path("lag.db"));
     wait_converged(&p, &r, "lag.db", Duration::from_secs(30));
     let start_txid = txid(&pos(&p, "lag.db").expect("pos"));
+    // The poller stops once told to and once it saw `target`.
     let stop = Arc::new(AtomicBool::new(false));
+    let target = Arc::new(AtomicU64::new(u64::MAX));
     let seen_path = r.path("lag.db-pos");
-    let stop2 = stop.clone();
+    let (stop2, target2) = (stop.clone(), target.clone());
     let poller = std::thread::spawn(move || {
         let mut seen: Vec<(u64, Instant)> = Vec::new();
         let mut last = start_txid;
-        while !stop2.load(Ordering::Relaxed) {
+        while !(stop2.load(Ordering::Relaxed) && last >= target2.load(Ordering::Relaxed)) {
             if let Ok(s) = std::fs::read_to_string(&seen_path) {
                 let t = txid(&s);
                 let now = Instant::now();
@@ -138,6 +140,7 @@ fn lag(rate: u32, seconds: u32, plain_dir: &Path) {
     });
     let (done, achieved) = paced(&c, rate, n);
     wait_converged(&p, &r, "lag.db", Duration::from_secs(60));
+    target.store(start_txid + n as u64, Ordering::Relaxed);
     stop.store(true, Ordering::Relaxed);
     let seen: std::collections::HashMap<u64, Instant> =
         poller.join().expect("poller").into_iter().collect();

@@ -27,6 +27,8 @@ use crate::transport::{DbPosition, Frame, Transport, TransportError};
 pub const MAX_BATCH: usize = 64;
 /// Bytes of received in-memory files queued for the applier at most.
 pub const QUEUE_BYTES: usize = 32 << 20;
+/// A batch is applied early once its verified files hold this much memory.
+const BATCH_BYTES: usize = 32 << 20;
 
 /// Consecutive failures to apply a database's files after which the replica asks for a
 /// snapshot of it.
@@ -125,12 +127,10 @@ impl Replica {
         }
     }
 
-    async fn run_until(
-        &self,
-        stop: &mut watch::Receiver<bool>,
-        drain: &mut watch::Receiver<bool>,
-    ) {
+    async fn run_until(&self, stop: &mut watch::Receiver<bool>, drain: &mut watch::Receiver<bool>) {
         let tmp_dir = self.store.options().data_dir.join("repl-tmp");
+        // Files a previous run was receiving.
+        let _ = std::fs::remove_dir_all(&tmp_dir);
         let failures: Failures = Arc::default();
         let mut backoff = MIN_BACKOFF;
         let mut first = true;
@@ -391,7 +391,9 @@ impl Receiving {
             && self.size > MEMORY_FILE_LIMIT
         {
             // Too large for memory: continue in a temp file.
-            let path = tmp_dir.join(format!("{db}.ltx.tmp"));
+            static SEQ: AtomicU64 = AtomicU64::new(0);
+            let n = SEQ.fetch_add(1, Ordering::Relaxed);
+            let path = tmp_dir.join(format!("{db}.{n}.ltx.tmp"));
             let mut f = std::fs::File::create(&path).map_err(|e| local(&path, e))?;
             f.write_all(buf).map_err(|e| local(&path, e))?;
             *partial = Partial::File(path, f);
@@ -496,6 +498,20 @@ struct ApplyStage {
 }
 
 impl ApplyStage {
+    /// Applies verified files of `db` (if any) and updates `.lag`.
+    fn apply_verified(
+        &self,
+        db: &str,
+        verified: Vec<Verified>,
+    ) -> Result<(), crate::store::StoreError> {
+        let Some(ts) = verified.last().map(|v| v.header().timestamp) else {
+            return Ok(());
+        };
+        self.applier.apply(db, verified)?;
+        self.lag.set_since(ts.max(0) as u64);
+        Ok(())
+    }
+
     /// Removes the local databases the primary does not list (none for an empty list:
     /// a primary that has no database yet must not wipe its replicas).
     fn remove_others(&self, primary: &[String]) {
@@ -552,8 +568,10 @@ impl ApplyStage {
                 }
             }
             let mut verified = Vec::with_capacity(batch.len());
+            let mut held = 0;
             let mut failed = None;
-            for data in batch {
+            let total = batch.len();
+            for (i, data) in batch.into_iter().enumerate() {
                 if failed.is_some() {
                     if let Received::File(p) = data {
                         let _ = std::fs::remove_file(p);
@@ -561,16 +579,19 @@ impl ApplyStage {
                     continue;
                 }
                 match Verified::verify(&db, data) {
-                    Ok(v) => verified.push(v),
+                    Ok(v) => {
+                        held += v.memory();
+                        verified.push(v);
+                    }
                     Err(e) => failed = Some(e),
                 }
-            }
-            let written = verified.last().map(|v| v.header().timestamp);
-            if !verified.is_empty() {
-                if let Err(e) = self.applier.apply(&db, verified) {
-                    failed = Some(e);
-                } else if let Some(ts) = written {
-                    self.lag.set_since(ts.max(0) as u64);
+                // Apply what verified at the end, before a failure, or when the batch
+                // holds too much memory.
+                if i + 1 == total || failed.is_some() || held > BATCH_BYTES {
+                    held = 0;
+                    if let Err(e) = self.apply_verified(&db, std::mem::take(&mut verified)) {
+                        failed.get_or_insert(e);
+                    }
                 }
             }
             drop(permits);

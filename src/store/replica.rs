@@ -47,7 +47,7 @@ use super::{Db, FileKind, Store, StoreError, ltxio};
 pub const MEMORY_FILE_LIMIT: usize = 8 << 20;
 /// Decoded pages of an in-memory file are kept up to this many bytes; a file that
 /// decompresses to more is decoded again while its pages are written.
-pub const DECODED_LIMIT: usize = 64 << 20;
+pub const DECODED_LIMIT: usize = 16 << 20;
 /// Marker file: the database may hold unsynced writes of replicated files.
 const MARKER: &str = "replicating";
 
@@ -142,6 +142,15 @@ impl Verified {
                     }
                 }
             }
+        }
+    }
+
+    /// Bytes of memory the file holds (its raw bytes and decoded pages).
+    pub fn memory(&self) -> usize {
+        match &self.body {
+            Body::Decoded { raw, pages } => raw.len() + pages.len(),
+            Body::Raw(raw) => raw.len(),
+            Body::File(_) => 0,
         }
     }
 
@@ -728,5 +737,155 @@ mod gate_tests {
         s.writer_began("db", 8);
         s.fence_writers();
         assert!(!s.may_write("db") && s.writers_in_flight() == 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ltx::{Encoder, TxId};
+    use crate::store::StoreOptions;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    const PS: u32 = 4096;
+
+    /// Page 1 of a 3-page SQLite database; other pages filled with `fill`.
+    fn page(pgno: u32, fill: u8) -> Vec<u8> {
+        let mut p = vec![fill; PS as usize];
+        if pgno == 1 {
+            p[..100].fill(0);
+            p[..16].copy_from_slice(b"SQLite format 3\0");
+            p[16..18].copy_from_slice(&(PS as u16).to_be_bytes());
+            p[24..28].copy_from_slice(&1u32.to_be_bytes());
+            p[28..32].copy_from_slice(&3u32.to_be_bytes());
+            p[92..96].copy_from_slice(&1u32.to_be_bytes());
+        }
+        p
+    }
+
+    /// An LTX file of TXID `txid` holding `pages`, following the database `before`
+    /// (page checksums), and the page checksums after it.
+    fn file(txid: u64, before: &[Checksum], pages: &[(u32, Vec<u8>)]) -> (Vec<u8>, Vec<Checksum>) {
+        let mut after = before.to_vec();
+        after.resize(3, Checksum(0));
+        for (p, d) in pages {
+            after[*p as usize - 1] = ltx::page_checksum(*p, d);
+        }
+        let sum = |s: &[Checksum]| {
+            let mut r = RollingChecksum::new();
+            s.iter().for_each(|c| r.toggle(*c));
+            r.value()
+        };
+        let h = Header {
+            page_size: PS,
+            commit: 3,
+            min_txid: TxId(txid),
+            max_txid: TxId(txid),
+            pre_apply_checksum: if txid == 1 { Checksum(0) } else { sum(before) },
+            ..Header::default()
+        };
+        let mut enc = Encoder::new(Vec::new(), &h).unwrap();
+        for (p, d) in pages {
+            enc.encode_page(*p, d).unwrap();
+        }
+        (enc.finish(sum(&after)).unwrap().0, after)
+    }
+
+    fn open(dir: &Path) -> Arc<Store> {
+        let s = Store::open(StoreOptions {
+            data_dir: dir.to_path_buf(),
+            retention: Duration::from_secs(600),
+            retention_monitor_interval: Duration::ZERO,
+            node_id: 2,
+        })
+        .unwrap();
+        s.set_primary(false);
+        s
+    }
+
+    fn apply(s: &Store, bytes: Vec<u8>) -> Applied {
+        let v = Verified::verify("t.db", Received::Memory(bytes)).unwrap();
+        s.apply_replicated("t.db", v).unwrap()
+    }
+
+    /// A replica with applied but unsynced files whose process died while it wrote the
+    /// pages of its last file (page 2 torn): start-up writes that file again and opens
+    /// at its TXID; marker gone.
+    #[test]
+    fn start_up_completes_a_torn_last_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        let (f1, c1) = file(
+            1,
+            &[],
+            &[(1, page(1, 0)), (2, page(2, 0xAB)), (3, page(3, 1))],
+        );
+        let (f2, _) = file(2, &c1, &[(2, page(2, 0xCD))]);
+        apply(&s, f1);
+        assert_eq!(apply(&s, f2).pos.txid, TxId(2));
+        let db_dir = dir.path().join("dbs/t.db");
+        assert!(db_dir.join(MARKER).exists());
+        // Torn: half of page 2 still has the old content.
+        let dbf = OpenOptions::new()
+            .write(true)
+            .open(db_dir.join("database"))
+            .unwrap();
+        dbf.write_all_at(&[0xAB; 2048], u64::from(PS)).unwrap();
+        drop(s);
+        let s = open(dir.path());
+        let db = s.db("t.db").unwrap();
+        assert_eq!(db.pos().txid, TxId(2));
+        db.verify().unwrap();
+        assert!(!db_dir.join(MARKER).exists());
+        let mut p2 = vec![0u8; PS as usize];
+        File::open(db_dir.join("database"))
+            .unwrap()
+            .read_exact_at(&mut p2, u64::from(PS))
+            .unwrap();
+        assert_eq!(p2, page(2, 0xCD));
+        s.close().unwrap();
+    }
+
+    /// Lost writes of an earlier file (page 3 differs and the last file does not hold
+    /// it): start-up cannot trust the database and empties it, so the primary sends a
+    /// snapshot; a later sync leaves no marker, and a synced replica reopens unchanged.
+    #[test]
+    fn start_up_empties_a_database_that_lost_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        let (f1, c1) = file(
+            1,
+            &[],
+            &[(1, page(1, 0)), (2, page(2, 0xAB)), (3, page(3, 1))],
+        );
+        let (f2, _) = file(2, &c1, &[(2, page(2, 0xCD))]);
+        apply(&s, f1);
+        apply(&s, f2);
+        let db_dir = dir.path().join("dbs/t.db");
+        let dbf = OpenOptions::new()
+            .write(true)
+            .open(db_dir.join("database"))
+            .unwrap();
+        dbf.write_all_at(&[9; 16], 2 * u64::from(PS)).unwrap();
+        drop(s);
+        let s = open(dir.path());
+        let db = s.db("t.db").unwrap();
+        assert_eq!(db.pos(), Pos::default());
+        assert!(ltxio::list(&db_dir.join("ltx")).unwrap().is_empty());
+        assert!(!db_dir.join(MARKER).exists());
+
+        // Applied again and synced: no marker, the next start trusts the files.
+        let (f1, _) = file(
+            1,
+            &[],
+            &[(1, page(1, 0)), (2, page(2, 0xAB)), (3, page(3, 1))],
+        );
+        apply(&s, f1);
+        assert!(db_dir.join(MARKER).exists());
+        s.sync_replicated().unwrap();
+        assert!(!db_dir.join(MARKER).exists());
+        drop(s);
+        assert_eq!(open(dir.path()).db("t.db").unwrap().pos().txid, TxId(1));
     }
 }

@@ -566,9 +566,19 @@ fn etcd_demoted_primary_refuses_writes_on_open_connections() {
 
 /// `litefs run` with `args`; waits (bounded) for its exit status.
 pub(crate) fn litefs_run(args: &[&str], within: Duration) -> (std::process::ExitStatus, String) {
+    litefs_run_with_env(args, &[], within)
+}
+
+/// As [`litefs_run`], with extra environment variables.
+fn litefs_run_with_env(
+    args: &[&str],
+    env: &[(&str, &str)],
+    within: Duration,
+) -> (std::process::ExitStatus, String) {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_litefs"))
         .arg("run")
         .args(args)
+        .envs(env.iter().copied())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -653,6 +663,49 @@ fn promote_hands_over(lease: &str) {
     assert_eq!(metric(&b, "litefs_lease_handoffs_total"), 1);
     assert_eq!(info(&a)["primary_hostname"], "node-b");
     assert_eq!(info(&b)["is_primary"], true);
+}
+
+/// With `http.auth-token` set on every node, `litefs run -promote` needs the token,
+/// and the replica's handoff request to the primary carries it.
+#[test]
+fn etcd_promotion_with_an_auth_token() {
+    let etcd = EtcdServer::start();
+    let with_token = |name: &str| {
+        let port = free_port();
+        let (name, lease) = (name.to_string(), etcd_lease(&etcd));
+        Process::start_with(move |mnt, data| {
+            format!(
+                "fuse:\n  dir: {}\ndata:\n  dir: {}\nlease:\n  hostname: {name}\n  advertise-url: http://127.0.0.1:{port}\n{lease}http:\n  addr: 127.0.0.1:{port}\n  auth-token: s3cret\n",
+                mnt.display(),
+                data.display()
+            )
+        })
+    };
+    let a = with_token("node-a");
+    wait_primary(&a, Duration::from_secs(10), "a first");
+    let b = with_token("node-b");
+    assert!(try_write(&a, "before"));
+    converge(&a, &b);
+    let url = format!("http://127.0.0.1:{}", port(&b));
+    let (status, err) = litefs_run(
+        &["-promote", "-url", &url, "--", "true"],
+        Duration::from_secs(30),
+    );
+    assert!(!status.success(), "promotion without the token: {err}");
+    assert!(err.contains("401"), "{err}");
+    let (status, err) = litefs_run_with_env(
+        &["-promote", "-url", &url, "--", "true"],
+        &[("LITEFS_AUTH_TOKEN", "s3cret")],
+        Duration::from_secs(30),
+    );
+    assert!(
+        status.success(),
+        "promotion with the token: {err}\nb:\n{}\na:\n{}",
+        b.log_text(),
+        a.log_text()
+    );
+    assert!(try_write(&b, "after"), "the promoted node takes writes");
+    assert!(!try_write(&a, "old"), "the old primary still writes");
 }
 
 #[test]
