@@ -76,6 +76,9 @@ pub async fn serve(
     let mut ready_sent = false;
     loop {
         changes.borrow_and_update();
+        // Read before looking for files: a transaction that ends after this check may
+        // commit a file the scan below misses, and must not be taken for the last.
+        let stepped_down = !store.is_primary() && store.writers_in_flight() == 0;
         let mut sent_any = false;
         // One file per database per round: a busy database does not starve the others.
         for db in store.databases() {
@@ -106,7 +109,7 @@ pub async fn serve(
                 sent_any = true;
             }
         }
-        if !sent_any && !store.is_primary() && store.writers_in_flight() == 0 {
+        if !sent_any && stepped_down {
             tx.send(Frame::End)
                 .await
                 .map_err(|_| StreamError::Disconnected)?;

@@ -242,16 +242,17 @@ fn assert_has_all(p: &Process, acked: &[Commit], what: &str) {
         .unwrap()
         .map(|r| r.unwrap())
         .collect();
-    let missing: Vec<u64> = acked
+    let missing: Vec<&Commit> = acked
         .iter()
         .filter(|c| !have.contains(&(c.v as i64)))
-        .map(|c| c.v)
         .collect();
     assert!(
         missing.is_empty(),
-        "{what}: {} acknowledged rows missing, e.g. {:?}",
+        "{what}: {} acknowledged rows missing, e.g. {:?}\nnode {} log:\n{}",
         missing.len(),
-        &missing[..missing.len().min(10)]
+        &missing[..missing.len().min(10)],
+        p.mnt.display(),
+        p.log_text()
     );
 }
 
@@ -287,10 +288,12 @@ fn twenty_failovers(lease: &str, crash_bound: Duration) {
     let load = Load::start(vec![n[0].mnt.clone(), n[1].mnt.clone()], t0);
     let mut primary = 0;
     let mut takeovers = Vec::new();
+    let mut rounds = Vec::new();
     for round in 0..FAILOVERS {
         std::thread::sleep(Duration::from_millis(300));
         let other = 1 - primary;
         let t = Instant::now();
+        rounds.push((round, primary, t0.elapsed()));
         if round % 2 == 0 {
             let status = n[primary].signal(libc::SIGTERM);
             assert!(status.success(), "round {round}: {}", n[primary].log_text());
@@ -311,6 +314,7 @@ fn twenty_failovers(lease: &str, crash_bound: Duration) {
     std::thread::sleep(Duration::from_millis(300));
     let acked = load.finish();
     eprintln!("takeovers: {takeovers:?}");
+    eprintln!("rounds began at: {rounds:?}");
     wait_same_pos(&n[primary], &n[1 - primary]);
     assert!(
         acked.len() > 100,
