@@ -1531,21 +1531,6 @@ fn compaction_levels_cut_the_files_a_restore_reads() {
     drop(conn);
 }
 
-/// `GET path` on 127.0.0.1:`port`; the body.
-fn http_get(port: u16, path: &str) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
-    resp.split_once("\r\n\r\n").unwrap().1.to_string()
-}
-
 /// The value of the metric line starting with `prefix`.
 fn metric(text: &str, prefix: &str) -> f64 {
     text.lines()
@@ -1574,12 +1559,12 @@ fn archive_state_in_metrics_info_and_status() {
     let backlog_line = format!("litefs_archive_backlog_files{{db=\"{DB}\"}} ");
     let lag_line = format!("litefs_archive_lag_seconds{{db=\"{DB}\"}} ");
     let ok = crate::support::wait_until(Duration::from_secs(10), || {
-        let m = http_get(port, "/metrics");
+        let m = crate::support::http_get_text(port, "/metrics");
         metric(&m, "litefs_archive_active ") == 1.0
             && metric(&m, &txid_line) == top as f64
             && metric(&m, &backlog_line) == 0.0
     });
-    assert!(ok, "{}", http_get(port, "/metrics"));
+    assert!(ok, "{}", crate::support::http_get_text(port, "/metrics"));
 
     // Outage: the archive directory is replaced by a plain file.
     let aside = tmp.path().join("archive.away");
@@ -1589,10 +1574,10 @@ fn archive_state_in_metrics_info_and_status() {
         crate::ltx_support::sqlite(&db, &format!("INSERT INTO t VALUES ({i});"));
     }
     let ok = crate::support::wait_until(Duration::from_secs(10), || {
-        let m = http_get(port, "/metrics");
+        let m = crate::support::http_get_text(port, "/metrics");
         metric(&m, &backlog_line) >= 3.0 && metric(&m, &lag_line) >= 0.5
     });
-    assert!(ok, "{}", http_get(port, "/metrics"));
+    assert!(ok, "{}", crate::support::http_get_text(port, "/metrics"));
     let url = format!("http://127.0.0.1:{port}");
     let o = litefs(args!["status", "-url", url]);
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
@@ -1612,10 +1597,10 @@ fn archive_state_in_metrics_info_and_status() {
     fs::rename(&aside, &root).unwrap();
     let top = mount_txid(&primary, DB).unwrap();
     let ok = crate::support::wait_until(Duration::from_secs(40), || {
-        let m = http_get(port, "/metrics");
+        let m = crate::support::http_get_text(port, "/metrics");
         metric(&m, &backlog_line) == 0.0 && metric(&m, &txid_line) == top as f64
     });
-    assert!(ok, "{}", http_get(port, "/metrics"));
+    assert!(ok, "{}", crate::support::http_get_text(port, "/metrics"));
 
     // A replica archives nothing and says so.
     let rport = crate::repl::free_port();
@@ -1627,7 +1612,7 @@ fn archive_state_in_metrics_info_and_status() {
         )
     });
     crate::repl::wait_converged(&primary, &[&replica], DB);
-    let m = http_get(rport, "/metrics");
+    let m = crate::support::http_get_text(rport, "/metrics");
     assert_eq!(metric(&m, "litefs_archive_active "), 0.0, "{m}");
     let o = litefs(args!["status", "-url", format!("http://127.0.0.1:{rport}")]);
     let out = String::from_utf8_lossy(&o.stdout).into_owned();

@@ -313,25 +313,10 @@ pub(crate) fn port(p: &Process) -> u16 {
         .expect("http.addr in the config")
 }
 
-/// A plain HTTP/1.0 request with a 10 s deadline; returns the status and body.
+/// A plain HTTP/1.0 request without a body; returns the status and body as text.
 fn http(port: u16, method: &str, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
-    )
-    .unwrap();
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp).unwrap();
-    let resp = String::from_utf8_lossy(&resp).into_owned();
-    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, body.to_string())
+    let (status, body) = crate::support::http_request(port, method, path, b"");
+    (status, String::from_utf8_lossy(&body).into_owned())
 }
 
 pub(crate) fn info(p: &Process) -> serde_json::Value {

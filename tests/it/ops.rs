@@ -10,7 +10,9 @@ use std::time::Duration;
 use rusqlite::Connection;
 
 use crate::repl::{free_port, primary, wait_converged};
-use crate::support::{Process, ltx_files, wait_until};
+use crate::support::{
+    Process, http_get_text as get_text, http_request as http, ltx_files, wait_until,
+};
 
 /// A replica of the primary on `port` serving HTTP on `http_port`.
 fn replica_on(port: u16, http_port: u16) -> Process {
@@ -21,32 +23,6 @@ fn replica_on(port: u16, http_port: u16) -> Process {
             data.display(),
         )
     })
-}
-
-/// A plain HTTP/1.0 request; returns the status code and body.
-fn http(port: u16, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .unwrap();
-    s.write_all(body).unwrap();
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp).unwrap();
-    let end = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-    let head = String::from_utf8_lossy(&resp[..end]).into_owned();
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (status, resp[end + 4..].to_vec())
-}
-
-fn get_text(port: u16, path: &str) -> String {
-    let (status, body) = http(port, "GET", path, b"");
-    let text = String::from_utf8(body).unwrap();
-    assert_eq!(status, 200, "GET {path}: {text}");
-    text
 }
 
 fn litefs(args: &[&str]) -> Output {

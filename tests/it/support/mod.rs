@@ -331,3 +331,39 @@ impl Drop for Process {
         kill_and_unmount(&mut self.child, &self.mnt);
     }
 }
+
+/// A plain HTTP/1.0 request to 127.0.0.1:`port` with `body`, read to the end within
+/// 60 s; returns the status code (0 when the answer is not HTTP) and the body.
+pub fn http_request(port: u16, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).unwrap();
+    let end = resp.windows(4).position(|w| w == b"\r\n\r\n");
+    let head = String::from_utf8_lossy(&resp[..end.unwrap_or(resp.len())]).into_owned();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        end.map_or_else(Vec::new, |e| resp[e + 4..].to_vec()),
+    )
+}
+
+/// `GET path` on 127.0.0.1:`port`, which must answer 200; the body as text.
+pub fn http_get_text(port: u16, path: &str) -> String {
+    let (status, body) = http_request(port, "GET", path, b"");
+    let text = String::from_utf8_lossy(&body).into_owned();
+    assert_eq!(status, 200, "GET {path}: {text}");
+    text
+}
