@@ -809,11 +809,9 @@ mod tests {
         s.apply_replicated("t.db", v).unwrap()
     }
 
-    /// A replica with applied but unsynced files whose process died while it wrote the
-    /// pages of its last file (page 2 torn): start-up writes that file again and opens
-    /// at its TXID; marker gone.
-    #[test]
-    fn start_up_completes_a_torn_last_file() {
+    /// A replica store with two files applied and not synced: file 1 writes pages 1-3
+    /// (page 2 = 0xAB), file 2 rewrites page 2 (0xCD); the marker is present.
+    fn two_files_applied_unsynced() -> (tempfile::TempDir, Arc<Store>, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let s = open(dir.path());
         let (f1, c1) = file(
@@ -826,6 +824,15 @@ mod tests {
         assert_eq!(apply(&s, f2).pos.txid, TxId(2));
         let db_dir = dir.path().join("dbs/t.db");
         assert!(db_dir.join(MARKER).exists());
+        (dir, s, db_dir)
+    }
+
+    /// A replica with applied but unsynced files whose process died while it wrote the
+    /// pages of its last file (page 2 torn): start-up writes that file again and opens
+    /// at its TXID; marker gone.
+    #[test]
+    fn start_up_completes_a_torn_last_file() {
+        let (dir, s, db_dir) = two_files_applied_unsynced();
         // Torn: half of page 2 still has the old content.
         let dbf = OpenOptions::new()
             .write(true)
@@ -852,17 +859,7 @@ mod tests {
     /// snapshot; a later sync leaves no marker, and a synced replica reopens unchanged.
     #[test]
     fn start_up_empties_a_database_that_lost_writes() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = open(dir.path());
-        let (f1, c1) = file(
-            1,
-            &[],
-            &[(1, page(1, 0)), (2, page(2, 0xAB)), (3, page(3, 1))],
-        );
-        let (f2, _) = file(2, &c1, &[(2, page(2, 0xCD))]);
-        apply(&s, f1);
-        apply(&s, f2);
-        let db_dir = dir.path().join("dbs/t.db");
+        let (dir, s, db_dir) = two_files_applied_unsynced();
         let dbf = OpenOptions::new()
             .write(true)
             .open(db_dir.join("database"))

@@ -1235,20 +1235,7 @@ fn replica_bootstraps_from_the_archive_and_the_primary_sends_no_snapshot() {
     for i in 0..5 {
         crate::ltx_support::sqlite(&db, &format!("INSERT INTO t VALUES ('after {i}');"));
     }
-    crate::repl::wait_converged(&primary, &[&replica], DB);
-    assert_eq!(fs::read(&db).unwrap(), fs::read(replica.path(DB)).unwrap());
-    assert!(
-        replica
-            .log_text()
-            .contains("database rebuilt from the archive"),
-        "{}",
-        replica.log_text()
-    );
-    assert!(
-        !primary.log_text().contains("sending snapshot"),
-        "the primary sent a snapshot:\n{}",
-        primary.log_text()
-    );
+    converged_from_the_archive(&primary, &replica, &db, "database rebuilt from the archive");
 
     // The same replica without bootstrap: the primary has to send a snapshot.
     let plain = Process::start_with(move |mnt, data| {
@@ -1742,18 +1729,27 @@ fn running_replica_behind_retention_catches_up_from_the_archive() {
     wait_local_history_pruned(&primary, DB);
     proxy.down.store(false, Ordering::SeqCst);
 
-    crate::repl::wait_converged(&primary, &[&replica], DB);
-    assert_eq!(fs::read(&db).unwrap(), fs::read(replica.path(DB)).unwrap());
+    converged_from_the_archive(
+        &primary,
+        &replica,
+        &db,
+        "database caught up from the archive",
+    );
+}
+
+/// `replica` reaches `primary`'s position with the same bytes as `db`, logged
+/// `replica_line`, and the primary sent it no snapshot.
+fn converged_from_the_archive(primary: &Process, replica: &Process, db: &Path, replica_line: &str) {
+    crate::repl::wait_converged(primary, &[replica], DB);
+    assert_eq!(fs::read(db).unwrap(), fs::read(replica.path(DB)).unwrap());
     assert!(
-        replica
-            .log_text()
-            .contains("database caught up from the archive"),
+        replica.log_text().contains(replica_line),
         "{}",
         replica.log_text()
     );
     assert!(
         !primary.log_text().contains("sending snapshot"),
-        "{}",
+        "the primary sent a snapshot:\n{}",
         primary.log_text()
     );
 }
