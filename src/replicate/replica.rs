@@ -548,16 +548,19 @@ impl ApplyStage {
                 }
                 Item::File { db, data, permit } => (db, data, permit),
             };
-            let mut batch = vec![first];
+            // Every file already queued behind it, up to MAX_BATCH in all, grouped by
+            // database in arrival order: the primary interleaves busy databases, and
+            // one lock acquisition per database covers its whole group. A Ready is
+            // handled after the files before it.
+            let mut groups: Vec<(String, Vec<Received>)> = vec![(db, vec![first])];
             let mut permits = vec![permit];
-            while batch.len() < MAX_BATCH {
+            while permits.len() < MAX_BATCH {
                 match rx.try_recv() {
-                    Ok(Item::File {
-                        db: d,
-                        data,
-                        permit,
-                    }) if d == db => {
-                        batch.push(data);
+                    Ok(Item::File { db, data, permit }) => {
+                        match groups.iter_mut().find(|(d, _)| *d == db) {
+                            Some((_, files)) => files.push(data),
+                            None => groups.push((db, vec![data])),
+                        }
                         permits.push(permit);
                     }
                     Ok(other) => {
@@ -567,44 +570,66 @@ impl ApplyStage {
                     Err(_) => break,
                 }
             }
-            let mut verified = Vec::with_capacity(batch.len());
-            let mut held = 0;
-            let mut failed = None;
-            let total = batch.len();
-            for (i, data) in batch.into_iter().enumerate() {
-                if failed.is_some() {
-                    if let Received::File(p) = data {
-                        let _ = std::fs::remove_file(p);
+            let mut groups = groups.into_iter();
+            while let Some((db, files)) = groups.next() {
+                if let Err(e) = self.apply_group(&db, files) {
+                    for (_, files) in groups {
+                        discard_received(files);
                     }
-                    continue;
-                }
-                match Verified::verify(&db, data) {
-                    Ok(v) => {
-                        held += v.memory();
-                        verified.push(v);
-                    }
-                    Err(e) => failed = Some(e),
-                }
-                // Apply what verified at the end, before a failure, or when the batch
-                // holds too much memory.
-                if i + 1 == total || failed.is_some() || held > BATCH_BYTES {
-                    held = 0;
-                    if let Err(e) = self.apply_verified(&db, std::mem::take(&mut verified)) {
-                        failed.get_or_insert(e);
-                    }
+                    return Err(e);
                 }
             }
             drop(permits);
-            if let Some(e) = failed {
-                return Err(SessionError::Apply {
-                    db,
-                    error: e.to_string(),
-                });
+        }
+    }
+
+    /// Verifies and applies one database's consecutive files.
+    fn apply_group(&self, db: &str, files: Vec<Received>) -> Result<(), SessionError> {
+        let mut verified = Vec::with_capacity(files.len());
+        let mut held = 0;
+        let mut failed = None;
+        let total = files.len();
+        let mut files = files.into_iter();
+        for (i, data) in files.by_ref().enumerate() {
+            match Verified::verify(db, data) {
+                Ok(v) => {
+                    held += v.memory();
+                    verified.push(v);
+                }
+                Err(e) => failed = Some(e),
             }
-            self.failures
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&db);
+            // Apply what verified at the end, before a failure, or when the batch holds
+            // too much memory.
+            if i + 1 == total || failed.is_some() || held > BATCH_BYTES {
+                held = 0;
+                if let Err(e) = self.apply_verified(db, std::mem::take(&mut verified)) {
+                    failed.get_or_insert(e);
+                }
+            }
+            if failed.is_some() {
+                break;
+            }
+        }
+        if let Some(e) = failed {
+            discard_received(files.collect());
+            return Err(SessionError::Apply {
+                db: db.to_string(),
+                error: e.to_string(),
+            });
+        }
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(db);
+        Ok(())
+    }
+}
+
+/// Removes the temp files of received files that will not be applied.
+fn discard_received(files: Vec<Received>) {
+    for data in files {
+        if let Received::File(p) = data {
+            let _ = std::fs::remove_file(p);
         }
     }
 }
