@@ -48,6 +48,16 @@ const SHM_CKPT: u64 = 121;
 /// SQLite's RESERVED lock byte of a database file: a rollback-mode writer holds it.
 const DB_RESERVED: u64 = DB_LOCKS.0 + 1;
 
+/// A POSIX lock request from the kernel: owner, pid, inclusive byte range, type.
+#[derive(Clone, Copy, Debug)]
+struct LockRequest {
+    owner: u64,
+    pid: u32,
+    start: u64,
+    end: u64,
+    typ: i32,
+}
+
 /// What an inode number stands for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Node {
@@ -94,6 +104,9 @@ enum Handle {
         file: File,
         /// The database was written through this handle since its last flush/fsync.
         dirty: AtomicBool,
+        /// Opened while this node was the primary: a connection that may try to write
+        /// after a demotion (see [`Shared::refused_writer_lock`]).
+        primary_era: bool,
     },
     Virtual {
         data: Vec<u8>,
@@ -588,6 +601,7 @@ impl Shared {
             kind,
             file,
             dirty,
+            ..
         } = h
         else {
             return Err(Errno::EACCES);
@@ -656,17 +670,20 @@ impl Shared {
         Ok(data.len() as u32)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn do_setlk(
         &self,
         db: &Db,
         kind: FileKind,
-        owner: u64,
-        pid: u32,
-        start: u64,
-        end: u64,
-        typ: i32,
+        lock: LockRequest,
+        primary_era: bool,
     ) -> Result<(), Errno> {
+        let LockRequest {
+            owner,
+            pid,
+            start,
+            end,
+            typ,
+        } = lock;
         self.trace(
             "setlk",
             format_args!(
@@ -691,6 +708,17 @@ impl Shared {
         // the gate) it may finish after a demotion. Releasing it runs the WAL commit
         // hook, also under the gate.
         let _gate = writer_byte.map(|_| self.store.write_gate());
+        if new_kind == Some(LockKind::Write)
+            && let Some(errno) = self.refused_writer_lock(db, kind, &lock, primary_era)
+        {
+            debug!(
+                db = db.name(),
+                ?kind,
+                start,
+                "writer lock refused: not the primary, and no transaction begun as primary"
+            );
+            return Err(errno);
+        }
         let r = self.setlk_locked(db, kind, owner, pid, start, end, new_kind, &key);
         if writer_byte.is_some() {
             if r.is_ok() && new_kind == Some(LockKind::Write) && self.store.is_primary() {
@@ -700,6 +728,45 @@ impl Shared {
             }
         }
         r
+    }
+
+    /// On a node that is not the primary, the write lock a connection opened while it
+    /// was (its database and WAL index are open for writing) needs to begin or commit
+    /// a transaction, and the errno that makes SQLite report the clearest error (see
+    /// "Writers on a demoted primary" in `docs/design.md`):
+    /// - WAL-index WRITE byte: `EACCES`, which SQLite reports as `SQLITE_BUSY`
+    ///   ("database is locked"); any errno on a WAL-index lock would. A WAL index
+    ///   opened while not the primary is left alone: its readers take WRITE to
+    ///   rebuild a damaged index, and they cannot write the database anyway.
+    /// - RESERVED byte with a journal file present (`journal_mode` PERSIST or
+    ///   TRUNCATE): `EPERM`, `SQLITE_PERM` ("access permission denied"); otherwise
+    ///   (DELETE) the lock is granted and creating the journal fails with `EACCES`,
+    ///   `SQLITE_READONLY` ("attempt to write a readonly database").
+    /// - PENDING byte or the SHARED range (EXCLUSIVE, before writing the database
+    ///   file, or to checkpoint at close): `EACCES`, `SQLITE_BUSY`: a transaction
+    ///   fenced after a demotion never writes part of its pages into the database.
+    ///
+    /// Owners whose transaction began while this node was the primary, and was not
+    /// fenced, are let through.
+    fn refused_writer_lock(
+        &self,
+        db: &Db,
+        kind: FileKind,
+        lock: &LockRequest,
+        primary_era: bool,
+    ) -> Option<Errno> {
+        let (start, end) = (lock.start, lock.end);
+        if self.store.is_primary() || self.store.is_writer(db.name(), lock.owner) {
+            return None;
+        }
+        match kind {
+            FileKind::Shm if primary_era && covers(start, end, SHM_WRITE) => Some(Errno::EACCES),
+            FileKind::Database if covers(start, end, DB_RESERVED) => {
+                db.path(FileKind::Journal).exists().then_some(Errno::EPERM)
+            }
+            FileKind::Database if start <= DB_LOCKS.1 && end >= DB_LOCKS.0 => Some(Errno::EACCES),
+            _ => None,
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -934,6 +1001,7 @@ impl Shared {
             kind,
             file,
             dirty: AtomicBool::new(false),
+            primary_era: self.store.is_primary(),
         });
         Ok((ino, attr, fh))
     }
@@ -1199,6 +1267,7 @@ impl fuser::Filesystem for LiteFs {
                     kind,
                     file,
                     dirty: AtomicBool::new(false),
+                    primary_era: s.store.is_primary(),
                 });
                 Ok((fh, s.open_flags()))
             }
@@ -1572,8 +1641,20 @@ impl fuser::Filesystem for LiteFs {
         // waits in the kernel, and a waiting FUSE thread would hold up other requests.
         let s = &self.shared;
         let r = s.handle(fh).and_then(|h| match &*h {
-            Handle::Real { db, kind, .. } => {
-                s.do_setlk(db, *kind, lock_owner.0, pid, start, end, typ)
+            Handle::Real {
+                db,
+                kind,
+                primary_era,
+                ..
+            } => {
+                let lock = LockRequest {
+                    owner: lock_owner.0,
+                    pid,
+                    start,
+                    end,
+                    typ,
+                };
+                s.do_setlk(db, *kind, lock, *primary_era)
             }
             Handle::Virtual { .. } => Err(Errno::ENOLCK),
         });

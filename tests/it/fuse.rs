@@ -857,3 +857,63 @@ fn a_checkpoint_lock_is_refused_while_another_process_holds_the_wal_write_lock()
         .unwrap();
     assert_eq!(n, 1);
 }
+
+/// What a lost lease does to the store (`set_primary(false)`, then `fence_writers`),
+/// in process: connections opened while primary get SQLite's clearest error at their
+/// first lock, by journal mode, and keep reading what they committed; a rollback-mode
+/// transaction begun as primary and fenced gets `SQLITE_BUSY` at `COMMIT` (its
+/// EXCLUSIVE lock), without a byte of the database file written.
+#[test]
+fn demoted_writers_get_clear_errors_at_their_first_lock() {
+    use rusqlite::ErrorCode;
+    let node = Node::start();
+    let open = |name: &str, mode: &str| {
+        let c = Connection::open(node.path(name)).unwrap();
+        c.busy_timeout(Duration::from_millis(100)).unwrap();
+        let _: String = c
+            .query_row(&format!("PRAGMA journal_mode={mode}"), [], |r| r.get(0))
+            .unwrap();
+        c.execute_batch("CREATE TABLE t (v TEXT); INSERT INTO t VALUES ('primary');")
+            .unwrap();
+        c
+    };
+    let modes = [
+        ("WAL", ErrorCode::DatabaseBusy),
+        ("DELETE", ErrorCode::ReadOnly),
+        ("TRUNCATE", ErrorCode::PermissionDenied),
+        ("PERSIST", ErrorCode::PermissionDenied),
+    ];
+    let conns: Vec<Connection> = modes.iter().map(|(m, _)| open(m, m)).collect();
+    let fenced = open("fenced", "DELETE");
+    // Page 1 is in its journal already (schema change): COMMIT next asks for
+    // EXCLUSIVE before it writes anything.
+    fenced
+        .execute_batch("BEGIN IMMEDIATE; CREATE TABLE u (x); INSERT INTO t VALUES ('fenced');")
+        .unwrap();
+    let fenced_file = fs::read(node.data_db("fenced")).unwrap();
+
+    node.store().set_primary(false);
+    node.store().fence_writers();
+    for (c, (m, want)) in conns.iter().zip(modes) {
+        let err = c
+            .execute("INSERT INTO t VALUES ('demoted')", [])
+            .expect_err("a demoted node took a write");
+        assert_eq!(err.sqlite_error_code(), Some(want), "{m}: {err}");
+        let n: i64 = c
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 1, "{m}");
+    }
+    let err = fenced.execute_batch("COMMIT").expect_err("a fenced commit");
+    assert_eq!(
+        err.sqlite_error_code(),
+        Some(ErrorCode::DatabaseBusy),
+        "{err}"
+    );
+    assert!(
+        fs::read(node.data_db("fenced")).unwrap() == fenced_file,
+        "the fenced transaction wrote into the database file"
+    );
+    drop(fenced);
+    drop(conns);
+}
