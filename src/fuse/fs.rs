@@ -104,9 +104,10 @@ enum Handle {
         file: File,
         /// The database was written through this handle since its last flush/fsync.
         dirty: AtomicBool,
-        /// Opened while this node was the primary: a connection that may try to write
-        /// after a demotion (see [`Shared::refused_writer_lock`]).
-        primary_era: bool,
+        /// Opened, or used to take SQLite's writer lock, while this node was the
+        /// primary: a connection that may try to write after a demotion (see
+        /// [`Shared::refused_writer_lock`]).
+        primary_era: AtomicBool,
     },
     Virtual {
         data: Vec<u8>,
@@ -675,7 +676,7 @@ impl Shared {
         db: &Db,
         kind: FileKind,
         lock: LockRequest,
-        primary_era: bool,
+        primary_era: &AtomicBool,
     ) -> Result<(), Errno> {
         let LockRequest {
             owner,
@@ -709,7 +710,8 @@ impl Shared {
         // hook, also under the gate.
         let _gate = writer_byte.map(|_| self.store.write_gate());
         if new_kind == Some(LockKind::Write)
-            && let Some(errno) = self.refused_writer_lock(db, kind, &lock, primary_era)
+            && let Some(errno) =
+                self.refused_writer_lock(db, kind, &lock, primary_era.load(Ordering::Acquire))
         {
             debug!(
                 db = db.name(),
@@ -722,6 +724,7 @@ impl Shared {
         let r = self.setlk_locked(db, kind, owner, pid, start, end, new_kind, &key);
         if writer_byte.is_some() {
             if r.is_ok() && new_kind == Some(LockKind::Write) && self.store.is_primary() {
+                primary_era.store(true, Ordering::Release);
                 self.store.writer_began(db.name(), owner);
             } else {
                 self.sync_writer(db.name(), owner);
@@ -736,8 +739,9 @@ impl Shared {
     /// "Writers on a demoted primary" in `docs/design.md`):
     /// - WAL-index WRITE byte: `EACCES`, which SQLite reports as `SQLITE_BUSY`
     ///   ("database is locked"); any errno on a WAL-index lock would. A WAL index
-    ///   opened while not the primary is left alone: its readers take WRITE to
-    ///   rebuild a damaged index, and they cannot write the database anyway.
+    ///   neither opened nor written through while primary is left alone: its readers
+    ///   take WRITE to rebuild a damaged index, and they cannot write the database
+    ///   anyway.
     /// - RESERVED byte with a journal file present (`journal_mode` PERSIST or
     ///   TRUNCATE): `EPERM`, `SQLITE_PERM` ("access permission denied"); otherwise
     ///   (DELETE) the lock is granted and creating the journal fails with `EACCES`,
@@ -1001,7 +1005,7 @@ impl Shared {
             kind,
             file,
             dirty: AtomicBool::new(false),
-            primary_era: self.store.is_primary(),
+            primary_era: AtomicBool::new(self.store.is_primary()),
         });
         Ok((ino, attr, fh))
     }
@@ -1267,7 +1271,7 @@ impl fuser::Filesystem for LiteFs {
                     kind,
                     file,
                     dirty: AtomicBool::new(false),
-                    primary_era: s.store.is_primary(),
+                    primary_era: AtomicBool::new(s.store.is_primary()),
                 });
                 Ok((fh, s.open_flags()))
             }
@@ -1654,7 +1658,7 @@ impl fuser::Filesystem for LiteFs {
                     end,
                     typ,
                 };
-                s.do_setlk(db, *kind, lock, *primary_era)
+                s.do_setlk(db, *kind, lock, primary_era)
             }
             Handle::Virtual { .. } => Err(Errno::ENOLCK),
         });

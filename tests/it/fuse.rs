@@ -917,3 +917,41 @@ fn demoted_writers_get_clear_errors_at_their_first_lock() {
     drop(fenced);
     drop(conns);
 }
+
+/// A WAL index the process opened while the node was a replica, then wrote through
+/// once the node became the primary, counts as the primary's after a demotion too: a
+/// connection that writes through it gets "database is locked", not "disk I/O error".
+#[test]
+fn a_wal_index_written_as_primary_is_refused_after_demotion() {
+    use rusqlite::ErrorCode;
+    let node = Node::start();
+    Connection::open(node.path("db"))
+        .unwrap()
+        .execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t (v TEXT);")
+        .unwrap();
+    node.store().set_primary(false);
+    // Opened as a replica: read-only database, WAL index of its own.
+    let reader = Connection::open(node.path("db")).unwrap();
+    let n: i64 = reader
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 0);
+    node.store().set_primary(true);
+    // Shares the process's WAL index with the reader.
+    let writer = Connection::open(node.path("db")).unwrap();
+    writer.busy_timeout(Duration::from_millis(100)).unwrap();
+    writer
+        .execute("INSERT INTO t VALUES ('primary')", [])
+        .unwrap();
+    node.store().set_primary(false);
+    node.store().fence_writers();
+    let err = writer
+        .execute("INSERT INTO t VALUES ('demoted')", [])
+        .expect_err("a demoted node took a write");
+    assert_eq!(
+        err.sqlite_error_code(),
+        Some(ErrorCode::DatabaseBusy),
+        "{err}"
+    );
+    drop((reader, writer));
+}
