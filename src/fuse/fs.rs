@@ -617,7 +617,10 @@ impl Shared {
         };
         // Held to the end of the commit hook the write may trigger.
         let _gate = self.store.write_gate();
-        if *kind != FileKind::Shm && !self.store.may_write(db.name()) {
+        if *kind != FileKind::Shm
+            && !self.store.may_write(db.name())
+            && !self.discardable_journal(db, *kind)
+        {
             debug!(
                 db = db.name(),
                 "write refused: not the primary, and no transaction begun as primary"
@@ -773,6 +776,15 @@ impl Shared {
         }
     }
 
+    /// On a node that is not the primary, a rollback journal may still be written,
+    /// truncated or unlinked while the database file has no uncaptured writes: only a
+    /// transaction fenced at the demotion has it open, and it is rolling back (its
+    /// `COMMIT` is refused at the EXCLUSIVE lock). Its end then captures nothing, and
+    /// no hot journal is left to be rolled back over pages replicated later.
+    fn discardable_journal(&self, db: &Db, kind: FileKind) -> bool {
+        kind == FileKind::Journal && !self.store.is_primary() && !db.has_uncaptured_writes()
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn setlk_locked(
         &self,
@@ -837,10 +849,16 @@ impl Shared {
         let (dbname, kind) = parse_mount_name(name).ok_or(Errno::ENOENT)?;
         let _gate = self.store.write_gate();
         // Deleting a database begins no transaction: only the primary may.
-        let allowed = if kind == FileKind::Database {
-            self.store.is_primary()
-        } else {
-            self.store.may_write(dbname)
+        let allowed = match kind {
+            FileKind::Database => self.store.is_primary(),
+            FileKind::Journal => {
+                self.store.may_write(dbname)
+                    || self
+                        .store
+                        .db(dbname)
+                        .is_some_and(|db| self.discardable_journal(&db, kind))
+            }
+            _ => self.store.may_write(dbname),
         };
         if !allowed {
             return Err(Errno::EACCES);
@@ -1052,7 +1070,10 @@ impl Shared {
         if let Some(size) = size {
             self.trace("truncate", format_args!("{} {kind:?} to {size}", db.name()));
             let _gate = self.store.write_gate();
-            if !self.store.may_write(db.name()) && !replica_writable(*kind) {
+            if !self.store.may_write(db.name())
+                && !replica_writable(*kind)
+                && !self.discardable_journal(&db, *kind)
+            {
                 return Err(Errno::EACCES);
             }
             self.truncate(&db, *kind, file, size)?;

@@ -862,7 +862,8 @@ fn a_checkpoint_lock_is_refused_while_another_process_holds_the_wal_write_lock()
 /// in process: connections opened while primary get SQLite's clearest error at their
 /// first lock, by journal mode, and keep reading what they committed; a rollback-mode
 /// transaction begun as primary and fenced gets `SQLITE_BUSY` at `COMMIT` (its
-/// EXCLUSIVE lock), without a byte of the database file written.
+/// EXCLUSIVE lock), without a byte of the database file written, and its rollback
+/// leaves no journal behind.
 #[test]
 fn demoted_writers_get_clear_errors_at_their_first_lock() {
     use rusqlite::ErrorCode;
@@ -885,10 +886,8 @@ fn demoted_writers_get_clear_errors_at_their_first_lock() {
     ];
     let conns: Vec<Connection> = modes.iter().map(|(m, _)| open(m, m)).collect();
     let fenced = open("fenced", "DELETE");
-    // Page 1 is in its journal already (schema change): COMMIT next asks for
-    // EXCLUSIVE before it writes anything.
     fenced
-        .execute_batch("BEGIN IMMEDIATE; CREATE TABLE u (x); INSERT INTO t VALUES ('fenced');")
+        .execute_batch("BEGIN IMMEDIATE; INSERT INTO t VALUES ('fenced');")
         .unwrap();
     let fenced_file = fs::read(node.data_db("fenced")).unwrap();
 
@@ -914,7 +913,22 @@ fn demoted_writers_get_clear_errors_at_their_first_lock() {
         fs::read(node.data_db("fenced")).unwrap() == fenced_file,
         "the fenced transaction wrote into the database file"
     );
-    drop(fenced);
+    // Its rollback discards the journal (no hot journal is left to be rolled back
+    // over pages replicated later) and records nothing.
+    let files = node.ltx_files("fenced").len();
+    fenced.execute_batch("ROLLBACK").unwrap();
+    assert!(
+        !node.data.join("dbs/fenced/journal").exists(),
+        "the fenced transaction left its journal"
+    );
+    assert_eq!(node.ltx_files("fenced").len(), files);
+    let reader = Connection::open(node.path("fenced")).unwrap();
+    let n: i64 = reader
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 1);
+    assert!(fs::read(node.data_db("fenced")).unwrap() == fenced_file);
+    drop((fenced, reader));
     drop(conns);
 }
 
