@@ -361,11 +361,17 @@ impl Outage {
         let now = std::time::Instant::now();
         match &mut self.down {
             None => {
+                let what = match e {
+                    TransportError::Connect { .. } | TransportError::Closed { .. } => {
+                        "the primary went away or cannot be reached"
+                    }
+                    _ => "the primary's stream cannot be used",
+                };
                 warn!(
                     primary = url,
                     error = %e,
-                    "replication stream failed: the primary went away or cannot be \
-                     reached; reconnecting with backoff (up to {MAX_BACKOFF:?})"
+                    "replication stream failed ({what}); reconnecting with backoff up to \
+                     {MAX_BACKOFF:?}, further failures at debug level until it is back"
                 );
                 self.down = Some((now, 1, now));
             }
