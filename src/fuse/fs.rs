@@ -736,9 +736,10 @@ impl Shared {
         r
     }
 
-    /// On a node that is not the primary, the write lock a connection opened while it
-    /// was (its database and WAL index are open for writing) needs to begin or commit
-    /// a transaction, and the errno that makes SQLite report the clearest error (see
+    /// The errno with which a node that is not the primary refuses a write lock, if it
+    /// does. Only connections opened while it was the primary (their database and WAL
+    /// index are open for writing) ask for the locks that begin or commit a
+    /// transaction; each is refused where SQLite reports the clearest error (see
     /// "Writers on a demoted primary" in `docs/design.md`):
     /// - WAL-index WRITE byte: `EACCES`, which SQLite reports as `SQLITE_BUSY`
     ///   ("database is locked"); any errno on a WAL-index lock would. A WAL index
@@ -751,7 +752,7 @@ impl Shared {
     ///   `SQLITE_READONLY` ("attempt to write a readonly database").
     /// - PENDING byte or the SHARED range (EXCLUSIVE, before writing the database
     ///   file, or to checkpoint at close): `EACCES`, `SQLITE_BUSY`: a transaction
-    ///   fenced after a demotion never writes part of its pages into the database.
+    ///   fenced after a demotion does not start writing its pages into the database.
     ///
     /// Owners whose transaction began while this node was the primary, and was not
     /// fenced, are let through.
