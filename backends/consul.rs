@@ -269,12 +269,14 @@ impl Inner {
         Ok(bytes)
     }
 
+    /// `GET /v1/kv/<key>`: the entry (`None`: no such key) and the store's index.
     async fn read_entry(
         &self,
+        key: &str,
         query: &[(&str, String)],
         timeout: Duration,
     ) -> Result<(Option<KvEntry>, u64), LeaseError> {
-        let url = self.url(&["v1/kv", &self.key], query);
+        let url = self.url(&["v1/kv", key], query);
         let path = url.path().to_string();
         let (status, index, bytes) = self.send(Method::GET, url, None, timeout).await?;
         let index = index.unwrap_or(0);
@@ -297,7 +299,7 @@ impl Inner {
         query: &[(&str, String)],
         timeout: Duration,
     ) -> Result<(Option<PrimaryInfo>, u64), LeaseError> {
-        let (entry, index) = self.read_entry(query, timeout).await?;
+        let (entry, index) = self.read_entry(&self.key, query, timeout).await?;
         let Some(entry) = entry else {
             return Ok((None, index));
         };
@@ -480,31 +482,20 @@ impl Leaser for ConsulLeaser {
 
     async fn cluster_id(&self) -> Result<Option<String>, LeaseError> {
         let key = format!("{}/clusterid", self.inner.key);
-        let url = self.inner.url(&["v1/kv", &key], &[]);
-        let path = url.path().to_string();
-        let (status, _, bytes) = self
+        let (entry, _) = self
             .inner
-            .send(Method::GET, url, None, self.inner.request_timeout)
+            .read_entry(&key, &[], self.inner.request_timeout)
             .await?;
-        match status {
-            StatusCode::NOT_FOUND => Ok(None),
-            StatusCode::OK => {
-                let mut entries: Vec<KvEntry> =
-                    serde_json::from_slice(&bytes).map_err(|e| LeaseError::Protocol {
-                        backend: BACKEND,
-                        message: format!("GET {path}: not a KV entry list: {e}"),
-                    })?;
-                let value = entries.pop().and_then(|e| e.value).unwrap_or_default();
-                let raw = base64::engine::general_purpose::STANDARD
-                    .decode(value.as_bytes())
-                    .map_err(|e| LeaseError::Protocol {
-                        backend: BACKEND,
-                        message: format!("key {key}: value is not base64: {e}"),
-                    })?;
-                Ok(Some(String::from_utf8_lossy(&raw).trim().to_string()))
-            }
-            _ => Err(http_error(status, Method::GET, path, &bytes)),
-        }
+        let Some(entry) = entry else {
+            return Ok(None);
+        };
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(entry.value.unwrap_or_default().as_bytes())
+            .map_err(|e| LeaseError::Protocol {
+                backend: BACKEND,
+                message: format!("key {key}: value is not base64: {e}"),
+            })?;
+        Ok(Some(String::from_utf8_lossy(&raw).trim().to_string()))
     }
 
     /// `PUT ?cas=0` (only if absent), then reads back whichever id is stored.
@@ -615,7 +606,9 @@ impl Lease for ConsulLease {
             }
             _ => return Err(http_error(status, Method::PUT, path, &bytes)),
         }
-        let (entry, _) = inner.read_entry(&[], inner.request_timeout).await?;
+        let (entry, _) = inner
+            .read_entry(&inner.key, &[], inner.request_timeout)
+            .await?;
         match entry.and_then(|e| e.session) {
             Some(s) if s == self.id => {}
             Some(other) => {

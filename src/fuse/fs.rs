@@ -48,6 +48,16 @@ const SHM_CKPT: u64 = 121;
 /// SQLite's RESERVED lock byte of a database file: a rollback-mode writer holds it.
 const DB_RESERVED: u64 = DB_LOCKS.0 + 1;
 
+/// A POSIX lock request from the kernel: owner, pid, inclusive byte range, type.
+#[derive(Clone, Copy, Debug)]
+struct LockRequest {
+    owner: u64,
+    pid: u32,
+    start: u64,
+    end: u64,
+    typ: i32,
+}
+
 /// What an inode number stands for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Node {
@@ -94,6 +104,10 @@ enum Handle {
         file: File,
         /// The database was written through this handle since its last flush/fsync.
         dirty: AtomicBool,
+        /// Opened, or used to take SQLite's writer lock, while this node was the
+        /// primary: a connection that may try to write after a demotion (see
+        /// [`Shared::refused_writer_lock`]).
+        primary_era: AtomicBool,
     },
     Virtual {
         data: Vec<u8>,
@@ -588,6 +602,7 @@ impl Shared {
             kind,
             file,
             dirty,
+            ..
         } = h
         else {
             return Err(Errno::EACCES);
@@ -602,7 +617,10 @@ impl Shared {
         };
         // Held to the end of the commit hook the write may trigger.
         let _gate = self.store.write_gate();
-        if *kind != FileKind::Shm && !self.store.may_write(db.name()) {
+        if *kind != FileKind::Shm
+            && !self.store.may_write(db.name())
+            && !self.discardable_journal(db, *kind)
+        {
             debug!(
                 db = db.name(),
                 "write refused: not the primary, and no transaction begun as primary"
@@ -656,17 +674,20 @@ impl Shared {
         Ok(data.len() as u32)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn do_setlk(
         &self,
         db: &Db,
         kind: FileKind,
-        owner: u64,
-        pid: u32,
-        start: u64,
-        end: u64,
-        typ: i32,
+        lock: LockRequest,
+        primary_era: &AtomicBool,
     ) -> Result<(), Errno> {
+        let LockRequest {
+            owner,
+            pid,
+            start,
+            end,
+            typ,
+        } = lock;
         self.trace(
             "setlk",
             format_args!(
@@ -691,15 +712,78 @@ impl Shared {
         // the gate) it may finish after a demotion. Releasing it runs the WAL commit
         // hook, also under the gate.
         let _gate = writer_byte.map(|_| self.store.write_gate());
+        if new_kind == Some(LockKind::Write)
+            && let Some(errno) =
+                self.refused_writer_lock(db, kind, &lock, primary_era.load(Ordering::Acquire))
+        {
+            debug!(
+                db = db.name(),
+                ?kind,
+                start,
+                "writer lock refused: not the primary, and no transaction begun as primary"
+            );
+            return Err(errno);
+        }
         let r = self.setlk_locked(db, kind, owner, pid, start, end, new_kind, &key);
         if writer_byte.is_some() {
             if r.is_ok() && new_kind == Some(LockKind::Write) && self.store.is_primary() {
+                primary_era.store(true, Ordering::Release);
                 self.store.writer_began(db.name(), owner);
             } else {
                 self.sync_writer(db.name(), owner);
             }
         }
         r
+    }
+
+    /// The errno with which a node that is not the primary refuses a write lock, if it
+    /// does. Only connections opened while it was the primary (their database and WAL
+    /// index are open for writing) ask for the locks that begin or commit a
+    /// transaction; each is refused where SQLite reports the clearest error (see
+    /// "Writers on a demoted primary" in `docs/design.md`):
+    /// - WAL-index WRITE byte: `EACCES`, which SQLite reports as `SQLITE_BUSY`
+    ///   ("database is locked"); any errno on a WAL-index lock would. A WAL index
+    ///   neither opened nor written through while primary is left alone: its readers
+    ///   take WRITE to rebuild a damaged index, and they cannot write the database
+    ///   anyway.
+    /// - RESERVED byte with a journal file present (`journal_mode` PERSIST or
+    ///   TRUNCATE): `EPERM`, `SQLITE_PERM` ("access permission denied"); otherwise
+    ///   (DELETE) the lock is granted and creating the journal fails with `EACCES`,
+    ///   `SQLITE_READONLY` ("attempt to write a readonly database").
+    /// - PENDING byte or the SHARED range (EXCLUSIVE, before writing the database
+    ///   file, or to checkpoint at close): `EACCES`, `SQLITE_BUSY`: a transaction
+    ///   fenced after a demotion does not start writing its pages into the database.
+    ///
+    /// Owners whose transaction began while this node was the primary, and was not
+    /// fenced, are let through.
+    fn refused_writer_lock(
+        &self,
+        db: &Db,
+        kind: FileKind,
+        lock: &LockRequest,
+        primary_era: bool,
+    ) -> Option<Errno> {
+        let (start, end) = (lock.start, lock.end);
+        if self.store.is_primary() || self.store.is_writer(db.name(), lock.owner) {
+            return None;
+        }
+        match kind {
+            FileKind::Shm if primary_era && covers(start, end, SHM_WRITE) => Some(Errno::EACCES),
+            FileKind::Database if covers(start, end, DB_RESERVED) => {
+                db.path(FileKind::Journal).exists().then_some(Errno::EPERM)
+            }
+            FileKind::Database if start <= DB_LOCKS.1 && end >= DB_LOCKS.0 => Some(Errno::EACCES),
+            _ => None,
+        }
+    }
+
+    /// On a node that is not the primary, a rollback journal may still be written,
+    /// truncated or unlinked while the database file has no uncaptured writes: only a
+    /// transaction fenced at the demotion has it open, and it is rolling back (its
+    /// `COMMIT` is refused at the EXCLUSIVE lock). Its end then captures nothing, and
+    /// no hot journal is left to be rolled back over pages replicated later.
+    fn discardable_journal(&self, db: &Db, kind: FileKind) -> bool {
+        kind == FileKind::Journal && !self.store.is_primary() && !db.has_uncaptured_writes()
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -766,10 +850,16 @@ impl Shared {
         let (dbname, kind) = parse_mount_name(name).ok_or(Errno::ENOENT)?;
         let _gate = self.store.write_gate();
         // Deleting a database begins no transaction: only the primary may.
-        let allowed = if kind == FileKind::Database {
-            self.store.is_primary()
-        } else {
-            self.store.may_write(dbname)
+        let allowed = match kind {
+            FileKind::Database => self.store.is_primary(),
+            FileKind::Journal => {
+                self.store.may_write(dbname)
+                    || self
+                        .store
+                        .db(dbname)
+                        .is_some_and(|db| self.discardable_journal(&db, kind))
+            }
+            _ => self.store.may_write(dbname),
         };
         if !allowed {
             return Err(Errno::EACCES);
@@ -934,6 +1024,7 @@ impl Shared {
             kind,
             file,
             dirty: AtomicBool::new(false),
+            primary_era: AtomicBool::new(self.store.is_primary()),
         });
         Ok((ino, attr, fh))
     }
@@ -980,7 +1071,10 @@ impl Shared {
         if let Some(size) = size {
             self.trace("truncate", format_args!("{} {kind:?} to {size}", db.name()));
             let _gate = self.store.write_gate();
-            if !self.store.may_write(db.name()) && !replica_writable(*kind) {
+            if !self.store.may_write(db.name())
+                && !replica_writable(*kind)
+                && !self.discardable_journal(&db, *kind)
+            {
                 return Err(Errno::EACCES);
             }
             self.truncate(&db, *kind, file, size)?;
@@ -1199,6 +1293,7 @@ impl fuser::Filesystem for LiteFs {
                     kind,
                     file,
                     dirty: AtomicBool::new(false),
+                    primary_era: AtomicBool::new(s.store.is_primary()),
                 });
                 Ok((fh, s.open_flags()))
             }
@@ -1572,8 +1667,20 @@ impl fuser::Filesystem for LiteFs {
         // waits in the kernel, and a waiting FUSE thread would hold up other requests.
         let s = &self.shared;
         let r = s.handle(fh).and_then(|h| match &*h {
-            Handle::Real { db, kind, .. } => {
-                s.do_setlk(db, *kind, lock_owner.0, pid, start, end, typ)
+            Handle::Real {
+                db,
+                kind,
+                primary_era,
+                ..
+            } => {
+                let lock = LockRequest {
+                    owner: lock_owner.0,
+                    pid,
+                    start,
+                    end,
+                    typ,
+                };
+                s.do_setlk(db, *kind, lock, primary_era)
             }
             Handle::Virtual { .. } => Err(Errno::ENOLCK),
         });

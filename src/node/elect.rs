@@ -63,6 +63,19 @@ pub(super) struct Election {
 /// A lease taken over by `/promote`, and the request to answer once writable.
 type Promoted = (Box<dyn Lease>, oneshot::Sender<Result<String, String>>);
 
+/// Why a non-candidate refuses `/promote`.
+const NOT_CANDIDATE: &str = "this node is not a candidate (lease.candidate is false)";
+
+/// How [`Election::idle`] ended.
+enum Idle {
+    /// The time passed.
+    Elapsed,
+    /// The node is stopping.
+    Stopped,
+    /// A `/promote` request to answer.
+    Promote(oneshot::Sender<Result<String, String>>),
+}
+
 /// The replica loop of a follower.
 struct Following {
     handle: Option<JoinHandle<()>>,
@@ -176,8 +189,14 @@ impl Election {
             match holder {
                 Err(e) => {
                     warn!(error = %e, retry_in = ?self.reconnect_delay, "cannot read the lease holder");
-                    if !pause(self.reconnect_delay, &mut stop).await {
-                        return;
+                    match self.idle(self.reconnect_delay, &mut stop, control).await {
+                        Idle::Stopped => return,
+                        Idle::Elapsed => {}
+                        Idle::Promote(reply) => {
+                            let _ = reply.send(Err(format!(
+                                "no primary is known: cannot read the lease holder ({e})"
+                            )));
+                        }
                     }
                 }
                 Ok(Some(p)) if p != *self.leaser.node_info() => {
@@ -187,14 +206,9 @@ impl Election {
                         return;
                     }
                     if let Some((lease, reply)) = self.follow(p, &mut stop, control).await {
-                        match self.lead(lease, &mut stop, control, Some(reply)).await {
-                            Led::Refused => {
-                                stopped(&mut stop).await;
-                                return;
-                            }
-                            Led::Stopped => return,
-                            Led::HandedOff => self.after_handoff(&mut stop).await,
-                            Led::Demoted => {}
+                        let led = self.lead(lease, &mut stop, control, Some(reply)).await;
+                        if !self.after_leading(led, &mut stop).await {
+                            return;
                         }
                     }
                 }
@@ -202,8 +216,12 @@ impl Election {
                 // session cannot be renewed from here: wait for it to expire).
                 Ok(held_by_self) => {
                     if !self.leaser.candidate() {
-                        if !pause(self.reconnect_delay, &mut stop).await {
-                            return;
+                        match self.idle(self.reconnect_delay, &mut stop, control).await {
+                            Idle::Stopped => return,
+                            Idle::Elapsed => {}
+                            Idle::Promote(reply) => {
+                                let _ = reply.send(Err(NOT_CANDIDATE.into()));
+                            }
                         }
                         continue;
                     }
@@ -214,32 +232,97 @@ impl Election {
                         r = self.leaser.acquire() => r,
                         _ = stopped(&mut stop) => return,
                     };
-                    match acquired {
-                        Ok(lease) => match self.lead(lease, &mut stop, control, None).await {
-                            Led::Refused => {
-                                stopped(&mut stop).await;
+                    let e = match acquired {
+                        Ok(lease) => {
+                            let led = self.lead(lease, &mut stop, control, None).await;
+                            if !self.after_leading(led, &mut stop).await {
                                 return;
                             }
-                            Led::Stopped => return,
-                            Led::HandedOff => self.after_handoff(&mut stop).await,
-                            Led::Demoted => {}
-                        },
-                        Err(e) => {
-                            let wait = match e {
-                                LeaseError::Unavailable { .. } => self.reconnect_delay,
-                                _ => ACQUIRE_RETRY,
-                            };
-                            if e.is_retryable() {
-                                debug!(error = %e, "lease not acquired");
-                            } else {
-                                warn!(error = %e, "cannot acquire the lease");
-                            }
-                            if !pause(wait, &mut stop).await {
+                            continue;
+                        }
+                        Err(e) => e,
+                    };
+                    let wait = match e {
+                        LeaseError::Unavailable { .. } => self.reconnect_delay,
+                        _ => ACQUIRE_RETRY,
+                    };
+                    if e.is_retryable() {
+                        debug!(error = %e, "lease not acquired");
+                    } else {
+                        warn!(error = %e, "cannot acquire the lease");
+                    }
+                    let reply = match self.idle(wait, &mut stop, control).await {
+                        Idle::Stopped => return,
+                        Idle::Elapsed => continue,
+                        Idle::Promote(reply) => reply,
+                    };
+                    // `/promote` while nobody holds the lease: a candidate takes it
+                    // now (as its election would a moment later) or says at once why
+                    // it cannot.
+                    let acquired = tokio::select! {
+                        r = self.leaser.acquire() => r,
+                        _ = stopped(&mut stop) => return,
+                    };
+                    match acquired {
+                        Ok(lease) => {
+                            info!("promotion: nobody held the lease; took it");
+                            let led = self.lead(lease, &mut stop, control, Some(reply)).await;
+                            if !self.after_leading(led, &mut stop).await {
                                 return;
                             }
                         }
+                        Err(e) => {
+                            let _ = reply.send(Err(format!(
+                                "no primary is currently available for handoff, and this \
+                                 node could not take the lease yet ({e}); try again"
+                            )));
+                        }
                     }
                 }
+            }
+        }
+    }
+
+    /// What follows a spell as the primary; false when the election is over.
+    async fn after_leading(&self, led: Led, stop: &mut watch::Receiver<bool>) -> bool {
+        match led {
+            Led::Refused => {
+                stopped(stop).await;
+                false
+            }
+            Led::Stopped => false,
+            Led::HandedOff => {
+                self.after_handoff(stop).await;
+                true
+            }
+            Led::Demoted => true,
+        }
+    }
+
+    /// Sleeps for `d` while this node neither leads nor follows, answering requests at
+    /// once instead of leaving them queued: `/handoff` is refused, a `/promote` ends
+    /// the sleep and is handed to the caller.
+    async fn idle(
+        &self,
+        d: Duration,
+        stop: &mut watch::Receiver<bool>,
+        control: &mut mpsc::Receiver<Control>,
+    ) -> Idle {
+        let until = Instant::now() + d;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => return Idle::Elapsed,
+                _ = stopped(stop) => return Idle::Stopped,
+                Some(c) = control.recv() => match c {
+                    Control::Handoff { reply, .. } => {
+                        let _ = reply.send(Err("not the primary".into()));
+                    }
+                    Control::Promote { reply } => {
+                        if !reply.is_closed() {
+                            return Idle::Promote(reply);
+                        }
+                    }
+                },
             }
         }
     }
@@ -354,7 +437,7 @@ impl Election {
         following: &mut Following,
     ) -> Result<Box<dyn Lease>, String> {
         if !self.leaser.candidate() {
-            return Err("this node is not a candidate (lease.candidate is false)".into());
+            return Err(NOT_CANDIDATE.into());
         }
         info!(
             primary = primary.hostname,

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{Apply, cluster_id};
 use crate::progress::Tenths;
@@ -134,6 +134,7 @@ impl Replica {
         let failures: Failures = Arc::default();
         let mut backoff = MIN_BACKOFF;
         let mut first = true;
+        let mut outage = Outage::default();
         loop {
             if *stop.borrow() || *drain.borrow() {
                 return;
@@ -146,14 +147,14 @@ impl Replica {
                 }
             }
             first = false;
-            match self.session(&tmp_dir, &failures, stop).await {
+            match self.session(&tmp_dir, &failures, stop, &mut outage).await {
                 Ok(()) => backoff = MIN_BACKOFF,
                 Err(SessionError::Transport(e)) => {
                     if matches!(e, TransportError::ClusterMismatch { .. }) {
                         error!(error = %e, "refusing a primary of another cluster");
                         backoff = MAX_BACKOFF;
                     } else {
-                        warn!(error = %e, retry_in = ?backoff, "replication stream failed");
+                        outage.failed(&self.primary_url, &e, backoff);
                     }
                 }
                 Err(SessionError::Apply { db, error }) => {
@@ -217,6 +218,7 @@ impl Replica {
         tmp_dir: &Path,
         failures: &Failures,
         stop: &mut watch::Receiver<bool>,
+        outage: &mut Outage,
     ) -> Result<(), SessionError> {
         let data_dir = &self.store.options().data_dir;
         let ours = cluster_id::read(data_dir).map_err(|e| SessionError::Local(e.to_string()))?;
@@ -261,7 +263,7 @@ impl Replica {
             cluster_id::write(data_dir, &theirs).map_err(|e| SessionError::Local(e.to_string()))?;
             info!(cluster_id = theirs, "joined cluster");
         }
-        info!(primary = self.primary_url, "connected to primary");
+        outage.connected(&self.primary_url);
         tokio::fs::create_dir_all(tmp_dir)
             .await
             .map_err(|e| SessionError::Local(e.to_string()))?;
@@ -324,7 +326,13 @@ impl Replica {
                 Frame::Handoff { .. } => {
                     warn!("handoff offered, but this build's static lease cannot take it")
                 }
-                Frame::End => break Ok(()),
+                Frame::End => {
+                    info!(
+                        primary = self.primary_url,
+                        "the primary ended the stream: it has stopped taking writes"
+                    );
+                    break Ok(());
+                }
             }
         };
         receiving.discard();
@@ -333,6 +341,68 @@ impl Replica {
             .await
             .map_err(|e| SessionError::Local(e.to_string()))?;
         applied.and(received)
+    }
+}
+
+/// How often a replica that still cannot reach its primary says so.
+const OUTAGE_REMINDER: Duration = Duration::from_secs(60);
+
+/// The primary has been unreachable (or its stream cut) since the first failure:
+/// the replica warns once when that starts, logs each further attempt at debug level
+/// (with a reminder every [`OUTAGE_REMINDER`]), and says when it is back.
+#[derive(Default)]
+struct Outage {
+    /// Since when, how many failed attempts, when it last warned.
+    down: Option<(std::time::Instant, u32, std::time::Instant)>,
+}
+
+impl Outage {
+    fn failed(&mut self, url: &str, e: &TransportError, retry_in: Duration) {
+        let now = std::time::Instant::now();
+        match &mut self.down {
+            None => {
+                let what = match e {
+                    TransportError::Connect { .. } | TransportError::Closed { .. } => {
+                        "the primary went away or cannot be reached"
+                    }
+                    _ => "the primary's stream cannot be used",
+                };
+                warn!(
+                    primary = url,
+                    error = %e,
+                    "replication stream failed ({what}); reconnecting with backoff up to \
+                     {MAX_BACKOFF:?}, further failures at debug level until it is back"
+                );
+                self.down = Some((now, 1, now));
+            }
+            Some((since, attempts, warned)) => {
+                *attempts += 1;
+                if now.duration_since(*warned) >= OUTAGE_REMINDER {
+                    *warned = now;
+                    warn!(
+                        primary = url,
+                        error = %e,
+                        attempts = *attempts,
+                        down_for = ?since.elapsed(),
+                        "still cannot reach the primary"
+                    );
+                } else {
+                    debug!(primary = url, error = %e, attempts = *attempts, ?retry_in, "primary still unreachable");
+                }
+            }
+        }
+    }
+
+    fn connected(&mut self, url: &str) {
+        match self.down.take() {
+            Some((since, attempts, _)) => info!(
+                primary = url,
+                down_for = ?since.elapsed(),
+                attempts,
+                "connected to primary again"
+            ),
+            None => info!(primary = url, "connected to primary"),
+        }
     }
 }
 

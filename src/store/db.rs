@@ -241,6 +241,15 @@ impl Db {
         self.lock().pos
     }
 
+    /// Whether the database file was written since the last capture. When it was not,
+    /// ending a transaction through its journal (unlink, truncation, zeroed header)
+    /// captures nothing: a node that is not the primary lets a transaction fenced at
+    /// its demotion discard its journal, instead of leaving a hot journal behind.
+    pub fn has_uncaptured_writes(&self) -> bool {
+        let st = self.lock();
+        st.all_dirty || !st.dirty.is_empty()
+    }
+
     /// Page size from the SQLite header; `None` before the first commit.
     pub fn page_size(&self) -> Option<u32> {
         self.lock().page_size

@@ -319,6 +319,13 @@ impl Store {
         }
     }
 
+    /// Whether `owner`'s write transaction on `db`, begun while this node was the
+    /// primary, is still open and not fenced.
+    pub fn is_writer(&self, db: &str, owner: u64) -> bool {
+        let w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        w.get(db).is_some_and(|s| s.contains(&owner))
+    }
+
     fn writers_of(&self, db: &str) -> usize {
         let w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
         w.get(db).map_or(0, |s| s.len())

@@ -1,6 +1,7 @@
 //! Elections with real processes: two `litefs mount` nodes sharing an etcd or Consul
-//! (in-repo test server) lease with a 2 s TTL. The primary is whichever node accepts a
-//! write through its mount.
+//! (in-repo test server) lease with a 2 s TTL; the `consul_agent_*` tests run the same
+//! against a real `consul agent -dev` when `consul` is on PATH (and say they were
+//! skipped otherwise). The primary is whichever node accepts a write through its mount.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -11,6 +12,7 @@ use rusqlite::Connection;
 use crate::consul_server::{ConsulServer, ConsulServerOptions, Fault};
 use crate::etcd_server::EtcdServer;
 use crate::repl::{free_port, pos};
+use crate::support::consul_agent::ConsulAgent;
 use crate::support::{Process, wait_until};
 
 pub(crate) const TTL: Duration = Duration::from_secs(2);
@@ -52,10 +54,20 @@ pub(crate) fn consul() -> ConsulServer {
 }
 
 pub(crate) fn consul_lease(consul: &ConsulServer) -> String {
+    consul_lease_at(&consul.url())
+}
+
+/// The lease config (TTL 2 s, lock-delay 1 s) for the Consul at `url`.
+pub(crate) fn consul_lease_at(url: &str) -> String {
     format!(
-        "  type: consul\n  consul:\n    url: {}\n    key: litefs-test\n    ttl: 2s\n    lock-delay: 1s\n",
-        consul.url()
+        "  type: consul\n  consul:\n    url: {url}\n    key: litefs-test\n    ttl: 2s\n    lock-delay: 1s\n"
     )
+}
+
+/// A real `consul agent -dev` when `consul` is on PATH (it accepts the test TTL, but
+/// may expire a session up to 2x TTL late); `None`, after saying so, otherwise.
+pub(crate) fn consul_agent(test: &str) -> Option<ConsulAgent> {
+    ConsulAgent::start_or_skip(test)
 }
 
 /// Inserts one row through the node's mount; false when the node refuses the write.
@@ -200,19 +212,37 @@ fn consul_two_nodes_handoff_and_rejoin() {
 }
 
 #[test]
-fn consul_crash_takeover_after_ttl_and_lock_delay() {
-    let consul = consul();
-    let lease = consul_lease(&consul);
-    let mut a = node("node-a", &lease);
+fn consul_agent_two_nodes_handoff_and_rejoin() {
+    if let Some(agent) = consul_agent("consul_agent_two_nodes_handoff_and_rejoin") {
+        clean_handoff(&consul_lease_at(&agent.url()));
+    }
+}
+
+/// kill -9 of the primary: the other node takes over once the session expired
+/// (Consul: TTL..2x TTL) and the lock-delay (1 s) passed, never before the TTL.
+fn consul_crash_takeover(lease: &str) {
+    let mut a = node("node-a", lease);
     wait_primary(&a, Duration::from_secs(10), "a first");
-    let b = node("node-b", &lease);
+    let b = node("node-b", lease);
     assert!(try_write(&a, "a"));
     converge(&a, &b);
     a.signal(libc::SIGKILL);
-    // Consul may expire a session up to 2x TTL late, then lock-delay (1 s).
     let took = wait_primary(&b, 2 * TTL + Duration::from_secs(4), "b after crash");
-    eprintln!("crash takeover (consul test server, ttl {TTL:?}): {took:?}");
+    eprintln!("crash takeover (consul, ttl {TTL:?}): {took:?}");
     assert!(took >= TTL, "took over before the TTL ran out: {took:?}");
+}
+
+#[test]
+fn consul_crash_takeover_after_ttl_and_lock_delay() {
+    let consul = consul();
+    consul_crash_takeover(&consul_lease(&consul));
+}
+
+#[test]
+fn consul_agent_crash_takeover_after_ttl_and_lock_delay() {
+    if let Some(agent) = consul_agent("consul_agent_crash_takeover_after_ttl_and_lock_delay") {
+        consul_crash_takeover(&consul_lease_at(&agent.url()));
+    }
 }
 
 /// The primary loses its lease store: it stops taking writes before its TTL could run
@@ -510,16 +540,27 @@ pub(crate) fn same_pos(primary: &Process, replica: &Process) {
 }
 
 /// A primary cut off from etcd demotes itself; a connection it had open before can
-/// neither start a new transaction nor leave a trace of one.
+/// neither start a new transaction nor leave a trace of one, and SQLite reports the
+/// clearest error it has for it: "database is locked" (WAL, at the WAL-index write
+/// lock), "attempt to write a readonly database" (DELETE, at the journal's
+/// creation), "access permission denied" (TRUNCATE, PERSIST: at the RESERVED lock),
+/// never "disk I/O error". What it committed as primary stays readable and intact.
 #[test]
 fn etcd_demoted_primary_refuses_writes_on_open_connections() {
+    use rusqlite::ErrorCode;
+    let modes = [
+        ("WAL", ErrorCode::DatabaseBusy),
+        ("DELETE", ErrorCode::ReadOnly),
+        ("TRUNCATE", ErrorCode::PermissionDenied),
+        ("PERSIST", ErrorCode::PermissionDenied),
+    ];
     let mut etcd = EtcdServer::start();
     let a = node("node-a", &etcd_lease(&etcd));
     wait_primary(&a, Duration::from_secs(10), "a first");
     // Kept open across the demotion below.
-    let conns: Vec<Connection> = ["WAL", "DELETE"]
+    let conns: Vec<Connection> = modes
         .iter()
-        .map(|mode| {
+        .map(|(mode, _)| {
             let c = Connection::open(a.path(&format!("db-{mode}"))).unwrap();
             c.busy_timeout(Duration::from_millis(200)).unwrap();
             let _: String = c
@@ -530,21 +571,38 @@ fn etcd_demoted_primary_refuses_writes_on_open_connections() {
             c
         })
         .collect();
-    let before: Vec<String> = ["WAL", "DELETE"]
+    let before: Vec<String> = modes
         .iter()
-        .map(|m| pos(&a, &format!("db-{m}")).unwrap())
+        .map(|(m, _)| pos(&a, &format!("db-{m}")).unwrap())
         .collect();
     etcd.stop();
     let ok = wait_until(TTL * 2, || a.log_text().contains("lost the lease"));
     assert!(ok, "{}", a.log_text());
-    for (c, m) in conns.iter().zip(["WAL", "DELETE"]) {
-        let r = c.execute("INSERT INTO t VALUES ('demoted')", []);
-        assert!(
-            r.is_err(),
-            "{m}: a demoted primary took a write on an open connection"
-        );
+    for (c, (m, want)) in conns.iter().zip(modes) {
+        for sql in [
+            "INSERT INTO t VALUES ('demoted')",
+            "BEGIN IMMEDIATE; UPDATE t SET v = 'demoted'; COMMIT;",
+        ] {
+            let err = c
+                .execute_batch(sql)
+                .expect_err("a demoted primary took a write on an open connection");
+            assert_eq!(err.sqlite_error_code(), Some(want), "{m}, {sql}: {err}");
+            if !c.is_autocommit() {
+                c.execute_batch("ROLLBACK").unwrap();
+            }
+        }
+        let (rows, check): (i64, String) = c
+            .query_row(
+                "SELECT (SELECT count(*) FROM t WHERE v = 'primary'), \
+                 (SELECT integrity_check FROM pragma_integrity_check)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((rows, check.as_str()), (1, "ok"), "{m}");
     }
-    for (m, want) in ["WAL", "DELETE"].iter().zip(before) {
+    drop(conns);
+    for ((m, _), want) in modes.iter().zip(before) {
         assert_eq!(pos(&a, &format!("db-{m}")).unwrap(), want, "{m} moved");
     }
 }
@@ -703,6 +761,59 @@ fn etcd_promote_hands_over_with_events_and_metrics() {
 fn consul_promote_hands_over_with_events_and_metrics() {
     let consul = consul();
     promote_hands_over(&consul_lease(&consul));
+}
+
+#[test]
+fn consul_agent_promote_hands_over_with_events_and_metrics() {
+    if let Some(agent) = consul_agent("consul_agent_promote_hands_over_with_events_and_metrics") {
+        promote_hands_over(&consul_lease_at(&agent.url()));
+    }
+}
+
+/// `POST /promote` while nobody holds the lease answers at once instead of queueing
+/// until a timeout: during the crashed primary's lock-delay (the key is free, but no
+/// one may take it yet) a non-candidate says it cannot lead and a candidate says why
+/// it cannot take the lease; the candidate leads once the lock-delay is over.
+fn promote_without_a_primary(lease: &str, expiry: Duration) {
+    let lease = lease.replace("lock-delay: 1s", "lock-delay: 4s");
+    let mut a = node("node-a", &lease);
+    wait_primary(&a, Duration::from_secs(10), "a first");
+    let b = node("node-b", &lease);
+    let c = node_with("node-c", &lease, false);
+    assert!(try_write(&a, "a"));
+    converge(&a, &b);
+    converge(&a, &c);
+    a.signal(libc::SIGKILL);
+    let freed = |p: &Process| p.log_text().contains("the lease holder changed");
+    let ok = wait_until(expiry + Duration::from_secs(3), || freed(&b) && freed(&c));
+    assert!(ok, "b:\n{}\nc:\n{}", b.log_text(), c.log_text());
+    for (p, want) in [
+        (&c, "not a candidate"),
+        (&b, "no primary is currently available"),
+    ] {
+        let t0 = Instant::now();
+        let (status, body) = http(port(p), "POST", "/promote");
+        let took = t0.elapsed();
+        assert_eq!(status, 409, "{body}");
+        assert!(body.contains(want), "{body}");
+        assert!(took < Duration::from_secs(1), "answered after {took:?}");
+    }
+    wait_primary(&b, Duration::from_secs(6), "b after the lock-delay");
+    let (status, body) = http(port(&b), "POST", "/promote");
+    assert_eq!((status, body.trim()), (200, "already the primary"));
+}
+
+#[test]
+fn consul_promote_without_a_primary_answers_at_once() {
+    let consul = consul();
+    promote_without_a_primary(&consul_lease(&consul), TTL);
+}
+
+#[test]
+fn consul_agent_promote_without_a_primary_answers_at_once() {
+    if let Some(agent) = consul_agent("consul_agent_promote_without_a_primary_answers_at_once") {
+        promote_without_a_primary(&consul_lease_at(&agent.url()), 2 * TTL);
+    }
 }
 
 /// `litefs run -- CMD` exits with the command's status, and SIGTERM sent to litefs

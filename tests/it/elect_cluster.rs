@@ -1,7 +1,9 @@
 //! Clusters of real `litefs mount` processes (lease TTL 2 s) through failovers: three
 //! nodes across a SIGTERM handoff, a crash and a rejoin; twenty forced failovers under a
 //! write load on every node; a primary cut off from the lease store by a TCP proxy
-//! while the others still reach it. Every wait is bounded.
+//! while the others still reach it. Every wait is bounded. The Consul cases run against
+//! the in-repo server, and (`consul_agent_*`) against a real `consul agent -dev` when
+//! `consul` is on PATH.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -15,8 +17,8 @@ use rusqlite::Connection;
 
 use crate::consul_server::ConsulServer;
 use crate::elect::{
-    TTL, consul, consul_lease, converge, etcd_lease, node, respawn_after_crash, try_write,
-    wait_primary,
+    TTL, consul, consul_agent, consul_lease, consul_lease_at, converge, etcd_lease, node,
+    respawn_after_crash, try_write, wait_primary,
 };
 use crate::etcd_server::EtcdServer;
 use crate::repl::pos;
@@ -24,12 +26,6 @@ use crate::support::{Process, wait_until};
 
 fn etcd_lease_at(url: &str) -> String {
     format!("  type: etcd\n  etcd:\n    endpoints: [{url}]\n    key: litefs-test\n    ttl: 2s\n")
-}
-
-fn consul_lease_at(url: &str) -> String {
-    format!(
-        "  type: consul\n  consul:\n    url: {url}\n    key: litefs-test\n    ttl: 2s\n    lock-delay: 1s\n"
-    )
 }
 
 /// Which of `nodes` accepts a write now (at most one may), within `within`.
@@ -113,6 +109,16 @@ fn etcd_three_nodes_sigint_handoff_crash_and_rejoin() {
 fn consul_three_nodes_sigint_handoff_crash_and_rejoin() {
     let consul = consul();
     three_nodes(&consul_lease(&consul), TTL + Duration::from_secs(5));
+}
+
+/// Real Consul expires a crashed holder's session up to 2x TTL late, then lock-delay.
+const AGENT_CRASH_BOUND: Duration = Duration::from_secs(2 * 2 + 4);
+
+#[test]
+fn consul_agent_three_nodes_sigint_handoff_crash_and_rejoin() {
+    if let Some(agent) = consul_agent("consul_agent_three_nodes_sigint_handoff_crash_and_rejoin") {
+        three_nodes(&consul_lease_at(&agent.url()), AGENT_CRASH_BOUND);
+    }
 }
 
 /// One acknowledged commit: which node, which value, when the client got the answer.
@@ -344,6 +350,13 @@ fn consul_twenty_forced_failovers_under_writes() {
     twenty_failovers(&consul_lease(&consul), TTL + Duration::from_secs(5));
 }
 
+#[test]
+fn consul_agent_twenty_forced_failovers_under_writes() {
+    if let Some(agent) = consul_agent("consul_agent_twenty_forced_failovers_under_writes") {
+        twenty_failovers(&consul_lease_at(&agent.url()), AGENT_CRASH_BOUND);
+    }
+}
+
 /// A TCP proxy to the lease store for one node, which can cut that node off (close
 /// its connections, refuse new ones) while the others still reach the store.
 struct Proxy {
@@ -502,4 +515,12 @@ fn etcd_partitioned_primary_never_overlaps_the_new_one() {
 fn consul_partitioned_primary_never_overlaps_the_new_one() {
     let consul: ConsulServer = consul();
     partitioned_primary(consul.addr(), consul_lease_at);
+}
+
+#[test]
+fn consul_agent_partitioned_primary_never_overlaps_the_new_one() {
+    if let Some(agent) = consul_agent("consul_agent_partitioned_primary_never_overlaps_the_new_one")
+    {
+        partitioned_primary(agent.addr(), consul_lease_at);
+    }
 }

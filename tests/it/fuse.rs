@@ -857,3 +857,115 @@ fn a_checkpoint_lock_is_refused_while_another_process_holds_the_wal_write_lock()
         .unwrap();
     assert_eq!(n, 1);
 }
+
+/// What a lost lease does to the store (`set_primary(false)`, then `fence_writers`),
+/// in process: connections opened while primary get SQLite's clearest error at their
+/// first lock, by journal mode, and keep reading what they committed; a rollback-mode
+/// transaction begun as primary and fenced gets `SQLITE_BUSY` at `COMMIT` (its
+/// EXCLUSIVE lock), without a byte of the database file written, and its rollback
+/// leaves no journal behind.
+#[test]
+fn demoted_writers_get_clear_errors_at_their_first_lock() {
+    use rusqlite::ErrorCode;
+    let node = Node::start();
+    let open = |name: &str, mode: &str| {
+        let c = Connection::open(node.path(name)).unwrap();
+        c.busy_timeout(Duration::from_millis(100)).unwrap();
+        let _: String = c
+            .query_row(&format!("PRAGMA journal_mode={mode}"), [], |r| r.get(0))
+            .unwrap();
+        c.execute_batch("CREATE TABLE t (v TEXT); INSERT INTO t VALUES ('primary');")
+            .unwrap();
+        c
+    };
+    let modes = [
+        ("WAL", ErrorCode::DatabaseBusy),
+        ("DELETE", ErrorCode::ReadOnly),
+        ("TRUNCATE", ErrorCode::PermissionDenied),
+        ("PERSIST", ErrorCode::PermissionDenied),
+    ];
+    let conns: Vec<Connection> = modes.iter().map(|(m, _)| open(m, m)).collect();
+    let fenced = open("fenced", "DELETE");
+    fenced
+        .execute_batch("BEGIN IMMEDIATE; INSERT INTO t VALUES ('fenced');")
+        .unwrap();
+    let fenced_file = fs::read(node.data_db("fenced")).unwrap();
+
+    node.store().set_primary(false);
+    node.store().fence_writers();
+    for (c, (m, want)) in conns.iter().zip(modes) {
+        let err = c
+            .execute("INSERT INTO t VALUES ('demoted')", [])
+            .expect_err("a demoted node took a write");
+        assert_eq!(err.sqlite_error_code(), Some(want), "{m}: {err}");
+        let n: i64 = c
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 1, "{m}");
+    }
+    let err = fenced.execute_batch("COMMIT").expect_err("a fenced commit");
+    assert_eq!(
+        err.sqlite_error_code(),
+        Some(ErrorCode::DatabaseBusy),
+        "{err}"
+    );
+    assert!(
+        fs::read(node.data_db("fenced")).unwrap() == fenced_file,
+        "the fenced transaction wrote into the database file"
+    );
+    // Its rollback discards the journal (no hot journal is left to be rolled back
+    // over pages replicated later) and records nothing.
+    let files = node.ltx_files("fenced").len();
+    fenced.execute_batch("ROLLBACK").unwrap();
+    assert!(
+        !node.data.join("dbs/fenced/journal").exists(),
+        "the fenced transaction left its journal"
+    );
+    assert_eq!(node.ltx_files("fenced").len(), files);
+    let reader = Connection::open(node.path("fenced")).unwrap();
+    let n: i64 = reader
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 1);
+    assert!(fs::read(node.data_db("fenced")).unwrap() == fenced_file);
+    drop((fenced, reader));
+    drop(conns);
+}
+
+/// A WAL index the process opened while the node was a replica, then wrote through
+/// once the node became the primary, counts as the primary's after a demotion too: a
+/// connection that writes through it gets "database is locked", not "disk I/O error".
+#[test]
+fn a_wal_index_written_as_primary_is_refused_after_demotion() {
+    use rusqlite::ErrorCode;
+    let node = Node::start();
+    Connection::open(node.path("db"))
+        .unwrap()
+        .execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t (v TEXT);")
+        .unwrap();
+    node.store().set_primary(false);
+    // Opened as a replica: read-only database, WAL index of its own.
+    let reader = Connection::open(node.path("db")).unwrap();
+    let n: i64 = reader
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 0);
+    node.store().set_primary(true);
+    // Shares the process's WAL index with the reader.
+    let writer = Connection::open(node.path("db")).unwrap();
+    writer.busy_timeout(Duration::from_millis(100)).unwrap();
+    writer
+        .execute("INSERT INTO t VALUES ('primary')", [])
+        .unwrap();
+    node.store().set_primary(false);
+    node.store().fence_writers();
+    let err = writer
+        .execute("INSERT INTO t VALUES ('demoted')", [])
+        .expect_err("a demoted node took a write");
+    assert_eq!(
+        err.sqlite_error_code(),
+        Some(ErrorCode::DatabaseBusy),
+        "{err}"
+    );
+    drop((reader, writer));
+}

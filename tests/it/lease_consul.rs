@@ -10,6 +10,7 @@ use litefs::config::{LeaseConfig, LeaseType};
 use litefs::lease::{LeaseError, Leaser, PrimaryInfo};
 
 use crate::consul_server::{ConsulServer, ConsulServerOptions, Fault};
+use crate::support::consul_agent::{ConsulAgent, find_on_path};
 
 const TTL: Duration = Duration::from_secs(1);
 const LOCK_DELAY: Duration = Duration::from_millis(300);
@@ -395,15 +396,16 @@ async fn consul_cluster_id_is_kept_once() {
 /// The same suite against a real Consul agent, when the `consul` binary exists.
 #[tokio::test]
 async fn consul_suite_against_a_real_consul_agent() {
-    let Some(agent) = RealConsul::start() else {
-        eprintln!("skipped: no `consul` binary on PATH to run `consul agent -dev`");
+    let Some(agent) = ConsulAgent::start_or_skip("consul_suite_against_a_real_consul_agent") else {
         return;
     };
-    // Consul refuses TTLs under 10s and expires at 2x TTL.
+    // Consul's default minimum TTL (the agent here accepts 1 s, as LiteFS users'
+    // agents do not) and its expiry at up to 2x TTL.
     let ttl = Duration::from_secs(10);
     let lock_delay = Duration::from_secs(1);
+    let url = agent.url();
     let mk = |host: &str, candidate: bool| {
-        ConsulLeaser::new(&cfg(&agent.url, host, candidate, ttl, lock_delay), None).unwrap()
+        ConsulLeaser::new(&cfg(&url, host, candidate, ttl, lock_delay), None).unwrap()
     };
     let t = Timing {
         ttl,
@@ -425,66 +427,107 @@ async fn consul_suite_against_a_real_consul_agent() {
     assert_eq!(mk("a", true).node_info(), &info);
 }
 
-struct RealConsul {
-    child: std::process::Child,
-    url: String,
+/// Writes an executable script `dir/consul`.
+fn fake_consul(dir: &std::path::Path, script: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("consul");
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
 }
 
-impl RealConsul {
-    fn start() -> Option<RealConsul> {
-        let found = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).any(|d| d.join("consul").is_file()))
-            .unwrap_or(false);
-        if !found {
-            return None;
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        // Its other ports on free ones too, so a consul running on this machine
-        // does not get in the way.
-        let free = || {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        };
-        let child = std::process::Command::new("consul")
-            .args(["agent", "-dev", "-bind=127.0.0.1", "-client=127.0.0.1"])
-            .arg(format!("-http-port={port}"))
-            .arg(format!("-serf-lan-port={}", free()))
-            .arg(format!("-serf-wan-port={}", free()))
-            .arg(format!("-server-port={}", free()))
-            .args(["-dns-port=-1", "-grpc-port=-1"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let url = format!("http://127.0.0.1:{port}");
-        let agent = RealConsul { child, url };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let leader = std::process::Command::new("curl")
-                .args(["-sf", &format!("{}/v1/status/leader", agent.url)])
-                .output();
-            if let Ok(out) = leader
-                && out.status.success()
-                && out.stdout.len() > 4
-            {
-                return Some(agent);
-            }
-            assert!(Instant::now() < deadline, "consul agent -dev did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
+/// A fake `consul agent -dev`: records its arguments as JSON in `args.json` beside
+/// itself, refuses to start when an argument mentions `refuse`, else answers
+/// `/v1/status/leader` on its `-http-port`.
+fn fake_agent_script(refuse: &str) -> String {
+    format!(
+        r#"#!/usr/bin/env python3
+import http.server, json, os, sys
+args = sys.argv[1:]
+json.dump(args, open(os.path.join(os.path.dirname(sys.argv[0]), "args.json"), "w"))
+if "{refuse}" and any("{refuse}" in a for a in args):
+    print("invalid config key ports.{refuse}")
+    sys.exit(1)
+port = int(next(a for a in args if a.startswith("-http-port=")).split("=")[1])
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b'"127.0.0.1:8300"' if self.path == "/v1/status/leader" else b""
+        self.send_response(200 if body else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
+"#
+    )
 }
 
-impl Drop for RealConsul {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// The switch between the in-repo server and a real agent, checked with fake `consul`
+/// binaries (no real one is installed here): only an executable `consul` on PATH
+/// counts; the agent is started on its own free ports with short TTLs allowed and
+/// waited for until it has a leader; an agent that refuses the gRPC TLS setting
+/// (Consul before 1.14) is started again without it; one that exits at once is
+/// reported with its output, without waiting; dropping the agent stops it.
+#[test]
+fn consul_agent_starter_runs_whatever_consul_is_on_path() {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if find_on_path("python3", &path).is_none() {
+        eprintln!("skipped: the fake consul agents need python3");
+        return;
     }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let read_args = |d: &std::path::Path| -> Vec<String> {
+        serde_json::from_str(&std::fs::read_to_string(d.join("args.json")).unwrap()).unwrap()
+    };
+
+    // Found only when executable.
+    let fake = fake_consul(dir, &fake_agent_script(""));
+    assert_eq!(find_on_path("consul", dir.as_os_str()), Some(fake.clone()));
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(find_on_path("consul", dir.as_os_str()), None);
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    let agent = ConsulAgent::start_from(&fake).unwrap();
+    let args = read_args(dir);
+    assert_eq!(&args[..2], ["agent", "-dev"], "{args:?}");
+    assert!(
+        args.contains(&format!("-http-port={}", agent.addr().port())),
+        "{args:?}"
+    );
+    let hcl = args.iter().find(|a| a.starts_with("-hcl=")).unwrap();
+    assert!(hcl.contains("session_ttl_min = \"1s\""), "{hcl}");
+    assert!(hcl.contains("grpc_tls = -1"), "{hcl}");
+    let addr = agent.addr();
+    drop(agent);
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "the agent still runs after the drop"
+    );
+
+    // An older Consul refusing the gRPC TLS port setting.
+    let old = tempfile::tempdir().unwrap();
+    let fake = fake_consul(old.path(), &fake_agent_script("grpc_tls"));
+    let agent = ConsulAgent::start_from(&fake).unwrap();
+    let hcl = read_args(old.path())
+        .into_iter()
+        .find(|a| a.starts_with("-hcl="))
+        .unwrap();
+    assert!(!hcl.contains("grpc_tls"), "{hcl}");
+    drop(agent);
+
+    // A binary that is no agent at all.
+    let broken = tempfile::tempdir().unwrap();
+    let fake = fake_consul(
+        broken.path(),
+        "#!/bin/sh\necho 'flag provided but not defined: -dev'\nexit 2\n",
+    );
+    let t0 = Instant::now();
+    let err = ConsulAgent::start_from(&fake).err().unwrap();
+    assert!(err.contains("flag provided but not defined"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
 }

@@ -370,6 +370,14 @@ fn health_is_503_once_the_replica_lags_beyond_max_lag() {
     drop(lonely);
 }
 
+/// A connection to the proxy on `PRIMARY_IP`:`proxy`: its writing half, and a reader
+/// whose reads time out after 10 s.
+fn connect(proxy: u16) -> (TcpStream, BufReader<TcpStream>) {
+    let s = TcpStream::connect((PRIMARY_IP, proxy)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    (s.try_clone().unwrap(), BufReader::new(s))
+}
+
 /// Seconds until the server closes `s` (reads return 0 or fail), at most 10.
 fn time_to_close(s: &mut BufReader<TcpStream>) -> Duration {
     s.get_ref()
@@ -402,10 +410,7 @@ fn read_header_and_idle_timeouts_close_stalled_connections() {
     );
 
     // A finished request, then silence: the idle limit (not the header one) applies.
-    let s = TcpStream::connect((PRIMARY_IP, proxy)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut w = s.try_clone().unwrap();
-    let mut r = BufReader::new(s);
+    let (mut w, mut r) = connect(proxy);
     for _ in 0..2 {
         w.write_all(b"GET /ping HTTP/1.1\r\nHost: a\r\n\r\n")
             .unwrap();
@@ -425,12 +430,7 @@ fn read_timeout_abandons_a_request_whose_body_stalls() {
     let http = free_port();
     let proxy = free_port();
     let p = app_node(PRIMARY_IP, true, http, proxy, "  read-timeout: 1s\n");
-    let s = TcpStream::connect((PRIMARY_IP, proxy)).unwrap();
-    let mut w = s.try_clone().unwrap();
-    let mut r = BufReader::new(s);
-    r.get_ref()
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let (mut w, mut r) = connect(proxy);
     let t = Instant::now();
     w.write_all(b"POST /write HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nonly ten b")
         .unwrap();
@@ -464,12 +464,7 @@ fn write_timeout_drops_a_response_that_is_too_slow() {
     let http = free_port();
     let proxy = free_port();
     let _p = app_node(PRIMARY_IP, true, http, proxy, "  write-timeout: 1s\n");
-    let s = TcpStream::connect((PRIMARY_IP, proxy)).unwrap();
-    let mut w = s.try_clone().unwrap();
-    let mut r = BufReader::new(s);
-    r.get_ref()
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let (mut w, mut r) = connect(proxy);
     // A quick answer is unaffected.
     w.write_all(b"GET /ping HTTP/1.1\r\nHost: a\r\n\r\n")
         .unwrap();

@@ -618,8 +618,16 @@ fn shell_quote(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
-/// The primary goes away and comes back on the same address: the replica reconnects
-/// (with backoff) and continues from its position without a snapshot.
+/// Lines of a log at level WARN or ERROR.
+fn warnings(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect()
+}
+
+/// The primary goes away and comes back on the same address: the replica says once
+/// that the primary went away (not once per attempt), reconnects with backoff and
+/// continues from its position without a snapshot.
 #[test]
 fn a_replica_reconnects_when_the_primary_restarts() {
     let port = free_port();
@@ -627,14 +635,31 @@ fn a_replica_reconnects_when_the_primary_restarts() {
     let r = replica(port);
     write_txs(&p, "app.db", "wal", 20);
     wait_converged(&p, &[&r], "app.db");
+    let before = warnings(&r.log_text()).len();
     assert!(p.signal(libc::SIGTERM).success());
     assert!(wait_until(Duration::from_secs(10), || r
         .log_text()
         .contains("replication stream failed")));
+    // Backoff 100 ms, 200 ms, ...: several attempts fail in this time.
+    std::thread::sleep(Duration::from_secs(3));
+    let log = r.log_text();
+    let new = &warnings(&log)[before..];
+    assert_eq!(
+        new.len(),
+        1,
+        "one warning for the outage, not one per attempt:\n{}",
+        new.join("\n")
+    );
+    assert!(new[0].contains("the primary went away"), "{}", new[0]);
     p.spawn();
     write_txs(&p, "app.db", "wal", 20);
     wait_converged(&p, &[&r], "app.db");
     assert_eq!(count(&r, "app.db").unwrap(), 40);
+    assert!(
+        r.log_text().contains("connected to primary again"),
+        "{}",
+        r.log_text()
+    );
     assert!(
         !p.log_text().contains("sending snapshot"),
         "{}",
