@@ -124,6 +124,7 @@
 
 mod db;
 mod error;
+mod forward;
 pub mod journal;
 mod ltxio;
 mod ltxlog;
@@ -149,6 +150,7 @@ use crate::ltx::{Pos, TxId};
 pub(crate) use db::read_page_or_zeros;
 pub use db::{Db, DbStats};
 pub use error::StoreError;
+pub use forward::{Forwarder, wal_mode};
 pub use ltxio::{LtxFile, list as list_ltx_files};
 use record::{CleanRecord, Stamp};
 use recovery::Recovered;
