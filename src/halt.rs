@@ -12,9 +12,10 @@
 //!   primary's TXID + 1 with the primary's checksum as pre-apply checksum, and its
 //!   post-apply checksum adds up. It then is part of the primary's history like a
 //!   local commit (LTX log, streams, archive).
-//! - `DELETE /halt?name=DB&id=ID` drops it. The primary drops it by itself after the
-//!   TTL (counted from the grant), and drops every lock when it stops being the
-//!   primary.
+//! - `POST /halt?name=DB&id=ID` renews it for another TTL (the replica does so every
+//!   TTL/3 while it holds the lock); `DELETE /halt?name=DB&id=ID` drops it. The
+//!   primary drops it by itself once a TTL passed without renewal (the replica died
+//!   or lost the primary), and drops every lock when it stops being the primary.
 //!
 //! The primary side is [`HaltRegistry`] over a [`HaltHost`] (the mount's lock table);
 //! the replica side is a [`HaltClient`] (HTTP) used by the mount's `<db>-lock` file.
@@ -110,6 +111,8 @@ pub struct HaltGrant {
 pub trait HaltClient: Send + Sync {
     /// `POST /halt?name=DB`.
     fn acquire(&self, db: &str) -> Result<HaltGrant, HaltError>;
+    /// `POST /halt?name=DB&id=ID`: extends the lock by its TTL.
+    fn renew(&self, db: &str, id: u64) -> Result<(), HaltError>;
     /// `POST /tx?name=DB&id=ID` with one LTX file; the primary's new position.
     fn commit(&self, db: &str, id: u64, ltx: &[u8]) -> Result<Pos, HaltError>;
     /// `DELETE /halt?name=DB&id=ID`.
@@ -244,6 +247,31 @@ impl HaltRegistry {
                 return Err(HaltError::Busy(db.to_string()));
             }
             std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Extends `db`'s lock by a full TTL from now, if `id` still holds it (the holder
+    /// renews while it is alive; a dead holder's lock runs out).
+    ///
+    /// # Errors
+    /// [`HaltError::NotHeld`] otherwise.
+    pub fn renew(&self, db: &str, id: u64) -> Result<HaltGrant, HaltError> {
+        let mut held = self.held();
+        let now = Instant::now();
+        match held.get_mut(db) {
+            Some(h) if h.id == id && h.expires > now => {
+                h.expires = now + self.ttl;
+                let pos = self.store.db(db).map(|d| d.pos()).unwrap_or_default();
+                Ok(HaltGrant {
+                    id,
+                    pos,
+                    ttl: self.ttl,
+                })
+            }
+            _ => Err(HaltError::NotHeld {
+                db: db.to_string(),
+                id,
+            }),
         }
     }
 
@@ -433,14 +461,27 @@ mod tests {
             Err(HaltError::NotHeld { .. })
         ));
 
+        // Renewed, it outlives its first TTL.
+        let g1 = r.acquire("a.db").unwrap();
+        for _ in 0..4 {
+            std::thread::sleep(Duration::from_millis(100));
+            r.renew("a.db", g1.id).unwrap();
+        }
+        assert!(matches!(
+            r.renew("a.db", g1.id + 2),
+            Err(HaltError::NotHeld { .. })
+        ));
+        r.release("a.db", g1.id).unwrap();
+        assert_eq!(host.unlocks.load(Ordering::Relaxed), 2);
+
         // Never released: the registry drops it after the TTL by itself.
         let g2 = r.acquire("a.db").unwrap();
         assert_ne!(g2.id, g.id);
         let deadline = Instant::now() + Duration::from_secs(5);
-        while host.unlocks.load(Ordering::Relaxed) < 2 && Instant::now() < deadline {
+        while host.unlocks.load(Ordering::Relaxed) < 3 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-        assert_eq!(host.unlocks.load(Ordering::Relaxed), 2, "not expired");
+        assert_eq!(host.unlocks.load(Ordering::Relaxed), 3, "not expired");
         assert!(matches!(
             r.apply("a.db", g2.id, b"garbage".to_vec()),
             Err(HaltError::NotHeld { .. })

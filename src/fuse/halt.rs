@@ -7,13 +7,15 @@
 //!   forwarded before it is acknowledged (`crate::store`'s `forward.rs`). Unlocking
 //!   the byte, closing the descriptor (POSIX locks: any descriptor of the process;
 //!   OFD locks: the last reference to the open file) or the process dying releases
-//!   it (`DELETE /halt`). One holder per database; another owner gets `EAGAIN`.
+//!   it (`DELETE /halt`). While held, a thread renews it every TTL/3. One holder per
+//!   database; another owner gets `EAGAIN`.
 //! - On the primary, the byte is only recorded (its writes need no lock), and
 //!   [`PrimaryHalt`] serves the primary's registry: the HALT lock is SQLite's
 //!   RESERVED byte of the database held under [`HALT_OWNER`] in this mount's lock
 //!   table, so local writers get `SQLITE_BUSY` while a replica holds it.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use fuser::Errno;
@@ -21,7 +23,7 @@ use tracing::{error, info, warn};
 
 use super::fs::{DB_LOCKS, DB_RESERVED, Shared, covers, lock};
 use super::locks::LockKind;
-use crate::halt::{HALT_BYTE, HaltClient, HaltError, HaltHost};
+use crate::halt::{HALT_BYTE, HaltClient, HaltError, HaltGrant, HaltHost};
 use crate::ltx::Pos;
 use crate::store::{FileKind, Forwarder, StoreError, Verified};
 
@@ -33,7 +35,7 @@ const CATCH_UP_WAIT: Duration = Duration::from_secs(10);
 const READERS_WAIT: Duration = Duration::from_secs(5);
 
 /// A HALT lock taken through a `<db>-lock` file.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct HaltHold {
     /// The lock owner (POSIX: the process's files; OFD: the open file).
     owner: u64,
@@ -43,6 +45,8 @@ pub(crate) struct HaltHold {
     remote: Option<u64>,
     /// False while the primary is being asked.
     ready: bool,
+    /// Stops the thread that renews the lock on the primary.
+    stop: Arc<AtomicBool>,
 }
 
 /// Sends a replica's transactions to the primary under lock `id`.
@@ -124,6 +128,7 @@ impl Shared {
     }
 
     fn halt_take(&self, db: &str, fh: u64, owner: u64) -> Result<(), Errno> {
+        let stop = Arc::new(AtomicBool::new(false));
         {
             let mut halts = lock(&self.halts);
             match halts.get(db) {
@@ -137,12 +142,13 @@ impl Shared {
                             fh,
                             remote: None,
                             ready: false,
+                            stop: stop.clone(),
                         },
                     );
                 }
             }
         }
-        let r = self.halt_acquire(db);
+        let r = self.halt_acquire(db, stop);
         let mut halts = lock(&self.halts);
         match r {
             Ok(remote) => {
@@ -160,7 +166,7 @@ impl Shared {
     }
 
     /// Asks the primary (on a replica) and waits to reach its position.
-    fn halt_acquire(&self, db: &str) -> Result<Option<u64>, Errno> {
+    fn halt_acquire(&self, db: &str, stop: Arc<AtomicBool>) -> Result<Option<u64>, Errno> {
         let d = self.store.db(db).ok_or(Errno::ENOENT)?;
         if self.store.is_primary() {
             return Ok(None);
@@ -198,9 +204,10 @@ impl Shared {
             std::thread::sleep(Duration::from_millis(2));
         }
         d.set_forwarder(Some(Arc::new(RemoteForwarder {
-            client,
+            client: client.clone(),
             id: grant.id,
         })));
+        spawn_renewal(client, db.to_string(), grant, stop);
         info!(db, id = grant.id, pos = %grant.pos, ttl = ?grant.ttl, "HALT lock held: writes are forwarded to the primary");
         Ok(Some(grant.id))
     }
@@ -214,6 +221,7 @@ impl Shared {
             }
         };
         let Some(hold) = hold else { return };
+        hold.stop.store(true, Ordering::Release);
         if let Some(d) = self.store.db(db) {
             d.set_forwarder(None);
         }
@@ -225,6 +233,33 @@ impl Shared {
                 }
             }
         }
+    }
+}
+
+/// Renews lock `grant` on the primary every TTL/3 until `stop`. A failed renewal is
+/// logged and retried; if the lock runs out meanwhile, the primary refuses the next
+/// transaction (which is then rolled back here).
+fn spawn_renewal(client: Arc<dyn HaltClient>, db: String, grant: HaltGrant, stop: Arc<AtomicBool>) {
+    let every = (grant.ttl / 3).max(Duration::from_millis(100));
+    let name = db.clone();
+    let spawned = std::thread::Builder::new()
+        .name("litefs-halt-renew".into())
+        .spawn(move || {
+            let mut next = Instant::now() + every;
+            while !stop.load(Ordering::Acquire) {
+                let now = Instant::now();
+                if now < next {
+                    std::thread::sleep((next - now).min(Duration::from_millis(50)));
+                    continue;
+                }
+                if let Err(e) = client.renew(&db, grant.id) {
+                    warn!(db, id = grant.id, error = %e, "cannot renew the HALT lock");
+                }
+                next = Instant::now() + every;
+            }
+        });
+    if let Err(e) = spawned {
+        warn!(db = name, error = %e, "cannot start renewing the HALT lock: it expires after its TTL");
     }
 }
 

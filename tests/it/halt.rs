@@ -229,35 +229,61 @@ fn halt_requests_without_the_lock_or_at_a_stale_position_are_refused() {
     assert_eq!(http_request(port, "DELETE", &del, b"").0, 409);
 }
 
+/// The primary's lock id a replica logged when it took the HALT lock.
+fn logged_lock_id(r: &Process) -> u64 {
+    let log = r.log_text();
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("HALT lock held"))
+        .unwrap_or_else(|| panic!("no HALT lock in the log:\n{log}"));
+    let at = line.find(" id=").unwrap() + 4;
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 #[test]
-fn a_transaction_the_primary_refuses_is_rolled_back_on_the_replica() {
+fn the_lock_is_renewed_and_a_refused_transaction_is_rolled_back_on_the_replica() {
     let port = free_port();
     let p = primary(port, "1s");
     let r = replica(port);
     make_db(&p);
     wait_converged(&p, &[&r], "app.db");
-    let before = pos(&r, "app.db").unwrap();
     let held = halt_lock(&r.path("app.db")).unwrap();
-    // The primary drops the lock after 1 s; the replica still thinks it holds it.
+    // Held well past the primary's 1 s TTL: the replica renews it.
     let local = no_wait(&p.path("app.db"));
-    assert!(wait_until(Duration::from_secs(5), || !writer_busy(&local)));
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(writer_busy(&local), "the HALT lock was not renewed");
     let rc = Connection::open(r.path("app.db")).unwrap();
+    rc.execute("INSERT INTO t VALUES (2, 'renewed')", [])
+        .unwrap();
+    assert_eq!(ids(&p.path("app.db")), [1, 2]);
+    let before = pos(&r, "app.db").unwrap();
+
+    // The primary drops the lock; the replica still thinks it holds it.
+    let id = logged_lock_id(&r);
+    let (code, body) = http_request(port, "DELETE", &format!("/halt?name=app.db&id={id}"), b"");
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
     let err = rc
-        .execute("INSERT INTO t VALUES (2, 'refused')", [])
+        .execute("INSERT INTO t VALUES (3, 'refused')", [])
         .unwrap_err();
     assert!(err.to_string().contains("I/O"), "{err}");
     drop(rc);
     drop(held);
     assert_eq!(pos(&r, "app.db").unwrap(), before);
-    assert_eq!(ids(&r.path("app.db")), [1]);
+    assert_eq!(ids(&r.path("app.db")), [1, 2]);
     assert!(std::fs::read(r.path("app.db")).unwrap() == std::fs::read(p.path("app.db")).unwrap());
     assert!(r.log_text().contains("rolling it back"));
     // The replica keeps replicating.
     local
-        .execute("INSERT INTO t VALUES (3, 'primary')", [])
+        .execute("INSERT INTO t VALUES (4, 'primary')", [])
         .unwrap();
     wait_converged(&p, &[&r], "app.db");
-    assert_eq!(ids(&r.path("app.db")), [1, 3]);
+    assert_eq!(ids(&r.path("app.db")), [1, 2, 4]);
 }
 
 #[test]

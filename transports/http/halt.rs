@@ -82,13 +82,18 @@ fn hex(v: u64) -> String {
     format!("{v:016x}")
 }
 
-/// `POST /halt?name=DB`: takes DB's HALT lock (waits up to [`ACQUIRE_WAIT`]).
+/// `POST /halt?name=DB`: takes DB's HALT lock (waits up to [`ACQUIRE_WAIT`]);
+/// `POST /halt?name=DB&id=ID` renews it.
 pub(crate) async fn post_halt(State(st): State<OpsState>, Query(q): Query<HaltQuery>) -> Response {
     let reg = match registry(&st) {
         Ok(r) => r,
         Err(e) => return refuse(e),
     };
-    match tokio::task::spawn_blocking(move || reg.acquire(&q.name)).await {
+    let granted = tokio::task::spawn_blocking(move || match q.id {
+        Some(id) => reg.renew(&q.name, id),
+        None => reg.acquire(&q.name),
+    });
+    match granted.await {
         Ok(Ok(g)) => axum::Json(HaltAnswer {
             id: g.id,
             txid: hex(g.pos.txid.0),
@@ -237,6 +242,12 @@ impl HaltClient for HttpHaltClient {
             pos: parse_pos(&a.txid, &a.checksum)?,
             ttl: Duration::from_millis(a.ttl_ms),
         })
+    }
+
+    fn renew(&self, db: &str, id: u64) -> Result<(), HaltError> {
+        let url = self.url("/halt", db, Some(id))?;
+        let req = self.client.post(url).timeout(Duration::from_secs(10));
+        self.send(db, req).map(|_| ())
     }
 
     fn commit(&self, db: &str, id: u64, ltx: &[u8]) -> Result<Pos, HaltError> {
