@@ -16,12 +16,28 @@ use crate::support::{Process, http_request, ltx_files, wait_until};
 
 /// A static primary on `port` whose HALT locks last `ttl`.
 fn primary(port: u16, ttl: &str) -> Process {
-    let ttl = ttl.to_string();
+    primary_with(port, &format!("  halt-lock-ttl: {ttl}\n"))
+}
+
+/// A static primary on `port` with extra lines in its `http` section.
+fn primary_with(port: u16, http: &str) -> Process {
+    let http = http.to_string();
     Process::start_with(move |mnt, data| {
         format!(
-            "fuse:\n  dir: {}\ndata:\n  dir: {}\nlease:\n  type: static\n  candidate: true\n  hostname: primary-host\n  advertise-url: http://127.0.0.1:{port}\nhttp:\n  addr: 127.0.0.1:{port}\n  halt-lock-ttl: {ttl}\n",
+            "fuse:\n  dir: {}\ndata:\n  dir: {}\nlease:\n  type: static\n  candidate: true\n  hostname: primary-host\n  advertise-url: http://127.0.0.1:{port}\nhttp:\n  addr: 127.0.0.1:{port}\n{http}",
             mnt.display(),
             data.display()
+        )
+    })
+}
+
+/// A replica of the primary on `port` with `http.auth-token: token`.
+fn replica_with_token(port: u16, token: &str) -> Process {
+    let token = token.to_string();
+    Process::start_with(move |mnt, data| {
+        format!(
+            "{}  auth-token: {token}\n",
+            crate::repl::replica_config(mnt, data, port)
         )
     })
 }
@@ -89,10 +105,11 @@ fn writer_busy(c: &Connection) -> bool {
 
 #[test]
 fn a_replica_writes_through_the_halt_lock_and_primary_writers_wait() {
+    // With an auth token: the replica sends it on /halt and /tx.
     let port = free_port();
-    let p = primary(port, "30s");
-    let r1 = replica(port);
-    let r2 = replica(port);
+    let p = primary_with(port, "  auth-token: s3cret\n");
+    let r1 = replica_with_token(port, "s3cret");
+    let r2 = replica_with_token(port, "s3cret");
     make_db(&p);
     wait_converged(&p, &[&r1, &r2], "app.db");
     let files = ltx_files(&p.data, "app.db").len();
@@ -183,6 +200,14 @@ fn halt_requests_without_the_lock_or_at_a_stale_position_are_refused() {
     assert_eq!(code, 409, "{}", String::from_utf8_lossy(&body));
     let (code, _) = http_request(port, "POST", "/halt?name=nope.db", b"");
     assert_eq!(code, 404);
+    // WAL mode is refused with a message.
+    let w = Connection::open(p.path("wal.db")).unwrap();
+    w.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))
+        .unwrap();
+    w.execute_batch("CREATE TABLE x (a)").unwrap();
+    let (code, body) = http_request(port, "POST", "/halt?name=wal.db", b"");
+    assert_eq!(code, 422);
+    assert!(String::from_utf8_lossy(&body).contains("WAL mode"));
 
     let (code, body) = http_request(port, "POST", "/halt?name=app.db", b"");
     assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
