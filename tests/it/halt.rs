@@ -65,6 +65,12 @@ fn ids(path: &Path) -> Vec<i64> {
 
 /// An OFD write lock on byte 72 of `<db>-lock`, held until the file is dropped.
 fn halt_lock(db: &Path) -> std::io::Result<File> {
+    halt_lock_with(db, libc::F_OFD_SETLK)
+}
+
+/// A write lock on byte 72 of `<db>-lock` taken with `cmd` (`F_SETLK`: a POSIX lock,
+/// `F_OFD_SETLK`), held until the file is dropped.
+fn halt_lock_with(db: &Path, cmd: i32) -> std::io::Result<File> {
     let f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -75,7 +81,7 @@ fn halt_lock(db: &Path) -> std::io::Result<File> {
     fl.l_whence = libc::SEEK_SET as _;
     fl.l_start = 72;
     fl.l_len = 1;
-    if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &fl) } == -1 {
+    if unsafe { libc::fcntl(f.as_raw_fd(), cmd, &fl) } == -1 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(f)
@@ -149,7 +155,8 @@ fn a_replica_writes_through_the_halt_lock_and_primary_writers_wait() {
     // readers go on; the replica writes; released, the primary writes again.
     let local = no_wait(&p.path("app.db"));
     assert!(!writer_busy(&local));
-    let held = halt_lock(&r1.path("app.db")).unwrap();
+    // A POSIX lock this time: released when the process closes the descriptor.
+    let held = halt_lock_with(&r1.path("app.db"), libc::F_SETLK).unwrap();
     assert!(
         writer_busy(&local),
         "a local writer got the lock under HALT"
@@ -185,6 +192,31 @@ fn a_replica_writes_through_the_halt_lock_and_primary_writers_wait() {
     );
     wait_converged(&p, &[&r1, &r2], "app.db");
     assert_eq!(ids(&r2.path("app.db")), [1, 2, 3, 4, 5]);
+
+    // The other rollback-journal modes end their transactions differently.
+    let out = Command::new(env!("CARGO_BIN_EXE_litefs"))
+        .args(["run", "-with-halt-lock-on"])
+        .arg(r2.path("app.db"))
+        .arg("--")
+        .arg("sqlite3")
+        .arg(r2.path("app.db"))
+        .arg(
+            "PRAGMA journal_mode=PERSIST; INSERT INTO t VALUES (7, 'persist');
+             PRAGMA journal_mode=TRUNCATE; INSERT INTO t VALUES (8, 'truncate');",
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        r2.log_text()
+    );
+    assert_eq!(ids(&p.path("app.db")), [1, 2, 3, 4, 5, 7, 8]);
+    wait_converged(&p, &[&r1, &r2], "app.db");
+    let want = std::fs::read(p.path("app.db")).unwrap();
+    assert!(std::fs::read(r1.path("app.db")).unwrap() == want);
+    assert!(std::fs::read(r2.path("app.db")).unwrap() == want);
 }
 
 #[test]
