@@ -969,4 +969,80 @@ mod tests {
         drop(s);
         assert_eq!(open(dir.path()).db("t.db").unwrap().pos().txid, TxId(1));
     }
+
+    /// A primary with file 1 applied and synced, and file 2 (page 2 = 0xCD) as a
+    /// replica would forward it.
+    fn primary_with_forwarded_file() -> (tempfile::TempDir, Arc<Store>, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        s.set_primary(true);
+        let (f1, c1) = file(
+            1,
+            &[],
+            &[(1, page(1, 0)), (2, page(2, 0xAB)), (3, page(3, 1))],
+        );
+        let (f2, _) = file(2, &c1, &[(2, page(2, 0xCD))]);
+        apply(&s, f1);
+        s.sync_replicated().unwrap();
+        (dir, s, f2)
+    }
+
+    fn verified(bytes: &[u8]) -> Verified {
+        Verified::verify("t.db", Received::Memory(bytes.to_vec())).unwrap()
+    }
+
+    #[test]
+    fn a_forwarded_file_is_committed_like_a_local_transaction() {
+        let (dir, s, f2) = primary_with_forwarded_file();
+        let pos = s.apply_forwarded("t.db", verified(&f2)).unwrap();
+        assert_eq!(pos.txid, TxId(2));
+        let db = s.db("t.db").unwrap();
+        assert_eq!(db.pos(), pos);
+        db.verify().unwrap();
+        let db_dir = dir.path().join("dbs/t.db");
+        assert!(!db_dir.join(MARKER).exists());
+        assert!(db_dir.join(super::super::ltxlog::FILE_NAME).exists());
+        assert_eq!(
+            fs::read(
+                db_dir
+                    .join("ltx")
+                    .join(ltx::format_filename(TxId(2), TxId(2)))
+            )
+            .unwrap(),
+            f2
+        );
+        // The same file again is not at the next TXID: refused, nothing changes.
+        assert!(matches!(
+            s.apply_forwarded("t.db", verified(&f2)),
+            Err(StoreError::Ltx { .. })
+        ));
+        assert_eq!(db.pos(), pos);
+    }
+
+    /// The primary died after the forwarded file reached the LTX log but before its
+    /// pages reached the database: start-up writes them (the marker says so).
+    #[test]
+    fn a_crash_before_the_forwarded_pages_are_written_is_completed_at_start_up() {
+        let (dir, s, f2) = primary_with_forwarded_file();
+        let pos = s.apply_forwarded("t.db", verified(&f2)).unwrap();
+        let db_dir = dir.path().join("dbs/t.db");
+        OpenOptions::new()
+            .write(true)
+            .open(db_dir.join("database"))
+            .unwrap()
+            .write_all_at(&page(2, 0xAB), u64::from(PS))
+            .unwrap();
+        File::create(db_dir.join(MARKER)).unwrap();
+        drop(s);
+        let s = open(dir.path());
+        let db = s.db("t.db").unwrap();
+        assert_eq!(db.pos(), pos);
+        db.verify().unwrap();
+        let mut p2 = vec![0u8; PS as usize];
+        File::open(db_dir.join("database"))
+            .unwrap()
+            .read_exact_at(&mut p2, u64::from(PS))
+            .unwrap();
+        assert_eq!(p2, page(2, 0xCD));
+    }
 }
