@@ -265,7 +265,8 @@ fn decode<R: Read>(r: R, keep: bool) -> Result<Decoded, LtxError> {
 
 impl Store {
     /// Makes this node a replica (`false`: the mount turns read-only and captures
-    /// nothing new) or a primary again.
+    /// nothing new) or a primary again (`true`: HALT-lock forwarding stops, its writes
+    /// are local).
     ///
     /// Demotion takes the [write gate](Store::write_gate) exclusively, so it returns
     /// only once every file-system operation that saw this node as the primary has
@@ -275,6 +276,10 @@ impl Store {
     pub fn set_primary(&self, primary: bool) {
         if primary {
             self.primary.store(true, Ordering::Release);
+            // Its own writes are local now: nothing is forwarded any more.
+            for db in self.databases() {
+                db.set_forwarder(None);
+            }
         } else {
             let _gate = self.write_gate.write().unwrap_or_else(|p| p.into_inner());
             self.primary.store(false, Ordering::Release);
