@@ -380,3 +380,39 @@ fn the_halt_lock_expires_when_its_replica_dies() {
         .unwrap();
     assert!(p.log_text().contains("halt lock expired"));
 }
+
+/// Commit latency of forwarded transactions against local ones on the primary, in the
+/// same run (`cargo test --test it halt::forwarded_commit_latency -- --ignored
+/// --nocapture`; figures in docs/performance.md).
+#[test]
+#[ignore = "benchmark"]
+fn forwarded_commit_latency() {
+    let port = free_port();
+    let p = primary(port, "30s");
+    let r = replica(port);
+    make_db(&p);
+    wait_converged(&p, &[&r], "app.db");
+    let n = 200;
+    let run = |c: &Connection, base: i64| {
+        let t = Instant::now();
+        for i in 0..n {
+            c.execute("INSERT INTO t VALUES (?1, 'x')", [base + i])
+                .unwrap();
+        }
+        t.elapsed() / n as u32
+    };
+    let local = Connection::open(p.path("app.db")).unwrap();
+    let primary_tx = run(&local, 1000);
+    wait_converged(&p, &[&r], "app.db");
+    let t = Instant::now();
+    let held = halt_lock(&r.path("app.db")).unwrap();
+    let acquire = t.elapsed();
+    let rc = Connection::open(r.path("app.db")).unwrap();
+    let forwarded_tx = run(&rc, 10_000);
+    drop(rc);
+    drop(held);
+    println!(
+        "HALT lock taken in {acquire:?}; per transaction: primary local {primary_tx:?}, \
+         forwarded from a replica {forwarded_tx:?} ({n} each)"
+    );
+}
