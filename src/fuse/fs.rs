@@ -1396,13 +1396,15 @@ impl fuser::Filesystem for LiteFs {
             Ok(h) => h,
             Err(e) => return reply.error(e),
         };
+        // close() drops every POSIX lock the process holds on the file.
+        if let Handle::Lock { db } = &*h {
+            s.halt_flushed(db, lock_owner.0);
+            return reply.ok();
+        }
         // Releasing locks and flushing may run commit hooks.
         let _gate = s.store.write_gate();
-        // close() drops every POSIX lock the process holds on the file.
-        match &*h {
-            Handle::Real { db, kind, .. } => s.release_locks(db, *kind, lock_owner.0),
-            Handle::Lock { db } => s.halt_flushed(db, lock_owner.0),
-            Handle::Virtual { .. } => {}
+        if let Handle::Real { db, kind, .. } = &*h {
+            s.release_locks(db, *kind, lock_owner.0);
         }
         match s.flush_handle(&h) {
             Ok(()) => reply.ok(),
