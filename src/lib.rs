@@ -20,6 +20,9 @@
 //!   (Litestream 0.5 layout with compaction levels, no database checksums, recorded
 //!   positions beside it), restoring from it, and starting or catching up nodes from it.
 //! - [`replicate`]: the primary's per-replica streams and the replica's apply loop.
+//! - [`halt`]: write forwarding: the HALT lock a replica takes on the primary
+//!   (`POST /halt`, `POST /tx`, `DELETE /halt`), its expiry, and the client and
+//!   mount-side traits it runs through.
 //! - [`node`]: the node's role (static lease: primary or replica; Consul/etcd: elected,
 //!   with step-down, handoff and the cluster id kept in the lease store) and its services.
 //! - [`progress`]: progress of long transfers: a bar on a terminal, a line per tenth
@@ -37,6 +40,7 @@ pub mod cli;
 pub mod config;
 pub mod exec;
 pub mod fuse;
+pub mod halt;
 pub mod lease;
 pub mod ltx;
 pub mod node;

@@ -160,6 +160,10 @@ pub struct HttpConfig {
     /// its primary too. Unset: the [`AUTH_TOKEN_ENV`] environment variable; neither: no
     /// check.
     pub auth_token: Option<String>,
+    /// How long the primary keeps a replica's HALT lock (write forwarding) before it
+    /// drops it by itself. Default 30s.
+    #[serde(deserialize_with = "duration::de_opt")]
+    pub halt_lock_ttl: Option<Duration>,
 }
 
 /// Environment variable holding the auth token when `http.auth-token` is not set; the
@@ -172,6 +176,7 @@ impl Default for HttpConfig {
             addr: format!(":{DEFAULT_HTTP_PORT}"),
             snapshot_timeout: None,
             auth_token: None,
+            halt_lock_ttl: None,
         }
     }
 }

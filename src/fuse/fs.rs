@@ -34,19 +34,21 @@ const LAG_FILE: &str = ".lag";
 /// Lock owner under which a replica applying an LTX file holds SQLite's locks.
 const REPLICA_OWNER: u64 = u64::MAX;
 /// Database-file lock bytes a rollback-mode writer holds: PENDING, RESERVED, SHARED.
-const DB_LOCKS: (u64, u64) = (0x4000_0000, 0x4000_0000 + 2 + 510 - 1);
+pub(super) const DB_LOCKS: (u64, u64) = (0x4000_0000, 0x4000_0000 + 2 + 510 - 1);
 /// WAL-index lock bytes taken exclusively while applying: WRITE, CKPT, RECOVER,
 /// READ0-4.
 const SHM_LOCKS: (u64, u64) = (120, 127);
 /// The WAL-index dead-man switch, held shared.
 const SHM_DMS: u64 = 128;
 const POS_SUFFIX: &str = "-pos";
+/// `<db>-lock`: byte 72 is the HALT lock (write forwarding, see `halt.rs`).
+const LOCK_SUFFIX: &str = "-lock";
 
 /// Byte offsets of the WAL-index locks SQLite takes on the `-shm` file.
 const SHM_WRITE: u64 = 120;
 const SHM_CKPT: u64 = 121;
 /// SQLite's RESERVED lock byte of a database file: a rollback-mode writer holds it.
-const DB_RESERVED: u64 = DB_LOCKS.0 + 1;
+pub(super) const DB_RESERVED: u64 = DB_LOCKS.0 + 1;
 
 /// A POSIX lock request from the kernel: owner, pid, inclusive byte range, type.
 #[derive(Clone, Copy, Debug)]
@@ -63,6 +65,7 @@ struct LockRequest {
 enum Node {
     File { db: String, kind: FileKind },
     Pos { db: String },
+    Lock { db: String },
     Primary,
     Lag,
 }
@@ -112,16 +115,26 @@ enum Handle {
     Virtual {
         data: Vec<u8>,
     },
+    /// An open `<db>-lock` file: no content, only its locks count.
+    Lock {
+        db: String,
+    },
 }
 
 /// State shared between the kernel-facing [`LiteFs`] and the mount runner.
 pub(crate) struct Shared {
-    store: Arc<Store>,
+    pub(super) store: Arc<Store>,
     data_dir: PathBuf,
     inodes: Mutex<Inodes>,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
-    locks: Mutex<HashMap<(String, FileKind), LockTable>>,
+    pub(super) locks: Mutex<HashMap<(String, FileKind), LockTable>>,
+    /// HALT locks taken through `<db>-lock` files (see `halt.rs`), by database.
+    pub(super) halts: Mutex<HashMap<String, super::halt::HaltHold>>,
+    /// How a replica reaches its primary's `/halt` and `/tx`.
+    pub(super) halt_client: std::sync::OnceLock<Arc<dyn crate::halt::HaltClient>>,
+    /// The kernel connection, to drop cached pages changed behind the kernel's back.
+    pub(super) notifier: std::sync::OnceLock<fuser::Notifier>,
     primary_hostname: RwLock<Option<String>>,
     /// What `.lag` shows on a replica.
     lag: RwLock<Option<Arc<crate::replicate::replica::Lag>>>,
@@ -147,6 +160,9 @@ impl Shared {
             handles: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             locks: Mutex::new(HashMap::new()),
+            halts: Mutex::new(HashMap::new()),
+            halt_client: std::sync::OnceLock::new(),
+            notifier: std::sync::OnceLock::new(),
             primary_hostname: RwLock::new(None),
             lag: RwLock::new(None),
             fatal: Mutex::new(None),
@@ -242,7 +258,7 @@ impl LiteFs {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic in another FUSE thread must not take the whole mount down with it.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -271,6 +287,48 @@ fn hook_errno(hook: &'static str, db: &Db, r: Result<(), StoreError>) -> Result<
     })
 }
 
+impl Shared {
+    /// A hook of an operation that can end a transaction. A transaction the primary
+    /// refused (write forwarding) was rolled back in the database file behind the
+    /// kernel's back: its cached pages are dropped before SQLite hears of the error.
+    fn commit_hook(
+        &self,
+        hook: &'static str,
+        db: &Db,
+        r: Result<(), StoreError>,
+    ) -> Result<(), Errno> {
+        if matches!(r, Err(StoreError::Forward { .. })) {
+            self.invalidate(db.name());
+        }
+        hook_errno(hook, db, r)
+    }
+
+    /// Drops the kernel's cached pages and attributes of database `db`.
+    pub(super) fn invalidate(&self, db: &str) {
+        if let (Some(n), Some(ino)) = (self.notifier.get(), self.ino_of(db))
+            && let Err(e) = n.inval_inode(INodeNo(ino), 0, 0)
+            && e.raw_os_error() != Some(libc::ENOENT)
+        {
+            warn!(db, error = %e, "cannot invalidate the kernel's cache of the database");
+        }
+    }
+
+    /// A replica writing under the HALT lock: its changes must be undoable if the
+    /// primary refuses them, so database pages are written only inside a
+    /// rollback-journal transaction (not `journal_mode=OFF` or `MEMORY`).
+    fn check_forwarded_write(&self, db: &Db) -> Result<(), Errno> {
+        if self.store.is_primary() || !db.is_forwarding() || db.journal_open() {
+            return Ok(());
+        }
+        error!(
+            db = db.name(),
+            "write refused: write forwarding needs a rollback journal \
+             (journal_mode DELETE, TRUNCATE or PERSIST)"
+        );
+        Err(Errno::EROFS)
+    }
+}
+
 fn mount_name(db: &str, kind: FileKind) -> String {
     match kind {
         FileKind::Database => db.to_string(),
@@ -284,7 +342,7 @@ fn pos_content(db: &Db) -> Vec<u8> {
     format!("{}\n", db.pos()).into_bytes()
 }
 
-fn covers(start: u64, end: u64, byte: u64) -> bool {
+pub(super) fn covers(start: u64, end: u64, byte: u64) -> bool {
     start <= byte && byte <= end
 }
 
@@ -337,6 +395,11 @@ impl Shared {
         {
             return Ok(Node::Pos { db: db.to_string() });
         }
+        if let Some(db) = name.strip_suffix(LOCK_SUFFIX)
+            && self.store.db(db).is_some()
+        {
+            return Ok(Node::Lock { db: db.to_string() });
+        }
         let (db, kind) = parse_mount_name(name).ok_or(Errno::ENOENT)?;
         let d = self.db(db)?;
         if !d.path(kind).exists() {
@@ -361,6 +424,7 @@ impl Shared {
                 read_lock(&self.lag).as_ref().map_or(0, |l| l.millis())
             )
             .into_bytes()),
+            Node::Lock { .. } => Ok(Vec::new()),
             Node::File { .. } => Err(Errno::EINVAL),
         }
     }
@@ -449,6 +513,12 @@ impl Shared {
                 let len = self.virtual_content(node)?.len() as u64;
                 Ok(self.virtual_attr(ino, len))
             }
+            Node::Lock { .. } => {
+                // Opened for writing by whoever takes the HALT lock (F_WRLCK needs it).
+                let mut attr = self.virtual_attr(ino, 0);
+                attr.perm = 0o666;
+                Ok(attr)
+            }
         }
     }
 
@@ -482,7 +552,9 @@ impl Shared {
     /// Truncates a real file, calling the store hooks around it.
     fn truncate(&self, db: &Db, kind: FileKind, file: &File, size: u64) -> Result<(), Errno> {
         match kind {
-            FileKind::Journal => hook_errno("journal_truncate", db, db.journal_truncate(size))?,
+            FileKind::Journal => {
+                self.commit_hook("journal_truncate", db, db.journal_truncate(size))?
+            }
             FileKind::Wal => hook_errno("wal_truncate", db, db.wal_truncate(size))?,
             FileKind::Database | FileKind::Shm => {}
         }
@@ -629,6 +701,7 @@ impl Shared {
         }
         match kind {
             FileKind::Database => {
+                self.check_forwarded_write(db)?;
                 pwrite(file)?;
                 dirty.store(true, Ordering::Release);
                 hook_errno(
@@ -638,7 +711,7 @@ impl Shared {
                 )?;
             }
             FileKind::Journal => {
-                hook_errno("journal_write", db, db.journal_write(offset, data))?;
+                self.commit_hook("journal_write", db, db.journal_write(offset, data))?;
                 pwrite(file)?;
             }
             FileKind::Wal => {
@@ -843,7 +916,7 @@ impl Shared {
             || name == LAG_FILE
             || self
                 .resolve(name)
-                .is_ok_and(|n| matches!(n, Node::Pos { .. }))
+                .is_ok_and(|n| matches!(n, Node::Pos { .. } | Node::Lock { .. }))
         {
             return Err(Errno::EACCES);
         }
@@ -887,7 +960,7 @@ impl Shared {
                 if !path.exists() {
                     return Err(Errno::ENOENT);
                 }
-                hook_errno("journal_unlink", &db, db.journal_unlink())?;
+                self.commit_hook("journal_unlink", &db, db.journal_unlink())?;
             }
             FileKind::Wal => {
                 if !path.exists() {
@@ -944,7 +1017,7 @@ impl Shared {
         // The source name disappears and an existing target is replaced: both are
         // unlinks as far as transaction boundaries go.
         let unlink_hook = |db: &Db, kind| match kind {
-            FileKind::Journal => hook_errno("journal_unlink", db, db.journal_unlink()),
+            FileKind::Journal => self.commit_hook("journal_unlink", db, db.journal_unlink()),
             FileKind::Wal => hook_errno("wal_unlink", db, db.wal_unlink()),
             _ => Ok(()),
         };
@@ -1297,6 +1370,13 @@ impl fuser::Filesystem for LiteFs {
                 });
                 Ok((fh, s.open_flags()))
             }
+            Node::Lock { db } => {
+                s.db(&db)?;
+                Ok((
+                    s.add_handle(Handle::Lock { db }),
+                    FopenFlags::FOPEN_DIRECT_IO,
+                ))
+            }
             node => {
                 if flags.acc_mode() != OpenAccMode::O_RDONLY {
                     return Err(Errno::EACCES);
@@ -1354,6 +1434,7 @@ impl fuser::Filesystem for LiteFs {
             Err(e) => return reply.error(e),
         };
         match &*h {
+            Handle::Lock { .. } => reply.data(&[]),
             Handle::Virtual { data } => {
                 let start = (offset as usize).min(data.len());
                 let end = start.saturating_add(size as usize).min(data.len());
@@ -1410,9 +1491,13 @@ impl fuser::Filesystem for LiteFs {
             Ok(h) => h,
             Err(e) => return reply.error(e),
         };
+        // close() drops every POSIX lock the process holds on the file.
+        if let Handle::Lock { db } = &*h {
+            s.halt_flushed(db, lock_owner.0);
+            return reply.ok();
+        }
         // Releasing locks and flushing may run commit hooks.
         let _gate = s.store.write_gate();
-        // close() drops every POSIX lock the process holds on the file.
         if let Handle::Real { db, kind, .. } = &*h {
             s.release_locks(db, *kind, lock_owner.0);
         }
@@ -1436,6 +1521,11 @@ impl fuser::Filesystem for LiteFs {
         let Some(h) = write_lock(&s.handles).remove(&fh.0) else {
             return reply.error(Errno::EBADF);
         };
+        if let Handle::Lock { db } = &*h {
+            // The last reference to the open file is gone: its OFD locks with it.
+            s.halt_closed(db, fh.0);
+            return reply.ok();
+        }
         let _gate = s.store.write_gate();
         if let (Handle::Real { db, kind, .. }, Some(owner)) = (&*h, lock_owner) {
             s.release_locks(db, *kind, owner.0);
@@ -1638,6 +1728,12 @@ impl fuser::Filesystem for LiteFs {
             libc::F_WRLCK => LockKind::Write,
             _ => return reply.locked(start, end, libc::F_UNLCK, 0),
         };
+        if let Handle::Lock { db } = &*h {
+            return match s.halt_conflict(db, lock_owner.0, start, end) {
+                Some(c) => reply.locked(c.0, c.1, libc::F_WRLCK, 0),
+                None => reply.locked(start, end, libc::F_UNLCK, 0),
+            };
+        }
         let Handle::Real { db, kind: fk, .. } = &*h else {
             return reply.locked(start, end, libc::F_UNLCK, 0);
         };
@@ -1682,6 +1778,7 @@ impl fuser::Filesystem for LiteFs {
                 };
                 s.do_setlk(db, *kind, lock, primary_era)
             }
+            Handle::Lock { db } => s.halt_setlk(db, fh.0, lock_owner.0, start, end, typ),
             Handle::Virtual { .. } => Err(Errno::ENOLCK),
         });
         match r {

@@ -57,11 +57,16 @@
 //!
 //! Blocking lock requests (`F_SETLKW`) are answered like non-blocking ones (`EAGAIN`
 //! on conflict): SQLite never blocks in the kernel.
+//!
+//! `<db>-lock` (not listed, only looked up): byte 72 is the HALT lock of write
+//! forwarding (see `halt.rs`).
 
 mod fs;
+mod halt;
 pub mod locks;
 mod mount;
 mod replica;
 
+pub use halt::PrimaryHalt;
 pub use mount::{Mount, MountError, MountOptions, prepare, run, run_with};
 pub use replica::ReplicaApplier;

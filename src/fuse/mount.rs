@@ -162,6 +162,7 @@ impl Mount {
                 io_err("mount", &dir)(e)
             }
         })?;
+        let _ = shared.notifier.set(session.notifier());
         info!(dir = %dir.display(), allow_other = opts.allow_other, "mounted");
         Ok(Mount {
             session: Some(session),
@@ -188,6 +189,19 @@ impl Mount {
             notifier,
             mount_dir: self.dir.clone(),
         }))
+    }
+
+    /// The primary side of write forwarding: this mount's lock table and apply path,
+    /// for the node's [`crate::halt::HaltRegistry`].
+    pub fn halt_host(&self) -> Arc<super::PrimaryHalt> {
+        Arc::new(super::PrimaryHalt {
+            shared: self.shared.clone(),
+        })
+    }
+
+    /// The replica side of write forwarding: how `<db>-lock` reaches the primary.
+    pub fn set_halt_client(&self, client: Arc<dyn crate::halt::HaltClient>) {
+        self.shared.set_halt_client(client);
     }
 
     /// Sets what `.primary` shows on a replica (`None` before the primary is known).

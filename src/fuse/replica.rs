@@ -37,6 +37,19 @@ impl Apply for ReplicaApplier {
     /// WAL readers drop their cached pages and read the database file), then releases
     /// the locks.
     fn apply(&self, db: &str, files: Vec<Verified>) -> Result<Applied, StoreError> {
+        let files = self.skip_forwarded(db, files);
+        if files.is_empty() {
+            let pos = self
+                .shared
+                .store()
+                .db(db)
+                .map(|d| d.pos())
+                .unwrap_or_default();
+            return Ok(Applied {
+                pos,
+                ..Applied::default()
+            });
+        }
         self.lock(db);
         let store = self.shared.store();
         let mut last = Ok(Applied::default());
@@ -84,6 +97,26 @@ impl Apply for ReplicaApplier {
 }
 
 impl ReplicaApplier {
+    /// Drops the files this replica already holds: transactions it forwarded to the
+    /// primary under the HALT lock, streamed back. While it holds the lock the primary
+    /// can only be sending those, and one may arrive before the local commit finished
+    /// (the primary applied it before answering): it waits for that (up to 2 s)
+    /// instead of taking the locks the local writer holds.
+    fn skip_forwarded(&self, db: &str, files: Vec<Verified>) -> Vec<Verified> {
+        let store = self.shared.store();
+        let forwarding = store.db(db).is_some_and(|d| d.is_forwarding());
+        if forwarding && let Some(first) = files.first() {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while !store.already_applied(db, first) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        files
+            .into_iter()
+            .filter(|f| !store.already_applied(db, f))
+            .collect()
+    }
+
     /// Takes the writer's locks on `db` against local readers, waiting for them to end
     /// their transactions.
     fn lock(&self, db: &str) {

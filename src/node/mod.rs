@@ -91,6 +91,10 @@ impl Node {
             http::ops::NodeInfo::new(node_id, cfg.lease.candidate, cfg.fuse.dir.clone())
                 .with_auth_token(cfg.http.resolved_auth_token()),
         );
+        info.set_halt(crate::halt::HaltRegistry::new(
+            store.clone(),
+            cfg.http.halt_lock_ttl.unwrap_or(crate::halt::DEFAULT_TTL),
+        ));
         match &role {
             Role::Elected => {
                 // Read-only until the election says otherwise; a node that joins a
@@ -172,6 +176,15 @@ impl Node {
     /// Called once the file system is mounted: a replica names its primary in
     /// `.primary` and starts streaming from it; an elected node starts its election.
     pub fn on_mount(&self, mount: &Mount) {
+        // Write forwarding: served while primary, used while replica.
+        if let Some(halt) = self.info.halt() {
+            halt.set_host(mount.halt_host());
+        }
+        match http::halt::HttpHaltClient::new(self.info.clone(), tokio::runtime::Handle::current())
+        {
+            Ok(c) => mount.set_halt_client(Arc::new(c)),
+            Err(e) => error!(error = %e, "cannot build the HTTP client: no write forwarding"),
+        }
         if self.role == Role::Elected {
             self.start_election(mount);
             return;

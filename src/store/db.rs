@@ -131,6 +131,9 @@ pub struct Db {
     db_changes: std::sync::atomic::AtomicU64,
     /// `db_changes` as it was before the last fsync of the database file that succeeded.
     db_synced: std::sync::atomic::AtomicU64,
+    /// Set on a replica while it holds the HALT lock: every captured transaction is
+    /// sent to the primary before it counts (see `forward.rs`).
+    pub(super) forward: Mutex<Option<std::sync::Arc<dyn super::Forwarder>>>,
 }
 
 #[derive(Debug, Default)]
@@ -176,6 +179,7 @@ impl Db {
             // 1: the first capture fsyncs whatever was written before the store opened.
             db_changes: std::sync::atomic::AtomicU64::new(1),
             db_synced: std::sync::atomic::AtomicU64::new(0),
+            forward: Mutex::new(None),
         }
     }
 
@@ -193,7 +197,7 @@ impl Db {
         self.count_commit_bytes(fs::metadata(ltx).map_or(0, |m| m.len()));
     }
 
-    fn count_commit_bytes(&self, len: u64) {
+    pub(super) fn count_commit_bytes(&self, len: u64) {
         self.counters.commits.fetch_add(1, Ordering::Relaxed);
         self.counters.ltx_files.fetch_add(1, Ordering::Relaxed);
         self.counters.ltx_bytes.fetch_add(len, Ordering::Relaxed);
@@ -307,7 +311,12 @@ impl Db {
     /// Makes an encoded LTX file durable and visible under its name: appended to the
     /// log (the durability point) and written under its name without an fsync, or, when
     /// too large for the log, written durably under its name. Returns its size.
-    fn persist(&self, st: &mut DbState, header: &Header, enc: Encoded) -> Result<u64, StoreError> {
+    pub(super) fn persist(
+        &self,
+        st: &mut DbState,
+        header: &Header,
+        enc: Encoded,
+    ) -> Result<u64, StoreError> {
         let dir = self.ltx_dir();
         let mut record = match enc {
             Encoded::Record(r) => r,
@@ -379,7 +388,7 @@ impl Db {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn usable(&self) -> Result<MutexGuard<'_, DbState>, StoreError> {
+    pub(super) fn usable(&self) -> Result<MutexGuard<'_, DbState>, StoreError> {
         let st = self.lock();
         if st.deleted {
             return Err(StoreError::Deleted {
@@ -775,6 +784,8 @@ impl Db {
         let enc = pending
             .finish(post)
             .map_err(|e| e.into_store_error(&self.name))?;
+        // On a replica holding the HALT lock the primary must accept it first.
+        let enc = self.forward_capture(st, &header, post, enc)?;
         let len = self.persist(st, &header, enc)?;
         self.count_commit_bytes(len);
         self.apply_capture(st, cap, header.max_txid, post);
@@ -900,6 +911,7 @@ impl Db {
         h: &WalHeader,
         txn: &WalTxn,
     ) -> Result<(), StoreError> {
+        self.refuse_forwarded_wal()?;
         let ps = h.page_size;
         let commit = txn.commit;
         let same_ps = st.page_size == Some(ps) || st.commit == 0;

@@ -109,6 +109,15 @@ pub enum StoreError {
         /// Database name.
         db: String,
     },
+    /// Write forwarding (the HALT lock) refused or failed: the transaction was not
+    /// applied (on a replica it was rolled back).
+    #[error("database {db:?}: write forwarding: {reason}")]
+    Forward {
+        /// Database name.
+        db: String,
+        /// What happened.
+        reason: String,
+    },
     /// The store was closed (clean shutdown); no more changes are accepted.
     #[error("database {db:?}: the store is closed")]
     Closed {

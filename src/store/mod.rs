@@ -46,6 +46,12 @@
 //!   locks; not synced, see [`Store::sync_replicated`] and the `replicating` marker),
 //!   [`Db::write_snapshot`] (a consistent snapshot under the state lock) and
 //!   [`read_ltx_ends`] (header and trailer of an LTX file).
+//! - Added for write forwarding (`src/store/forward.rs`, the HALT lock): on a replica
+//!   [`Db::set_forwarder`] makes each captured rollback-journal transaction go to the
+//!   primary before it is persisted (refused: rolled back from the journal, the hook
+//!   fails with [`StoreError::Forward`]); on the primary [`Store::apply_forwarded`]
+//!   commits such a file; [`Store::already_applied`] lets a replica skip its own
+//!   transactions streamed back.
 //! - After [`Store::close`] every hook fails with [`StoreError::Closed`]: nothing may
 //!   change once the clean-shutdown record is written.
 //! - An `Err` from `wal_write_lock_released` means SQLite considers the transaction
@@ -124,6 +130,7 @@
 
 mod db;
 mod error;
+mod forward;
 pub mod journal;
 mod ltxio;
 mod ltxlog;
@@ -149,6 +156,7 @@ use crate::ltx::{Pos, TxId};
 pub(crate) use db::read_page_or_zeros;
 pub use db::{Db, DbStats};
 pub use error::StoreError;
+pub use forward::{Forwarder, wal_mode};
 pub use ltxio::{LtxFile, list as list_ltx_files};
 use record::{CleanRecord, Stamp};
 use recovery::Recovered;

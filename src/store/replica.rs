@@ -74,11 +74,11 @@ pub enum Received {
 
 /// A received LTX file that verified completely, with the checksum of each of its pages.
 pub struct Verified {
-    header: Header,
-    trailer: Trailer,
+    pub(super) header: Header,
+    pub(super) trailer: Trailer,
     /// Every page number in the file, ascending, with its page checksum.
-    sums: Vec<(u32, Checksum)>,
-    body: Body,
+    pub(super) sums: Vec<(u32, Checksum)>,
+    pub(super) body: Body,
 }
 
 impl std::fmt::Debug for Verified {
@@ -90,7 +90,7 @@ impl std::fmt::Debug for Verified {
     }
 }
 
-enum Body {
+pub(super) enum Body {
     /// File bytes and the decoded pages, in `sums` order.
     Decoded { raw: Vec<u8>, pages: Vec<u8> },
     /// File bytes only (decoded again when written).
@@ -168,14 +168,14 @@ impl Verified {
     }
 
     /// Removes a temp file that will not be applied.
-    fn discard(self) {
+    pub(super) fn discard(self) {
         if let Body::File(p) = self.body {
             let _ = fs::remove_file(p);
         }
     }
 
     /// Puts the file's bytes at `dest` (not synced).
-    fn keep(&self, db: &str, dest: &Path) -> Result<(), StoreError> {
+    pub(super) fn keep(&self, db: &str, dest: &Path) -> Result<(), StoreError> {
         match &self.body {
             Body::Decoded { raw, .. } | Body::Raw(raw) => {
                 let tmp = dest.with_extension(format!("ltx{}", ltxio::TEMP_SUFFIX));
@@ -191,7 +191,7 @@ impl Verified {
 
     /// Calls `f` with every page, in order. `kept` is where [`Verified::keep`] put the
     /// file (read again for files not held in memory).
-    fn for_each_page(
+    pub(super) fn for_each_page(
         &self,
         db: &str,
         kept: &Path,
@@ -265,7 +265,8 @@ fn decode<R: Read>(r: R, keep: bool) -> Result<Decoded, LtxError> {
 
 impl Store {
     /// Makes this node a replica (`false`: the mount turns read-only and captures
-    /// nothing new) or a primary again.
+    /// nothing new) or a primary again (`true`: HALT-lock forwarding stops, its writes
+    /// are local).
     ///
     /// Demotion takes the [write gate](Store::write_gate) exclusively, so it returns
     /// only once every file-system operation that saw this node as the primary has
@@ -275,6 +276,10 @@ impl Store {
     pub fn set_primary(&self, primary: bool) {
         if primary {
             self.primary.store(true, Ordering::Release);
+            // Its own writes are local now: nothing is forwarded any more.
+            for db in self.databases() {
+                db.set_forwarder(None);
+            }
         } else {
             let _gate = self.write_gate.write().unwrap_or_else(|p| p.into_inner());
             self.primary.store(false, Ordering::Release);
@@ -292,9 +297,12 @@ impl Store {
 
     /// Whether a write to `db` may go ahead: on the primary always; after a demotion
     /// only while a transaction that began on the primary is still open on it (its
-    /// later frames and its commit are accepted, new transactions are not).
+    /// later frames and its commit are accepted, new transactions are not); on a
+    /// replica while it holds `db`'s HALT lock (its transactions are forwarded).
     pub fn may_write(&self, db: &str) -> bool {
-        self.is_primary() || self.writers_of(db) > 0
+        self.is_primary()
+            || self.writers_of(db) > 0
+            || self.db(db).is_some_and(|d| d.is_forwarding())
     }
 
     /// Records that lock owner `owner` began a write transaction on `db` (took
@@ -393,68 +401,16 @@ impl Store {
         let dest = ltx_dir.join(ltx::format_filename(h.min_txid, h.max_txid));
         let mut st = db.lock();
         let current = st.pos;
-        let ps = h.page_size;
-        let lock = ltx::lock_pgno(ps);
-        let replace = h.is_snapshot() || st.page_size != Some(ps);
-        let ltx_err = |e| StoreError::ltx(name, &dest, e);
-        if !h.is_snapshot() {
-            if current.txid.0 == 0 || current.txid.0.checked_add(1) != Some(h.min_txid.0) {
-                return Err(ltx_err(LtxError::TxidGap {
-                    current: current.txid,
-                    min_txid: h.min_txid,
-                }));
-            }
-            if !h.no_checksum() && h.pre_apply_checksum != current.post_apply_checksum {
-                return Err(ltx_err(LtxError::PosMismatch {
-                    current,
-                    pre_apply: h.pre_apply_pos(),
-                }));
-            }
+        if already_applied(&db, &st, &file) {
+            // A transaction this node forwarded to the primary, coming back.
+            file.discard();
+            return Ok(Applied {
+                pos: current,
+                deleted: false,
+                discarded: None,
+            });
         }
-        // The checksum the database will have, and the pages it must gain.
-        let old_commit = if replace { 0 } else { st.commit };
-        let mut rolling = if replace {
-            RollingChecksum::new()
-        } else {
-            RollingChecksum::from_checksum(current.post_apply_checksum)
-        };
-        let old = |p: u32| st.checksums.get(p as usize - 1).copied();
-        let mut next_new = ltx_next(old_commit, lock);
-        for &(p, c) in &file.sums {
-            if p <= old_commit {
-                if let Some(o) = old(p) {
-                    rolling.toggle(o);
-                }
-            } else {
-                if p != next_new {
-                    return Err(ltx_err(LtxError::MissingPage {
-                        expected: next_new,
-                        found: p,
-                    }));
-                }
-                next_new = ltx_next(p, lock);
-            }
-            rolling.toggle(c);
-        }
-        if next_new <= h.commit {
-            return Err(ltx_err(LtxError::MissingPage {
-                expected: next_new,
-                found: 0,
-            }));
-        }
-        for p in h.commit.saturating_add(1)..=old_commit {
-            if let Some(o) = old(p) {
-                rolling.toggle(o);
-            }
-        }
-        let post = rolling.value();
-        if !h.no_checksum() && post != file.trailer.post_apply_checksum {
-            return Err(ltx_err(LtxError::ChecksumMismatch {
-                what: "post-apply",
-                expected: file.trailer.post_apply_checksum,
-                got: post,
-            }));
-        }
+        let plan = plan_apply(name, &st, &file, &dest)?;
 
         // Verified: write. Marker first, then the file into ltx/, then the pages.
         ensure_marker(&db)?;
@@ -468,46 +424,9 @@ impl Store {
             }
         }
         file.keep(name, &dest)?;
-        let db_path = db.path(FileKind::Database);
-        let io_err = |op, e| StoreError::io(name, op, &db_path, e);
-        let dbf = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&db_path)
-            .map_err(|e| io_err("open database", e))?;
-        if replace && st.page_size.is_some_and(|p| p != ps) {
-            dbf.set_len(0).map_err(|e| io_err("truncate database", e))?;
-        }
-        let ps64 = u64::from(ps);
-        file.for_each_page(name, &dest, |pgno, page| {
-            dbf.write_all_at(page, u64::from(pgno - 1) * ps64)
-        })?;
-        dbf.set_len(u64::from(h.commit) * ps64)
-            .map_err(|e| io_err("truncate database", e))?;
+        write_pages(&db, &st, &file, &dest, plan.replace)?;
         db.count_commit(&dest);
-
-        if replace {
-            st.checksums.clear();
-        }
-        st.checksums.resize(h.commit as usize, Checksum(0));
-        for &(p, c) in &file.sums {
-            st.checksums[p as usize - 1] = c;
-        }
-        if let Some(c) = st.checksums.get_mut(lock as usize - 1) {
-            *c = Checksum(0);
-        }
-        let pos = Pos {
-            txid: h.max_txid,
-            post_apply_checksum: post,
-        };
-        st.page_size = Some(ps);
-        st.commit = h.commit;
-        st.rolling = rolling;
-        st.dirty.clear();
-        st.all_dirty = false;
-        st.wal = None;
-        st.wal_present = false;
-        st.pos = pos;
+        let pos = commit_state(&mut st, &file, plan);
         drop(st);
         db.notify_change();
         // Provably diverged: the local history reaches the snapshot's TXID (or beyond)
@@ -580,6 +499,176 @@ impl Store {
     }
 }
 
+/// How a verified file changes a database: whether it replaces the content, and the
+/// checksum the database will have.
+pub(super) struct Plan {
+    pub replace: bool,
+    pub rolling: RollingChecksum,
+    pub post: Checksum,
+}
+
+/// Checks `file` against the database's state (a snapshot applies whatever the
+/// position; any other file must follow it exactly; pages above the old size must
+/// all be present) and computes the post-apply checksum from the in-memory page
+/// checksums, which must equal the file's. Writes nothing.
+pub(super) fn plan_apply(
+    name: &str,
+    st: &super::db::DbState,
+    file: &Verified,
+    dest: &Path,
+) -> Result<Plan, StoreError> {
+    let h = &file.header;
+    let current = st.pos;
+    let ps = h.page_size;
+    let lock = ltx::lock_pgno(ps);
+    let replace = h.is_snapshot() || st.page_size != Some(ps);
+    let ltx_err = |e| StoreError::ltx(name, dest, e);
+    if !h.is_snapshot() {
+        if current.txid.0 == 0 || current.txid.0.checked_add(1) != Some(h.min_txid.0) {
+            return Err(ltx_err(LtxError::TxidGap {
+                current: current.txid,
+                min_txid: h.min_txid,
+            }));
+        }
+        if !h.no_checksum() && h.pre_apply_checksum != current.post_apply_checksum {
+            return Err(ltx_err(LtxError::PosMismatch {
+                current,
+                pre_apply: h.pre_apply_pos(),
+            }));
+        }
+    }
+    // The checksum the database will have, and the pages it must gain.
+    let old_commit = if replace { 0 } else { st.commit };
+    let mut rolling = if replace {
+        RollingChecksum::new()
+    } else {
+        RollingChecksum::from_checksum(current.post_apply_checksum)
+    };
+    let old = |p: u32| st.checksums.get(p as usize - 1).copied();
+    let mut next_new = ltx_next(old_commit, lock);
+    for &(p, c) in &file.sums {
+        if p <= old_commit {
+            if let Some(o) = old(p) {
+                rolling.toggle(o);
+            }
+        } else {
+            if p != next_new {
+                return Err(ltx_err(LtxError::MissingPage {
+                    expected: next_new,
+                    found: p,
+                }));
+            }
+            next_new = ltx_next(p, lock);
+        }
+        rolling.toggle(c);
+    }
+    if next_new <= h.commit {
+        return Err(ltx_err(LtxError::MissingPage {
+            expected: next_new,
+            found: 0,
+        }));
+    }
+    for p in h.commit.saturating_add(1)..=old_commit {
+        if let Some(o) = old(p) {
+            rolling.toggle(o);
+        }
+    }
+    let post = rolling.value();
+    if !h.no_checksum() && post != file.trailer.post_apply_checksum {
+        return Err(ltx_err(LtxError::ChecksumMismatch {
+            what: "post-apply",
+            expected: file.trailer.post_apply_checksum,
+            got: post,
+        }));
+    }
+    Ok(Plan {
+        replace,
+        rolling,
+        post,
+    })
+}
+
+/// Writes the file's pages into the database file and truncates it to the file's
+/// size (not synced). `kept` is where the file's bytes are (see [`Verified::keep`]).
+pub(super) fn write_pages(
+    db: &Db,
+    st: &super::db::DbState,
+    file: &Verified,
+    kept: &Path,
+    replace: bool,
+) -> Result<File, StoreError> {
+    let name = db.name();
+    let h = &file.header;
+    let ps = h.page_size;
+    let db_path = db.path(FileKind::Database);
+    let io_err = |op, e| StoreError::io(name, op, &db_path, e);
+    let dbf = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&db_path)
+        .map_err(|e| io_err("open database", e))?;
+    if replace && st.page_size.is_some_and(|p| p != ps) {
+        dbf.set_len(0).map_err(|e| io_err("truncate database", e))?;
+    }
+    let ps64 = u64::from(ps);
+    file.for_each_page(name, kept, |pgno, page| {
+        dbf.write_all_at(page, u64::from(pgno - 1) * ps64)
+    })?;
+    dbf.set_len(u64::from(h.commit) * ps64)
+        .map_err(|e| io_err("truncate database", e))?;
+    Ok(dbf)
+}
+
+/// Makes the in-memory state describe the database after `file` (planned by
+/// [`plan_apply`]); returns the new position.
+pub(super) fn commit_state(st: &mut super::db::DbState, file: &Verified, plan: Plan) -> Pos {
+    let h = &file.header;
+    let lock = ltx::lock_pgno(h.page_size);
+    if plan.replace {
+        st.checksums.clear();
+    }
+    st.checksums.resize(h.commit as usize, Checksum(0));
+    for &(p, c) in &file.sums {
+        st.checksums[p as usize - 1] = c;
+    }
+    if let Some(c) = st.checksums.get_mut(lock as usize - 1) {
+        *c = Checksum(0);
+    }
+    let pos = Pos {
+        txid: h.max_txid,
+        post_apply_checksum: plan.post,
+    };
+    st.page_size = Some(h.page_size);
+    st.commit = h.commit;
+    st.rolling = plan.rolling;
+    st.dirty.clear();
+    st.all_dirty = false;
+    st.wal = None;
+    st.wal_present = false;
+    st.pos = pos;
+    pos
+}
+
+/// Whether the database already holds `file`: not a snapshot, at or below the current
+/// TXID, and the local LTX file of the same TXIDs (or the current position) has the
+/// same post-apply checksum. This is a transaction this node wrote under the HALT lock
+/// and the primary now streams back.
+pub(super) fn already_applied(db: &Db, st: &super::db::DbState, file: &Verified) -> bool {
+    let h = &file.header;
+    if h.is_snapshot() || h.max_txid > st.pos.txid || h.commit == 0 {
+        return false;
+    }
+    let want = file.trailer.post_apply_checksum;
+    if h.max_txid == st.pos.txid {
+        return want == st.pos.post_apply_checksum;
+    }
+    let path = db
+        .ltx_dir()
+        .join(ltx::format_filename(h.min_txid, h.max_txid));
+    super::snapshot::read_ltx_ends(db.name(), &path)
+        .is_ok_and(|(_, t)| t.post_apply_checksum == want)
+}
+
 /// The page after `p` that a database growing from `p` pages must hold next.
 fn ltx_next(p: u32, lock: u32) -> u32 {
     let n = p.saturating_add(1);
@@ -587,7 +676,7 @@ fn ltx_next(p: u32, lock: u32) -> u32 {
 }
 
 /// Makes the `replicating` marker of `db` durable, unless it already exists.
-fn ensure_marker(db: &Db) -> Result<(), StoreError> {
+pub(super) fn ensure_marker(db: &Db) -> Result<(), StoreError> {
     let m = db.dir().join(MARKER);
     if m.exists() {
         return Ok(());
@@ -598,7 +687,7 @@ fn ensure_marker(db: &Db) -> Result<(), StoreError> {
         .map_err(|e| StoreError::io(db.name(), "create marker", &m, e))
 }
 
-fn remove_marker(dir: &Path) {
+pub(super) fn remove_marker(dir: &Path) {
     let _ = fs::remove_file(dir.join(MARKER));
 }
 
@@ -891,5 +980,81 @@ mod tests {
         assert!(!db_dir.join(MARKER).exists());
         drop(s);
         assert_eq!(open(dir.path()).db("t.db").unwrap().pos().txid, TxId(1));
+    }
+
+    /// A primary with file 1 applied and synced, and file 2 (page 2 = 0xCD) as a
+    /// replica would forward it.
+    fn primary_with_forwarded_file() -> (tempfile::TempDir, Arc<Store>, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        s.set_primary(true);
+        let (f1, c1) = file(
+            1,
+            &[],
+            &[(1, page(1, 0)), (2, page(2, 0xAB)), (3, page(3, 1))],
+        );
+        let (f2, _) = file(2, &c1, &[(2, page(2, 0xCD))]);
+        apply(&s, f1);
+        s.sync_replicated().unwrap();
+        (dir, s, f2)
+    }
+
+    fn verified(bytes: &[u8]) -> Verified {
+        Verified::verify("t.db", Received::Memory(bytes.to_vec())).unwrap()
+    }
+
+    #[test]
+    fn a_forwarded_file_is_committed_like_a_local_transaction() {
+        let (dir, s, f2) = primary_with_forwarded_file();
+        let pos = s.apply_forwarded("t.db", verified(&f2)).unwrap();
+        assert_eq!(pos.txid, TxId(2));
+        let db = s.db("t.db").unwrap();
+        assert_eq!(db.pos(), pos);
+        db.verify().unwrap();
+        let db_dir = dir.path().join("dbs/t.db");
+        assert!(!db_dir.join(MARKER).exists());
+        assert!(db_dir.join(super::super::ltxlog::FILE_NAME).exists());
+        assert_eq!(
+            fs::read(
+                db_dir
+                    .join("ltx")
+                    .join(ltx::format_filename(TxId(2), TxId(2)))
+            )
+            .unwrap(),
+            f2
+        );
+        // The same file again is not at the next TXID: refused, nothing changes.
+        assert!(matches!(
+            s.apply_forwarded("t.db", verified(&f2)),
+            Err(StoreError::Ltx { .. })
+        ));
+        assert_eq!(db.pos(), pos);
+    }
+
+    /// The primary died after the forwarded file reached the LTX log but before its
+    /// pages reached the database: start-up writes them (the marker says so).
+    #[test]
+    fn a_crash_before_the_forwarded_pages_are_written_is_completed_at_start_up() {
+        let (dir, s, f2) = primary_with_forwarded_file();
+        let pos = s.apply_forwarded("t.db", verified(&f2)).unwrap();
+        let db_dir = dir.path().join("dbs/t.db");
+        OpenOptions::new()
+            .write(true)
+            .open(db_dir.join("database"))
+            .unwrap()
+            .write_all_at(&page(2, 0xAB), u64::from(PS))
+            .unwrap();
+        File::create(db_dir.join(MARKER)).unwrap();
+        drop(s);
+        let s = open(dir.path());
+        let db = s.db("t.db").unwrap();
+        assert_eq!(db.pos(), pos);
+        db.verify().unwrap();
+        let mut p2 = vec![0u8; PS as usize];
+        File::open(db_dir.join("database"))
+            .unwrap()
+            .read_exact_at(&mut p2, u64::from(PS))
+            .unwrap();
+        assert_eq!(p2, page(2, 0xCD));
     }
 }

@@ -6,6 +6,7 @@
 //! drains it. A slow replica fills only its own channel.
 
 pub mod events;
+pub mod halt;
 pub mod handoff;
 pub mod ops;
 pub mod wire;
@@ -233,8 +234,9 @@ pub fn parse_addr(addr: &str) -> Result<SocketAddr, std::net::AddrParseError> {
     }
 }
 
-/// Serves `POST /stream`, `GET /events` and the operator endpoints of [`ops`]
-/// (`/info`, `/metrics`, `/export`, `/import`) on `listener` until `shutdown`
+/// Serves `POST /stream`, `GET /events`, the operator endpoints of [`ops`]
+/// (`/info`, `/metrics`, `/export`, `/import`) and write forwarding ([`halt`]:
+/// `/halt`, `/tx`) on `listener` until `shutdown`
 /// resolves; with an auth token in `info`, every request but `GET /metrics` must carry
 /// it. Streams are served only while `store.is_primary()` (a replica answers 503),
 /// under the cluster id in the data directory at the time of the request.
@@ -263,6 +265,14 @@ pub async fn serve(
         .route("/events", axum::routing::get(events::events))
         .route("/promote", axum::routing::post(handoff::promote))
         .route("/handoff", axum::routing::post(handoff::handoff))
+        .route(
+            "/halt",
+            axum::routing::post(halt::post_halt).delete(halt::delete_halt),
+        )
+        .route(
+            "/tx",
+            axum::routing::post(halt::post_tx).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .route("/export", axum::routing::get(ops::export))
         .route(
             "/import",

@@ -55,6 +55,8 @@ pub struct NodeInfo {
     /// `http.auth-token`: required on every request but `GET /metrics`
     /// ([`require_token`]) and sent to the primary.
     pub auth_token: Option<String>,
+    /// The primary's HALT locks (write forwarding), set by the node.
+    halt: std::sync::OnceLock<Arc<crate::halt::HaltRegistry>>,
 }
 
 /// A request from the HTTP API to the node's election.
@@ -123,7 +125,18 @@ impl NodeInfo {
             lease: LeaseCounters::default(),
             events: tokio::sync::broadcast::channel(256).0,
             control: Mutex::new(None),
+            halt: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Connects `/halt` and `/tx` to the node's HALT lock registry.
+    pub fn set_halt(&self, registry: Arc<crate::halt::HaltRegistry>) {
+        let _ = self.halt.set(registry);
+    }
+
+    /// The node's HALT lock registry, once set.
+    pub fn halt(&self) -> Option<Arc<crate::halt::HaltRegistry>> {
+        self.halt.get().cloned()
     }
 
     /// Records the archiver's state.
