@@ -39,15 +39,19 @@ pub struct ObjectStoreSink {
     store: Arc<dyn ObjectStore>,
     prefix: Path,
     backend: &'static str,
+    location: String,
 }
 
 impl ObjectStoreSink {
-    /// A sink over any object store; `backend` names it in errors and logs.
+    /// A sink over any object store; `backend` names it in errors and logs, and with
+    /// `prefix` in its [`SnapshotSink::location`] (`<backend>:<prefix>`).
     pub fn new(store: Arc<dyn ObjectStore>, prefix: Path, backend: &'static str) -> Self {
+        let location = format!("{backend}:{prefix}");
         ObjectStoreSink {
             store,
             prefix,
             backend,
+            location,
         }
     }
 
@@ -62,11 +66,10 @@ impl ObjectStoreSink {
         };
         std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
         let store = LocalFileSystem::new_with_prefix(dir).map_err(|e| fail(&e))?;
-        Ok(ObjectStoreSink::new(
-            Arc::new(store),
-            Path::default(),
-            "file",
-        ))
+        let abs = std::fs::canonicalize(dir).map_err(|e| fail(&e))?;
+        let mut sink = ObjectStoreSink::new(Arc::new(store), Path::default(), "file");
+        sink.location = format!("file://{}", abs.display());
+        Ok(sink)
     }
 
     /// A sink writing to the S3 bucket of `cfg` under the prefix `cfg.path`.
@@ -102,7 +105,13 @@ impl ObjectStoreSink {
             message: format!("cannot configure the S3 client: {e}"),
         })?;
         let prefix = Path::from(cfg.path.as_deref().unwrap_or("").trim_matches('/'));
-        Ok(ObjectStoreSink::new(Arc::new(store), prefix, "s3"))
+        let mut sink = ObjectStoreSink::new(Arc::new(store), prefix, "s3");
+        sink.location = format!(
+            "s3://{}/{}",
+            cfg.bucket.as_deref().unwrap_or_default(),
+            sink.prefix
+        );
+        Ok(sink)
     }
 
     fn level_dir(&self, db: &str, level: u8) -> Path {
@@ -201,6 +210,10 @@ impl ObjectStoreSink {
 impl SnapshotSink for ObjectStoreSink {
     fn type_name(&self) -> &'static str {
         self.backend
+    }
+
+    fn location(&self) -> String {
+        self.location.clone()
     }
 
     async fn put(&self, key: &LtxKey, path: &FsPath) -> Result<LtxObject, SinkError> {
@@ -529,6 +542,11 @@ mod tests {
                 .join("archive/app.db/ltx/0/0000000000000002-0000000000000003.ltx")
                 .is_file()
         );
+        // The location names the directory however it was reached.
+        let again = ObjectStoreSink::local(&dir.path().join("archive/../archive")).unwrap();
+        assert_eq!(sink.location(), again.location());
+        let abs = std::fs::canonicalize(dir.path().join("archive")).unwrap();
+        assert_eq!(sink.location(), format!("file://{}", abs.display()));
     }
 
     #[test]
@@ -605,6 +623,7 @@ mod tests {
         };
         let sink = ObjectStoreSink::s3(&cfg).unwrap();
         assert_eq!(sink.type_name(), "s3");
+        assert_eq!(sink.location(), "s3://archive/cluster-1");
         conformance(&sink, true).await;
         // Everything lives under the prefix.
         let all: Vec<_> = sink.store.list(None).try_collect().await.unwrap();

@@ -84,6 +84,12 @@ pub trait SnapshotSink: Debug + Send + Sync + 'static {
     /// Short name for logs and metrics (`"file"`, `"s3"`).
     fn type_name(&self) -> &'static str;
 
+    /// Names the archive: sinks with the same location read and write the same objects
+    /// (`file:///<absolute dir>`, `s3://<bucket>/<prefix>`). A replica tells its primary
+    /// which archive it reads; the primary sends it there instead of sending a snapshot
+    /// only when the location is its own.
+    fn location(&self) -> String;
+
     /// Stores the local file at `path` under `key`, streaming it (snapshots can be
     /// large).
     ///

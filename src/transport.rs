@@ -54,6 +54,10 @@ pub struct StreamRequest {
     /// The cluster the replica belongs to; `None` for a node that has not joined one
     /// yet (it adopts the primary's).
     pub cluster_id: Option<String>,
+    /// The archive this replica can catch up from
+    /// ([`SnapshotSink::location`](crate::sink::SnapshotSink::location)); `None`: none,
+    /// so the primary sends snapshots itself.
+    pub archive: Option<String>,
     /// Position of every database the replica has.
     pub positions: Vec<DbPosition>,
 }
@@ -91,6 +95,19 @@ pub enum Frame {
     },
     /// The primary ends the stream on purpose (stepping down, shutting down).
     End,
+    /// Instead of a snapshot: the replica's archive (the same as the primary's) holds
+    /// `db` up to at least `txid`, where the primary's database checksum is
+    /// `post_apply_checksum`, and the primary keeps every file after it. The replica
+    /// catches `db` up from the archive and reconnects from its new position. The
+    /// primary sends nothing after it.
+    Archive {
+        /// Database name.
+        db: String,
+        /// A TXID the archive reaches.
+        txid: u64,
+        /// The primary's database checksum after `txid`.
+        post_apply_checksum: u64,
+    },
 }
 
 /// A stream of frames from one connection.

@@ -105,6 +105,75 @@ pub async fn catch_up_db(
     r
 }
 
+/// Brings database `db` of a running replica to at least `target` from the archive,
+/// because its primary sent it there instead of sending a snapshot. The archive must
+/// have recorded `target` (the primary's position at that TXID: the same archive and
+/// history). A local database whose exact position the archive recorded is continued
+/// file by file; anything else (missing, diverged, ahead) is rebuilt from the newest
+/// snapshot and the files after it, replacing its content as a primary's snapshot
+/// would. Applies through `apply` (the mount's applier). Returns the position reached.
+///
+/// # Errors
+/// [`ArchiveError::Unrestorable`] when the archive did not record `target` or its
+/// files do not reach it; otherwise as [`bootstrap`]. Files applied before a failure
+/// stay applied (each is a complete, verified transaction).
+pub async fn catch_up_to(
+    store: &Store,
+    sink: &dyn SnapshotSink,
+    db: &str,
+    target: Pos,
+    apply: &(dyn Fn(&str, &Path) -> Result<Pos, String> + Sync),
+) -> Result<Pos, ArchiveError> {
+    let unrestorable = |reason: String| ArchiveError::Unrestorable {
+        db: db.to_string(),
+        reason,
+    };
+    let recorded = recorded_positions(sink, db).await?;
+    if recorded.get(&target.txid) != Some(&target.post_apply_checksum) {
+        return Err(unrestorable(format!(
+            "the archive did not record the primary's position {target} (another archive or history)"
+        )));
+    }
+    let local = store.db(db).map(|d| {
+        let st = d.lock();
+        (st.pos, st.wal_present || st.wal.is_some())
+    });
+    let from = match local {
+        Some((pos, false))
+            if pos.txid.0 > 0 && recorded.get(&pos.txid) == Some(&pos.post_apply_checksum) =>
+        {
+            Some(pos)
+        }
+        _ => None,
+    };
+    let files = match from {
+        Some(pos) if pos.txid >= target.txid => return Ok(pos),
+        Some(pos) => plan_from(sink, db, pos.txid).await?,
+        None => plan(sink, db, RestoreTarget::Latest).await?,
+    };
+    let reach = files.last().map_or(0, |o| o.key.max_txid);
+    if reach < target.txid.0 {
+        return Err(unrestorable(format!(
+            "the archive's files stop at TXID {}, before the primary's {}",
+            TxId(reach),
+            target.txid
+        )));
+    }
+    let tmp = store.options().data_dir.join("archive-catch-up");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| ArchiveError::io(db, "create", &tmp, e))?;
+    let r = apply_files(store, sink, db, from, &files, &recorded, &tmp, apply).await;
+    let _ = std::fs::remove_dir_all(&tmp);
+    let to = r?;
+    match from {
+        Some(from) => {
+            info!(db, %from, %to, files = files.len(), "database caught up from the archive")
+        }
+        None => info!(db, %to, files = files.len(), "database rebuilt from the archive"),
+    }
+    Ok(to)
+}
+
 async fn bootstrap_db(
     store: &Store,
     sink: &dyn SnapshotSink,

@@ -38,7 +38,7 @@ use crate::ltx::{
 };
 use crate::sink::{LtxKey, SinkError};
 
-pub use bootstrap::{Bootstrapped, bootstrap, catch_up_db};
+pub use bootstrap::{Bootstrapped, bootstrap, catch_up_db, catch_up_to};
 pub use restore::{Progress, RestoreOptions, RestoreTarget, Restored, restore};
 pub use shipper::{Archiver, ArchiverOptions};
 pub use state::{ArchiveDbState, ArchiveInfo, ArchiveState};

@@ -190,6 +190,20 @@ struct DbArchive {
     halted: bool,
     /// A gap was reported (logged once).
     gap_logged: bool,
+    /// Files put whose positions object is not stored yet (its put failed): it is
+    /// retried before anything else, and the files are not shipped again (a new
+    /// grouping would leave overlapping level-0 files).
+    unrecorded: Option<Unrecorded>,
+}
+
+/// A positions object still to store, for files already in the archive.
+#[derive(Clone)]
+struct Unrecorded {
+    /// Object name under `<db>/litefs/`.
+    name: String,
+    body: Vec<u8>,
+    /// Position after the last of those files.
+    pos: Pos,
 }
 
 /// A file re-encoded for level 0, waiting for its put.
@@ -294,6 +308,7 @@ impl Worker {
                 backoff: Duration::ZERO,
                 halted: false,
                 gap_logged: false,
+                unrecorded: None,
             });
             if st.halted || (now < st.retry_at && !last) {
                 continue;
@@ -396,6 +411,7 @@ impl Worker {
                 t
             }
         };
+        self.record_positions(db).await?;
         let files =
             list_ltx_files(ltx_dir).map_err(|e| ArchiveError::io(db, "list", ltx_dir, e))?;
         let pending: Vec<_> = files
@@ -454,12 +470,13 @@ impl Worker {
             let files = records.len();
             let body = serde_json::to_vec_pretty(&PositionsFile { positions: records })
                 .expect("plain strings and integers always serialize");
-            self.sink.put_meta(db, &name, body).await?;
-            debug!(db, files, shipped = %top, "shipped LTX files");
             if let Some(st) = self.dbs.get_mut(db) {
-                st.last = Some(pos);
+                // Put: never shipped again, even if the positions object fails now.
+                st.shipped = Some(top);
+                st.unrecorded = Some(Unrecorded { name, body, pos });
             }
-            self.set_shipped(db, top);
+            self.record_positions(db).await?;
+            debug!(db, files, shipped = %top, "shipped LTX files");
         }
         result?;
 
@@ -473,6 +490,21 @@ impl Worker {
             }
             self.snapshot(db, top).await?;
         }
+        Ok(())
+    }
+
+    /// Stores the positions object of files already put, if one is pending; only then
+    /// do they count as archived (the store's retention may remove them).
+    async fn record_positions(&mut self, db: &str) -> Result<(), ArchiveError> {
+        let Some(u) = self.dbs.get(db).and_then(|st| st.unrecorded.clone()) else {
+            return Ok(());
+        };
+        self.sink.put_meta(db, &u.name, u.body).await?;
+        if let Some(st) = self.dbs.get_mut(db) {
+            st.last = Some(u.pos);
+            st.unrecorded = None;
+        }
+        self.set_shipped(db, u.pos.txid);
         Ok(())
     }
 

@@ -64,17 +64,42 @@ fn open_decoder(file: &File) -> Result<Decoder<BufReader<&File>>, LtxError> {
     Decoder::new(BufReader::with_capacity(1 << 16, f))
 }
 
-/// Checks that the file may follow the database's position. Returns the database
-/// checksum the file builds on (`None` for a snapshot, which replaces everything).
+/// What a file builds on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Base {
+    /// A snapshot: replaces everything.
+    Snapshot,
+    /// A file of another page size than the database's (`VACUUM` after `PRAGMA
+    /// page_size`): it must hold every page, and replaces the content.
+    Resize,
+    /// The database's current checksum, which the file changes page by page.
+    Follows(Checksum),
+}
+
+impl Base {
+    /// Pages of the current database the file builds on, and its checksum (`None`:
+    /// nothing carries over, and the file must hold every page only if it is not a
+    /// snapshot, which the decoder checks itself).
+    fn carried(self, db_pages: u32) -> (u32, Option<Checksum>) {
+        match self {
+            Base::Snapshot => (db_pages, None),
+            Base::Resize => (0, Some(RollingChecksum::new().value())),
+            Base::Follows(c) => (db_pages, Some(c)),
+        }
+    }
+}
+
+/// Checks that the file may follow the database's position and says what it builds
+/// on.
 fn check_position(
     db: &File,
     db_len: u64,
     header: &Header,
     current: Option<Pos>,
     check: ApplyCheck,
-) -> Result<Option<Checksum>, LtxError> {
+) -> Result<Base, LtxError> {
     if header.is_snapshot() {
-        return Ok(None);
+        return Ok(Base::Snapshot);
     }
     if header.no_checksum() && current.is_none() {
         return Err(LtxError::UnknownPosition {
@@ -90,22 +115,22 @@ fn check_position(
             min_txid: header.min_txid,
         });
     }
-    let ps = header.page_size;
     // Page 1 of a SQLite database names its page size; other content (tests,
     // a database being built) has nothing to compare.
-    if db_len > 0
-        && let Ok(Some(p)) = database_page_size(ReadAt { file: db, pos: 0 })
-        && p != ps
-    {
-        return Err(LtxError::InvalidDatabase {
-            reason: "database page size differs from the LTX file's",
-            size: db_len,
-            page_size: p,
-        });
-    }
+    let db_ps = if db_len > 0 {
+        database_page_size(ReadAt { file: db, pos: 0 })
+            .ok()
+            .flatten()
+    } else {
+        None
+    };
+    let resize = db_ps.is_some_and(|p| p != header.page_size);
     let actual = match (check, current) {
         (ApplyCheck::Incremental, Some(pos)) => pos.post_apply_checksum,
-        _ => database_checksum(ReadAt { file: db, pos: 0 }, ps)?,
+        _ => database_checksum(
+            ReadAt { file: db, pos: 0 },
+            db_ps.unwrap_or(header.page_size),
+        )?,
     };
     if let Some(pos) = current
         && pos.post_apply_checksum != actual
@@ -129,7 +154,11 @@ fn check_position(
             },
         });
     }
-    Ok(Some(actual))
+    Ok(if resize {
+        Base::Resize
+    } else {
+        Base::Follows(actual)
+    })
 }
 
 /// Decodes the whole file once, computing the database checksum it will produce
@@ -205,8 +234,8 @@ pub fn checksum_after(db: &File, current: Option<Pos>, ltx: &Path) -> Result<Che
         let dec = open_decoder(&file)?;
         let header = dec.header().clone();
         let db_len = db.metadata()?.len();
-        let db_pages = (db_len / u64::from(header.page_size)) as u32;
         let base = check_position(db, db_len, &header, current, ApplyCheck::Incremental)?;
+        let (db_pages, base) = base.carried((db_len / u64::from(header.page_size)) as u32);
         expected_checksum(db, db_pages, dec, base)
     })()
     .in_file(ltx)
@@ -249,7 +278,9 @@ pub fn apply_file(db: &File, current: Option<Pos>, ltx: &Path) -> Result<Pos, Lt
 ///   [`ApplyCheck::Incremental`] taken from `current`);
 /// - with `current == None`, a file with checksums applies if its pre-apply
 ///   checksum equals the database's; a file without checksums is refused;
-/// - pages above the database's current size up to commit must all be present.
+/// - pages above the database's current size up to commit must all be present;
+/// - a file whose page size differs from the database's (`VACUUM` after `PRAGMA
+///   page_size`) must hold every page and replaces the content.
 ///
 /// After writing, the file is truncated to commit pages and fsynced; with
 /// [`ApplyCheck::Full`] its checksum is then recomputed from disk. For files with
@@ -280,18 +311,22 @@ fn apply_inner(
     let header = dec.header().clone();
     let ps = u64::from(header.page_size);
     let db_len = db.metadata()?.len();
-    if db_len % ps != 0 || db_len / ps > u64::from(u32::MAX) {
+    let base = check_position(db, db_len, &header, current, check)?;
+    if base != Base::Resize && (db_len % ps != 0 || db_len / ps > u64::from(u32::MAX)) {
         return Err(LtxError::InvalidDatabase {
             reason: "size is not a whole number of pages",
             size: db_len,
             page_size: header.page_size,
         });
     }
-    let db_pages = (db_len / ps) as u32;
-    let base = check_position(db, db_len, &header, current, check)?;
-    let expected = expected_checksum(db, db_pages, dec, base)?;
+    let (db_pages, carried) = base.carried((db_len / ps) as u32);
+    let expected = expected_checksum(db, db_pages, dec, carried)?;
 
     // Verified: now write.
+    if base == Base::Resize {
+        // Nothing of the old page size stays, not even the lock page's bytes.
+        db.set_len(0)?;
+    }
     let mut dec = open_decoder(&file)?;
     let mut page = vec![0u8; header.page_size as usize];
     while let Some(pgno) = dec.next_page(&mut page)? {
@@ -301,7 +336,8 @@ fn apply_inner(
     let len = u64::from(header.commit) * ps;
     db.set_len(len)?;
     db.sync_all()?;
-    let recheck = check == ApplyCheck::Full || current.is_none() || header.is_snapshot();
+    let recheck =
+        check == ApplyCheck::Full || current.is_none() || !matches!(base, Base::Follows(_));
     if recheck {
         let got = database_checksum(ReadAt { file: db, pos: 0 }, header.page_size)?;
         if got != expected {

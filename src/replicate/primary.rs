@@ -45,6 +45,12 @@ pub enum StreamError {
 /// [`HEARTBEAT_INTERVAL`] when idle. Snapshots are written to `tmp_dir` and removed
 /// after sending.
 ///
+/// A replica that reads the primary's own archive (its request names the same
+/// [`SnapshotSink::location`](crate::sink::SnapshotSink::location)) gets
+/// [`Frame::Archive`] instead of a snapshot when the archive can serve it (see
+/// [`archive_target`]); the stream then ends (`Ok(())`) and the replica reconnects
+/// once it caught up from the archive.
+///
 /// Once the store stopped being the primary (step-down, handoff, lost lease) and no
 /// transaction begun as primary is still open, the stream sends whatever the replica
 /// still lacks, then [`Frame::End`], and returns `Ok(())`.
@@ -72,6 +78,9 @@ pub async fn serve(
             )
         })
         .collect();
+    // Only the primary's own archive holds what the primary's files continue.
+    let archive_ok =
+        request.archive.is_some() && store.archive_sink().map(|s| s.location()) == request.archive;
     let mut changes = store.subscribe_changes();
     let mut ready_sent = false;
     loop {
@@ -82,11 +91,14 @@ pub async fn serve(
         let mut sent_any = false;
         // One file per database per round: a busy database does not starve the others.
         for db in store.databases() {
-            if let Some(next) =
-                step(&db, known.get(db.name()).copied(), &tmp_dir, node, &tx).await?
-            {
-                known.insert(db.name().to_string(), next);
-                sent_any = true;
+            let have = known.get(db.name()).copied();
+            match step(&store, &db, have, archive_ok, &tmp_dir, node, &tx).await? {
+                Step::UpToDate => {}
+                Step::Sent(next) => {
+                    known.insert(db.name().to_string(), next);
+                    sent_any = true;
+                }
+                Step::ToArchive => return Ok(()),
             }
         }
         for (name, pos) in store.deleted_databases() {
@@ -154,33 +166,65 @@ pub async fn serve(
     }
 }
 
-/// Sends what database `db` needs next for a replica at `have`; returns the replica's
-/// new position, or `None` when it is up to date.
+/// What [`step`] did for one database.
+enum Step {
+    /// The replica has the primary's position (or there was nothing to send).
+    UpToDate,
+    /// A file or snapshot was sent; the replica's new position.
+    Sent(Pos),
+    /// [`Frame::Archive`] was sent: the stream ends.
+    ToArchive,
+}
+
+/// Sends what database `db` needs next for a replica at `have`. Where a snapshot is
+/// due and `archive_ok` (the replica reads this primary's archive), sends
+/// [`Frame::Archive`] instead when [`archive_target`] finds a position to send it to.
 async fn step(
+    store: &Store,
     db: &Arc<Db>,
     have: Option<Pos>,
+    archive_ok: bool,
     tmp_dir: &Path,
     node: u64,
     tx: &mpsc::Sender<Frame>,
-) -> Result<Option<Pos>, StreamError> {
+) -> Result<Step, StreamError> {
     let current = db.pos();
     let next_txid = TxId(have.map_or(0, |p| p.txid.0).saturating_add(1));
     let files = next_file(db, next_txid)?;
     let metas: Vec<FileMeta> = files.iter().map(|(m, _, _)| *m).collect();
     match decide(have, current, &metas) {
-        Decision::UpToDate => Ok(None),
+        Decision::UpToDate => Ok(Step::UpToDate),
         Decision::SendFile(meta) => {
             let Some((_, path, post)) = files.into_iter().find(|(m, _, _)| *m == meta) else {
-                return Ok(None);
+                return Ok(Step::UpToDate);
             };
             send_file(db.name(), &path, tx).await?;
             debug!(replica = node, db = db.name(), txid = %meta.max, "sent ltx");
-            Ok(Some(Pos {
+            Ok(Step::Sent(Pos {
                 txid: meta.max,
                 post_apply_checksum: post,
             }))
         }
         Decision::SendSnapshot(reason) => {
+            if archive_ok && let Some(target) = archive_target(store, db, current)? {
+                info!(
+                    replica = node,
+                    db = db.name(),
+                    replica_pos = %have.unwrap_or_default(),
+                    primary_pos = %current,
+                    archive_pos = %target,
+                    ?reason,
+                    "sending the replica to the archive instead of a snapshot"
+                );
+                tx.send(Frame::Archive {
+                    db: db.name().to_string(),
+                    txid: target.txid.0,
+                    post_apply_checksum: target.post_apply_checksum.0,
+                })
+                .await
+                .map_err(|_| StreamError::Disconnected)?;
+                return Ok(Step::ToArchive);
+            }
             info!(
                 replica = node,
                 db = db.name(),
@@ -204,9 +248,34 @@ async fn step(
             let writer = tokio::task::spawn_blocking(move || d.write_snapshot(&p));
             let sent = send_growing_file(db.name(), &path, writer, tx).await;
             let _ = tokio::fs::remove_file(&path).await;
-            sent
+            Ok(sent?.map_or(Step::UpToDate, Step::Sent))
         }
     }
+}
+
+/// Where a replica that needs a snapshot of `db` can start from the archive instead:
+/// the archive's newest TXID as this primary's archiver last recorded it
+/// ([`Store::archived`]), with the primary's checksum after it, provided the primary
+/// keeps the file that follows it (or it is the primary's position), so that the
+/// replica continues with files from there. `None`: the archive cannot serve it (no
+/// archiver, nothing archived yet, or the file after it is gone).
+fn archive_target(store: &Store, db: &Db, current: Pos) -> Result<Option<Pos>, StreamError> {
+    let Some(t) = store.archived(db.name()).filter(|t| t.0 > 0) else {
+        return Ok(None);
+    };
+    if t == current.txid {
+        return Ok(Some(current));
+    }
+    if t > current.txid {
+        return Ok(None);
+    }
+    Ok(next_file(db, TxId(t.0 + 1))?
+        .first()
+        .filter(|(m, _, _)| m.min != TxId(1))
+        .map(|(m, _, _)| Pos {
+            txid: t,
+            post_apply_checksum: m.pre_apply,
+        }))
 }
 
 /// The kept file starting at `txid` (the one-TXID name first, else a directory scan),

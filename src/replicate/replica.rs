@@ -19,6 +19,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 use super::{Apply, cluster_id};
+use crate::ltx::{Checksum, Pos, TxId};
 use crate::progress::Tenths;
 use crate::store::{MEMORY_FILE_LIMIT, Received, Store, Verified};
 use crate::transport::{DbPosition, Frame, Transport, TransportError};
@@ -135,6 +136,12 @@ impl Replica {
         let mut backoff = MIN_BACKOFF;
         let mut first = true;
         let mut outage = Outage::default();
+        // Set when the archive could not serve what the primary sent us there for: the
+        // next request names no archive, so the primary sends a snapshot.
+        let mut skip_archive = false;
+        // The last `Archive` frame's database and position: the same one again means
+        // the archive did not get us past it.
+        let mut last_directive: Option<(String, Pos)> = None;
         loop {
             if *stop.borrow() || *drain.borrow() {
                 return;
@@ -147,8 +154,33 @@ impl Replica {
                 }
             }
             first = false;
-            match self.session(&tmp_dir, &failures, stop, &mut outage).await {
-                Ok(()) => backoff = MIN_BACKOFF,
+            let ask_archive = !std::mem::take(&mut skip_archive);
+            match self.session(&tmp_dir, &failures, stop, &mut outage, ask_archive).await {
+                Ok(Ended::Closed) => backoff = MIN_BACKOFF,
+                Ok(Ended::Archive { db, target }) => {
+                    backoff = MIN_BACKOFF;
+                    let directive = Some((db.clone(), target));
+                    if last_directive == directive {
+                        warn!(db, target = %target, "sent to the archive again for the same position; asking the primary for a snapshot");
+                        skip_archive = true;
+                    } else {
+                        let caught_up = tokio::select! {
+                            ok = self.catch_up_as_directed(&db, target) => ok,
+                            _ = stop.changed() => return,
+                        };
+                        skip_archive = !caught_up;
+                        if caught_up {
+                            // A snapshot asked for after failures came from the archive.
+                            failures
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .remove(&db);
+                        }
+                    }
+                    last_directive = directive;
+                    // Reconnect at once, from the new position.
+                    continue;
+                }
                 Err(SessionError::Transport(e)) => {
                     if matches!(e, TransportError::ClusterMismatch { .. }) {
                         error!(error = %e, "refusing a primary of another cluster");
@@ -192,15 +224,7 @@ impl Replica {
         let Some(sink) = self.store.archive_sink() else {
             return;
         };
-        let applier = self.applier.clone();
-        let apply = move |db: &str, path: &Path| {
-            tokio::task::block_in_place(|| {
-                let file = Verified::verify(db, Received::File(path.to_path_buf()))?;
-                applier.apply(db, vec![file])
-            })
-            .map(|a| a.pos)
-            .map_err(|e| e.to_string())
-        };
+        let apply = self.archive_applier();
         for db in self.store.databases() {
             if let Err(e) =
                 crate::archive::catch_up_db(&self.store, sink.as_ref(), db.name(), &apply).await
@@ -210,16 +234,57 @@ impl Replica {
         }
     }
 
-    /// One connection: returns when the primary ends the stream, the stream fails, a
-    /// file fails to apply, or `stop` turns true; in every case only after the applier
-    /// finished what was queued before.
+    /// Applies one archive file (re-encoded with checksums) through the mount's
+    /// applier, which keeps readers out; for [`crate::archive`]'s catch-up functions.
+    fn archive_applier(&self) -> impl Fn(&str, &Path) -> Result<Pos, String> + Sync + use<> {
+        let applier = self.applier.clone();
+        move |db: &str, path: &Path| {
+            tokio::task::block_in_place(|| {
+                let file = Verified::verify(db, Received::File(path.to_path_buf()))?;
+                applier.apply(db, vec![file])
+            })
+            .map(|a| a.pos)
+            .map_err(|e| e.to_string())
+        }
+    }
+
+    /// The primary sent us to the archive for `db` instead of sending a snapshot:
+    /// catches it up to at least `target` ([`crate::archive::catch_up_to`]). Returns
+    /// whether it got there; if not, the next request names no archive, so the primary
+    /// sends the snapshot after all.
+    async fn catch_up_as_directed(&self, db: &str, target: Pos) -> bool {
+        let Some(sink) = self.store.archive_sink() else {
+            return false;
+        };
+        let apply = self.archive_applier();
+        match crate::archive::catch_up_to(&self.store, sink.as_ref(), db, target, &apply).await {
+            Ok(pos) if pos.txid >= target.txid => {
+                info!(db, pos = %pos, "caught up from the archive, as the primary asked");
+                true
+            }
+            Ok(pos) => {
+                warn!(db, pos = %pos, target = %target, "the archive did not reach the primary's position; asking the primary for a snapshot");
+                false
+            }
+            Err(e) => {
+                warn!(db, error = %e, "cannot catch up from the archive; asking the primary for a snapshot");
+                false
+            }
+        }
+    }
+
+    /// One connection: returns when the primary ends the stream (or sends the replica
+    /// to the archive), the stream fails, a file fails to apply, or `stop` turns true;
+    /// in every case only after the applier finished what was queued before. With
+    /// `ask_archive`, the request names this node's archive, if it has one.
     async fn session(
         &self,
         tmp_dir: &Path,
         failures: &Failures,
         stop: &mut watch::Receiver<bool>,
         outage: &mut Outage,
-    ) -> Result<(), SessionError> {
+        ask_archive: bool,
+    ) -> Result<Ended, SessionError> {
         let data_dir = &self.store.options().data_dir;
         let ours = cluster_id::read(data_dir).map_err(|e| SessionError::Local(e.to_string()))?;
         let mut positions: Vec<DbPosition> = self
@@ -248,14 +313,20 @@ impl Replica {
                 }
             }
         }
+        let archive = if ask_archive {
+            self.store.archive_sink().map(|s| s.location())
+        } else {
+            None
+        };
         let request = crate::transport::StreamRequest {
             node_id: self.node_id,
             cluster_id: ours.clone(),
+            archive,
             positions,
         };
         let mut stream = tokio::select! {
             s = self.transport.connect(&self.primary_url, request) => s.map_err(SessionError::Transport)?,
-            _ = stop.changed() => return Ok(()),
+            _ = stop.changed() => return Ok(Ended::Closed),
         };
         if ours.is_none()
             && let Some(theirs) = stream.cluster_id()
@@ -280,7 +351,7 @@ impl Replica {
         let mut applier = tokio::task::spawn_blocking(move || stage.run(qrx));
         let mut receiving = Receiving::default();
         let mut progress = SnapshotProgress::default();
-        let received: Result<(), SessionError> = loop {
+        let received: Result<Ended, SessionError> = loop {
             let frame = tokio::select! {
                 r = &mut applier => {
                     // The applier stops early only on an error.
@@ -292,11 +363,11 @@ impl Replica {
                     };
                 }
                 f = stream.next_frame() => f,
-                _ = stop.changed() => break Ok(()),
+                _ = stop.changed() => break Ok(Ended::Closed),
             };
             let frame = match frame {
                 Ok(Some(f)) => f,
-                Ok(None) => break Ok(()),
+                Ok(None) => break Ok(Ended::Closed),
                 Err(e) => break Err(SessionError::Transport(e)),
             };
             match frame {
@@ -313,13 +384,13 @@ impl Replica {
                             .await
                             .map_err(|e| SessionError::Local(e.to_string()))?;
                         if qtx.send(Item::File { db, data, permit }).is_err() {
-                            break Ok(());
+                            break Ok(Ended::Closed);
                         }
                     }
                 }
                 Frame::Ready { databases } => {
                     if qtx.send(Item::Ready(databases)).is_err() {
-                        break Ok(());
+                        break Ok(Ended::Closed);
                     }
                 }
                 Frame::Heartbeat { primary_time_ms } => self.lag.set_since(primary_time_ms),
@@ -331,7 +402,19 @@ impl Replica {
                         primary = self.primary_url,
                         "the primary ended the stream: it has stopped taking writes"
                     );
-                    break Ok(());
+                    break Ok(Ended::Closed);
+                }
+                Frame::Archive {
+                    db,
+                    txid,
+                    post_apply_checksum,
+                } => {
+                    let target = Pos {
+                        txid: TxId(txid),
+                        post_apply_checksum: Checksum(post_apply_checksum),
+                    };
+                    info!(db, target = %target, "the primary sends this replica to the archive instead of a snapshot");
+                    break Ok(Ended::Archive { db, target });
                 }
             }
         };
@@ -404,6 +487,14 @@ impl Outage {
             None => info!(primary = url, "connected to primary"),
         }
     }
+}
+
+/// How a connection ended without an error.
+enum Ended {
+    /// The primary ended it, or the replica is stopping.
+    Closed,
+    /// The primary sent the replica to the archive for `db` (to at least `target`).
+    Archive { db: String, target: Pos },
 }
 
 /// Consecutive failures to apply, per database.

@@ -564,6 +564,13 @@ impl Store {
             .insert(db.to_string(), txid);
     }
 
+    /// The archive watermark of `db` set by [`Store::set_archived`]; `None` before one
+    /// was set.
+    pub fn archived(&self, db: &str) -> Option<TxId> {
+        let a = self.archived.lock().unwrap_or_else(|p| p.into_inner());
+        a.as_ref().and_then(|m| m.get(db).copied())
+    }
+
     /// Highest TXID retention may remove for `db`; `None` when no archive holds files.
     fn archive_floor(&self, db: &str) -> Option<TxId> {
         let a = self.archived.lock().unwrap_or_else(|p| p.into_inner());

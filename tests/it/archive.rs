@@ -545,19 +545,25 @@ fn start_moto() -> Moto {
     }
 }
 
-/// A TCP forwarder in front of moto that can refuse connections (an S3 outage that
-/// keeps moto's in-memory bucket).
+/// A TCP forwarder that can refuse connections (`down`: an S3 outage that keeps moto's
+/// in-memory bucket, or a replica cut off from its primary) or slow the answers down
+/// to a trickle (`slow`: a slow link that keeps the connection alive).
 struct Proxy {
     port: u16,
     down: Arc<AtomicBool>,
+    slow: Arc<AtomicBool>,
 }
+
+/// Bytes the slow direction forwards per 100 ms.
+const TRICKLE: usize = 512;
 
 impl Proxy {
     fn start(target: u16) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let down = Arc::new(AtomicBool::new(false));
-        let flag = down.clone();
+        let slow = Arc::new(AtomicBool::new(false));
+        let (flag, slow_flag) = (down.clone(), slow.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(client) = conn else { continue };
@@ -568,15 +574,24 @@ impl Proxy {
                 let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
                     continue;
                 };
-                for (mut a, mut b) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                    (server, client),
+                // A small fixed buffer (no autotuning to 32 MiB): while the answers
+                // trickle, the sender soon blocks, as behind a slow link.
+                small_receive_buffer(&server);
+                for (mut a, mut b, throttled) in [
+                    (
+                        client.try_clone().unwrap(),
+                        server.try_clone().unwrap(),
+                        None,
+                    ),
+                    (server, client, Some(slow_flag.clone())),
                 ] {
                     let flag = flag.clone();
                     std::thread::spawn(move || {
                         let mut buf = [0u8; 65536];
                         loop {
-                            match a.read(&mut buf) {
+                            let slow = throttled.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+                            let want = if slow { TRICKLE } else { buf.len() };
+                            match a.read(&mut buf[..want]) {
                                 Ok(0) | Err(_) => break,
                                 Ok(_) if flag.load(Ordering::SeqCst) => break,
                                 Ok(n) => {
@@ -585,6 +600,9 @@ impl Proxy {
                                     }
                                 }
                             }
+                            if slow {
+                                std::thread::sleep(Duration::from_millis(100));
+                            }
                         }
                         let _ = b.shutdown(std::net::Shutdown::Both);
                         let _ = a.shutdown(std::net::Shutdown::Both);
@@ -592,8 +610,25 @@ impl Proxy {
                 }
             }
         });
-        Proxy { port, down }
+        Proxy { port, down, slow }
     }
+}
+
+/// Sets a 64 KiB receive buffer on `s`.
+fn small_receive_buffer(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let size: libc::c_int = 64 << 10;
+    // SAFETY: a valid socket and a pointer to a c_int of the given length.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "setsockopt SO_RCVBUF");
 }
 
 #[test]
@@ -1204,7 +1239,8 @@ fn wait_local_history_pruned(p: &Process, db: &str) {
 /// A new replica with an empty data directory starts from the archive's newest state
 /// and streams only what came after: the primary (whose local retention already
 /// removed the early history) sends it no snapshot. With `backup.bootstrap: false`
-/// the same replica needs one.
+/// the primary sends the same replica to the archive; a replica without `backup`
+/// needs a snapshot.
 #[test]
 fn replica_bootstraps_from_the_archive_and_the_primary_sends_no_snapshot() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1237,10 +1273,19 @@ fn replica_bootstraps_from_the_archive_and_the_primary_sends_no_snapshot() {
     }
     converged_from_the_archive(&primary, &replica, &db, "database rebuilt from the archive");
 
-    // The same replica without bootstrap: the primary has to send a snapshot.
-    let plain = Process::start_with(move |mnt, data| {
+    // The same replica without bootstrap: the primary sends it to the archive (its
+    // first file is gone) instead of sending a snapshot.
+    let late = Process::start_with(move |mnt, data| {
         crate::repl::replica_config(mnt, data, port) + &backup + "  bootstrap: false\n"
     });
+    converged_from_the_archive(
+        &primary,
+        &late,
+        &db,
+        "caught up from the archive, as the primary asked",
+    );
+    // Without an archive: the primary has to send a snapshot.
+    let plain = Process::start_with(move |mnt, data| crate::repl::replica_config(mnt, data, port));
     crate::repl::wait_converged(&primary, &[&plain], DB);
     assert!(
         primary.log_text().contains("sending snapshot"),
@@ -1752,4 +1797,342 @@ fn converged_from_the_archive(primary: &Process, replica: &Process, db: &Path, r
         "the primary sent a snapshot:\n{}",
         primary.log_text()
     );
+}
+
+/// A replica whose stream stays connected but falls behind (a slow link: the answers
+/// trickle through a proxy) while the primary's local retention removes the files it
+/// still needs: the primary sends it to the archive instead of sending a snapshot; the
+/// replica catches up from there and reconnects from its new position.
+#[test]
+fn connected_replica_behind_retention_is_sent_to_the_archive() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("archive");
+    let backup = file_backup(&root);
+    let port = crate::repl::free_port();
+    let primary = crate::repl::primary(
+        port,
+        &format!("  retention: 1s\n  retention-monitor-interval: 100ms\n{backup}"),
+    );
+    let proxy = Proxy::start(port);
+    let via = proxy.port;
+    let replica = Process::start_with(move |mnt, data| {
+        format!(
+            "fuse:\n  dir: {}\ndata:\n  dir: {}\nlease:\n  type: static\n  candidate: false\n  advertise-url: http://127.0.0.1:{via}\nhttp:\n  addr: 127.0.0.1:{}\n{backup}",
+            mnt.display(),
+            data.display(),
+            crate::repl::free_port()
+        )
+    });
+    let db = primary.path(DB);
+    crate::ltx_support::sqlite(&db, "CREATE TABLE t(x); INSERT INTO t VALUES (1);");
+    crate::repl::wait_converged(&primary, &[&replica], DB);
+
+    // About 12 MB of incompressible transactions: more than the primary's socket
+    // buffer, the proxy's and the stream's channel hold, so the stream waits in the
+    // middle of them while retention removes the rest.
+    proxy.slow.store(true, Ordering::SeqCst);
+    let inserts = "INSERT INTO t VALUES (randomblob(100000));".repeat(120);
+    crate::ltx_support::sqlite(&db, &inserts);
+    let top = mount_txid(&primary, DB).unwrap();
+    wait_archived(&root, DB, top, || primary.log_text());
+    wait_local_history_pruned(&primary, DB);
+    let connected = |log: &str| log.matches("replica connected").count();
+    assert_eq!(
+        connected(&primary.log_text()),
+        1,
+        "the replica reconnected while it was slow:\n{}",
+        primary.log_text()
+    );
+    assert!(
+        mount_txid(&replica, DB).unwrap() < top - 1,
+        "the replica was not behind"
+    );
+    proxy.slow.store(false, Ordering::SeqCst);
+
+    converged_from_the_archive(
+        &primary,
+        &replica,
+        &db,
+        "caught up from the archive, as the primary asked",
+    );
+    let log = primary.log_text();
+    let sent = log
+        .find("sending the replica to the archive instead of a snapshot")
+        .unwrap_or_else(|| panic!("no archive frame sent:\n{log}"));
+    assert_eq!(
+        connected(&log[..sent]),
+        1,
+        "the stream was not the first one:\n{log}"
+    );
+    assert!(log.contains("BehindRetention"), "{log}");
+}
+
+/// A sink whose next `put_meta` calls fail (`fail_meta` of them), for rounds whose files
+/// were put but whose positions object was not.
+#[derive(Debug)]
+struct FlakyMeta {
+    inner: Arc<dyn SnapshotSink>,
+    fail_meta: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl SnapshotSink for FlakyMeta {
+    fn type_name(&self) -> &'static str {
+        self.inner.type_name()
+    }
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+    async fn put(
+        &self,
+        key: &litefs::sink::LtxKey,
+        path: &Path,
+    ) -> Result<litefs::sink::LtxObject, litefs::sink::SinkError> {
+        self.inner.put(key, path).await
+    }
+    async fn list(
+        &self,
+        db: &str,
+        level: u8,
+    ) -> Result<Vec<litefs::sink::LtxObject>, litefs::sink::SinkError> {
+        self.inner.list(db, level).await
+    }
+    async fn databases(&self) -> Result<Vec<String>, litefs::sink::SinkError> {
+        self.inner.databases().await
+    }
+    async fn open(
+        &self,
+        key: &litefs::sink::LtxKey,
+    ) -> Result<litefs::sink::LtxReader, litefs::sink::SinkError> {
+        self.inner.open(key).await
+    }
+    async fn delete(&self, key: &litefs::sink::LtxKey) -> Result<(), litefs::sink::SinkError> {
+        self.inner.delete(key).await
+    }
+    async fn put_meta(
+        &self,
+        db: &str,
+        name: &str,
+        data: Vec<u8>,
+    ) -> Result<bool, litefs::sink::SinkError> {
+        let failing = self
+            .fail_meta
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if failing {
+            return Err(litefs::sink::SinkError::Store {
+                backend: "flaky",
+                operation: format!("put {db}/litefs/{name}"),
+                retryable: true,
+                source: "injected failure".into(),
+            });
+        }
+        self.inner.put_meta(db, name, data).await
+    }
+    async fn delete_meta(&self, db: &str, name: &str) -> Result<(), litefs::sink::SinkError> {
+        self.inner.delete_meta(db, name).await
+    }
+    async fn list_meta(&self, db: &str, dir: &str) -> Result<Vec<String>, litefs::sink::SinkError> {
+        self.inner.list_meta(db, dir).await
+    }
+    async fn get_meta(
+        &self,
+        db: &str,
+        name: &str,
+    ) -> Result<Option<Vec<u8>>, litefs::sink::SinkError> {
+        self.inner.get_meta(db, name).await
+    }
+}
+
+/// Rounds whose files were put but whose positions object failed: the files are not
+/// shipped again (with batching a new grouping would overlap them); the positions
+/// object is retried until stored, so level 0 stays one contiguous run without
+/// overlaps and every TXID's position is recorded.
+#[test]
+fn failed_positions_object_is_retried_without_shipping_files_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("archive");
+    let flaky = Arc::new(FlakyMeta {
+        inner: Arc::new(ObjectStoreSink::local(&root).unwrap()),
+        fail_meta: std::sync::atomic::AtomicUsize::new(0),
+    });
+    let sink: Arc<dyn SnapshotSink> = flaky.clone();
+    let node = Node::start_with(
+        tempfile::tempdir().unwrap(),
+        sink.clone(),
+        ArchiverOptions {
+            sync_interval: Duration::from_millis(200),
+            snapshot_interval: Duration::from_secs(3600),
+            retention: Duration::from_secs(3600),
+            max_files_per_sync: 2,
+            ..ArchiverOptions::default()
+        },
+    );
+    let conn = open_db(&node);
+    let mut records = Vec::new();
+    node.record(&mut records);
+    workload(&node, &conn, 10, 1, &mut records);
+    node.wait_shipped(Duration::from_secs(20));
+    // The next three positions objects fail (the backoff is 1 s, then 2 s); the
+    // workload goes on meanwhile, so each retry round finds more files.
+    flaky.fail_meta.store(3, Ordering::SeqCst);
+    for seed in 2..6 {
+        workload(&node, &conn, 8, seed, &mut records);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    node.wait_shipped(Duration::from_secs(30));
+    assert_eq!(
+        flaky.fail_meta.load(Ordering::SeqCst),
+        0,
+        "failures injected"
+    );
+
+    let l0 = level0(&root, DB);
+    let mut next = 1;
+    for &(min, max) in &l0 {
+        assert_eq!(min, next, "gap or overlap in level 0: {l0:?}");
+        next = max + 1;
+    }
+    assert_eq!(next, node.txid() + 1);
+    let mut recorded = std::collections::BTreeSet::new();
+    for e in fs::read_dir(root.join(DB).join("litefs/positions")).unwrap() {
+        let body = fs::read(e.unwrap().path()).unwrap();
+        let file: litefs::archive::PositionsFile = serde_json::from_slice(&body).unwrap();
+        for p in file.positions {
+            assert!(
+                recorded.insert(p.txid.clone()),
+                "TXID {} recorded twice",
+                p.txid
+            );
+        }
+    }
+    assert_eq!(recorded.len() as u64, node.txid());
+    let out = tmp.path().join("out.db");
+    let r = run_restore(sink.as_ref(), &out, RestoreTarget::Latest);
+    assert!(r.final_position_recorded);
+    assert_eq!(sha256_file(&out), records.last().unwrap().sha);
+    drop(conn);
+}
+
+/// A page-size change (`VACUUM` after `PRAGMA page_size`) in the middle of the history:
+/// restores at every sampled TXID and timestamp on both sides of it are byte-identical,
+/// the archive's own snapshots and compactions span it, and bootstrap both continues a
+/// data directory across it and rebuilds one from after it.
+#[test]
+fn page_size_change_restores_and_catches_up_from_the_archive() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("archive");
+    let sink: Arc<dyn SnapshotSink> = Arc::new(ObjectStoreSink::local(&root).unwrap());
+    let node = Node::start_with(
+        tempfile::tempdir().unwrap(),
+        sink.clone(),
+        ArchiverOptions {
+            sync_interval: Duration::from_millis(50),
+            snapshot_interval: Duration::from_millis(700),
+            retention: Duration::from_secs(3600),
+            compaction_levels: vec![Duration::from_millis(300)],
+            ..ArchiverOptions::default()
+        },
+    );
+    let conn = open_db(&node);
+    let mut records = Vec::new();
+    node.record(&mut records);
+    workload(&node, &conn, 20, 1, &mut records);
+    node.wait_shipped(Duration::from_secs(20));
+
+    // A data directory at this point, continued across the change below.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let behind = tempfile::tempdir().unwrap();
+    let open = |dir: &Path| {
+        Store::open(StoreOptions {
+            data_dir: dir.join("data"),
+            retention: Duration::from_secs(600),
+            retention_monitor_interval: Duration::ZERO,
+            node_id: 2,
+        })
+        .unwrap()
+    };
+    let store = open(behind.path());
+    rt.block_on(litefs::archive::bootstrap(&store, sink.as_ref()))
+        .unwrap();
+
+    conn.execute_batch("PRAGMA page_size=4096; VACUUM;")
+        .unwrap();
+    node.record(&mut records);
+    let changed = records.last().unwrap().txid;
+    assert_eq!(node.store.db(DB).unwrap().page_size(), Some(4096));
+    workload(&node, &conn, 20, 2, &mut records);
+    node.wait_shipped(Duration::from_secs(20));
+    // A snapshot after the change: built by compacting across it.
+    let ok = crate::support::wait_until(Duration::from_secs(20), || {
+        rt.block_on(sink.list(DB, 9))
+            .unwrap()
+            .iter()
+            .any(|o| o.key.max_txid > changed)
+    });
+    assert!(ok, "no snapshot after the page-size change");
+
+    check_restores(sink.as_ref(), &records, tmp.path());
+    let out = tmp.path().join("around.db");
+    for txid in [changed - 1, changed, changed + 1] {
+        let r = run_restore(sink.as_ref(), &out, RestoreTarget::Txid(TxId(txid)));
+        assert_eq!(r.pos.txid, TxId(txid));
+        let want = records.iter().find(|r| r.txid == txid).unwrap();
+        assert_eq!(sha256_file(&out), want.sha, "TXID {txid}");
+    }
+
+    // Litestream restores from the snapshot after the change, but refuses a chain that
+    // crosses it (Go's compactor wants one page size).
+    litestream_restore(&root.join(DB), &out, None);
+    assert_eq!(sha256_file(&out), records.last().unwrap().sha);
+    let snapshots = rt.block_on(sink.list(DB, 9)).unwrap();
+    // (Unless a snapshot happens to end exactly at the change.)
+    if !snapshots.iter().any(|o| o.key.max_txid == changed) {
+        let o = Command::new("litestream")
+            .args(["restore", "-txid", &TxId(changed).to_string(), "-o"])
+            .arg(tmp.path().join("ls-changed.db"))
+            .arg(format!("file://{}", root.join(DB).display()))
+            .output()
+            .unwrap();
+        assert!(
+            !o.status.success() && text(&o).contains("mismatched page sizes"),
+            "{}",
+            text(&o)
+        );
+    }
+
+    // Continued across the change, then a fresh directory rebuilt after it.
+    let db_file = |dir: &Path| dir.join("data/dbs").join(DB).join("database");
+    let done = rt
+        .block_on(litefs::archive::bootstrap(&store, sink.as_ref()))
+        .unwrap();
+    assert!(
+        matches!(
+            &done[..],
+            [litefs::archive::Bootstrapped::Restored { from: Some(_), .. }]
+        ),
+        "{done:?}"
+    );
+    assert_eq!(
+        sha256_file(&db_file(behind.path())),
+        records.last().unwrap().sha
+    );
+    assert_eq!(
+        store.db(DB).unwrap().pos(),
+        node.store.db(DB).unwrap().pos()
+    );
+    store.close().unwrap();
+    let fresh = tempfile::tempdir().unwrap();
+    let store = open(fresh.path());
+    rt.block_on(litefs::archive::bootstrap(&store, sink.as_ref()))
+        .unwrap();
+    assert_eq!(
+        sha256_file(&db_file(fresh.path())),
+        records.last().unwrap().sha
+    );
+    store.close().unwrap();
+    drop(conn);
 }

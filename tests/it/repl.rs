@@ -555,6 +555,7 @@ fn a_stalled_replica_blocks_neither_commits_nor_other_replicas() {
     let body = litefs::transports::http::wire::encode_request(&litefs::transport::StreamRequest {
         node_id: 7,
         cluster_id: None,
+        archive: None,
         positions: Vec::new(),
     });
     let mut stalled = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();

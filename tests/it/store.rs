@@ -68,7 +68,9 @@ impl Env {
 }
 
 /// Applies the whole LTX chain of `name` to an empty file with `ltx::apply_file` (which
-/// checks every position and checksum) and returns the bytes and the final position.
+/// checks every position and checksum; a page-size change, written by the store as a
+/// file holding every page in the new size, replaces the content) and returns the bytes
+/// and the final position.
 fn replay(data: &Path, name: &str) -> (Vec<u8>, Pos) {
     let files = list_ltx_files(&data.join("dbs").join(name).join("ltx")).unwrap();
     assert!(!files.is_empty());
@@ -79,59 +81,14 @@ fn replay(data: &Path, name: &str) -> (Vec<u8>, Pos) {
         .open(out.path())
         .unwrap();
     let mut pos: Option<Pos> = None;
-    let mut page_size = None;
     for (i, lf) in files.iter().enumerate() {
         assert_eq!(lf.min, TxId(i as u64 + 1), "TXIDs must be contiguous");
-        let (h, _) = ltx::verify(File::open(&lf.path).unwrap()).unwrap();
-        if let (Some(ps), Some(p)) = (page_size, pos)
-            && ps != h.page_size
-        {
-            pos = Some(apply_page_size_change(&f, p, &lf.path));
-        } else {
-            pos = Some(
-                ltx::apply_file(&f, pos, &lf.path)
-                    .unwrap_or_else(|e| panic!("apply {}: {e}", lf.path.display())),
-            );
-        }
-        page_size = Some(h.page_size);
+        pos = Some(
+            ltx::apply_file(&f, pos, &lf.path)
+                .unwrap_or_else(|e| panic!("apply {}: {e}", lf.path.display())),
+        );
     }
     (fs::read(out.path()).unwrap(), pos.unwrap())
-}
-
-/// `ltx::apply_file` refuses a file whose page size differs from the database's. The
-/// store writes such a change (VACUUM with a new page_size) as a full rewrite: every page
-/// 1..commit in the new size, pre-apply checksum = the old database's. Applied here by
-/// hand with the same checks.
-fn apply_page_size_change(db: &File, current: Pos, path: &Path) -> Pos {
-    let (h, t) = ltx::verify(File::open(path).unwrap()).unwrap();
-    assert_eq!(h.pre_apply_pos(), current);
-    let ps = h.page_size as usize;
-    let mut dec = ltx::Decoder::new(File::open(path).unwrap()).unwrap();
-    let mut buf = vec![0u8; ps];
-    let mut expect = 1;
-    let lock = ltx::lock_pgno(h.page_size);
-    db.set_len(0).unwrap();
-    while let Some(pgno) = dec.next_page(&mut buf).unwrap() {
-        if expect == lock {
-            expect += 1;
-        }
-        assert_eq!(pgno, expect, "a page-size change must carry every page");
-        db.write_all_at(&buf, (pgno as u64 - 1) * ps as u64)
-            .unwrap();
-        expect += 1;
-    }
-    assert_eq!(expect - 1, h.commit);
-    db.set_len(u64::from(h.commit) * ps as u64).unwrap();
-    let mut r = db.try_clone().unwrap();
-    std::io::Seek::seek(&mut r, std::io::SeekFrom::Start(0)).unwrap();
-    assert_eq!(
-        ltx::database_checksum(r, h.page_size).unwrap(),
-        t.post_apply_checksum
-    );
-    Pos {
-        txid: h.max_txid,
-        post_apply_checksum: t.post_apply_checksum,
-    }
 }
 
 fn checksum_of(path: &Path, page_size: u32) -> ltx::Checksum {

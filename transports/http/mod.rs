@@ -199,7 +199,7 @@ impl FrameStream for HttpFrameStream {
             match wire::decode_frame(&self.buf).map_err(|e| self.malformed(e))? {
                 Some((frame, used)) => {
                     self.buf.drain(..used);
-                    if frame == Frame::End {
+                    if matches!(frame, Frame::End | Frame::Archive { .. }) {
                         self.ended = true;
                     }
                     return Ok(Some(frame));

@@ -1,4 +1,4 @@
-//! The replication wire format, version 2 (see "Replication protocol" in
+//! The replication wire format, version 3 (see "Replication protocol" in
 //! `docs/design.md`). Integers are big-endian; strings are a u16 length and UTF-8.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -9,9 +9,10 @@ use crate::transport::{DbPosition, Frame, MAX_CHUNK, StreamRequest};
 pub const REQUEST_MAGIC: &[u8; 4] = b"LFSR";
 /// Response stream magic.
 pub const STREAM_MAGIC: &[u8; 4] = b"LFSS";
-/// The protocol version this build speaks. Version 1 (whose `Ready` had no payload) is
-/// refused both ways with a [`WireError::Version`] that names both versions.
-pub const VERSION: u16 = 2;
+/// The protocol version this build speaks. Other versions (1: `Ready` had no payload;
+/// 2: no archive in the request, no `Archive` frame) are refused both ways with a
+/// [`WireError::Version`] that names both versions.
+pub const VERSION: u16 = 3;
 /// Largest frame payload accepted: one chunk plus its database name and flags.
 pub const MAX_PAYLOAD: usize = MAX_CHUNK + 2 + u16::MAX as usize + 1;
 /// Frame header: type u8 + payload length u32.
@@ -22,6 +23,7 @@ const T_READY: u8 = 2;
 const T_HEARTBEAT: u8 = 3;
 const T_HANDOFF: u8 = 4;
 const T_END: u8 = 5;
+const T_ARCHIVE: u8 = 6;
 
 /// Why bytes are not a valid request or frame.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -109,6 +111,7 @@ pub fn encode_request(r: &StreamRequest) -> Bytes {
     out.put_u16(VERSION);
     out.put_u64(r.node_id);
     put_str(&mut out, r.cluster_id.as_deref().unwrap_or(""));
+    put_str(&mut out, r.archive.as_deref().unwrap_or(""));
     out.put_u32(r.positions.len() as u32);
     for p in &r.positions {
         put_str(&mut out, &p.db);
@@ -129,6 +132,7 @@ pub fn decode_request(mut b: &[u8]) -> Result<StreamRequest, WireError> {
     }
     let node_id = b.get_u64();
     let cluster = get_str(&mut b, "cluster id")?;
+    let archive = get_str(&mut b, "archive")?;
     if b.remaining() < 4 {
         return Err(WireError::Truncated { what: "count" });
     }
@@ -151,6 +155,7 @@ pub fn decode_request(mut b: &[u8]) -> Result<StreamRequest, WireError> {
     Ok(StreamRequest {
         node_id,
         cluster_id: (!cluster.is_empty()).then_some(cluster),
+        archive: (!archive.is_empty()).then_some(archive),
         positions,
     })
 }
@@ -211,6 +216,16 @@ pub fn encode_frame(f: &Frame) -> Bytes {
             T_HANDOFF
         }
         Frame::End => T_END,
+        Frame::Archive {
+            db,
+            txid,
+            post_apply_checksum,
+        } => {
+            put_str(&mut payload, db);
+            payload.put_u64(*txid);
+            payload.put_u64(*post_apply_checksum);
+            T_ARCHIVE
+        }
     };
     let mut out = BytesMut::with_capacity(FRAME_HEADER + payload.len());
     out.put_u8(t);
@@ -229,7 +244,7 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
         return Ok(None);
     }
     let t = buf[0];
-    if !(T_LTX..=T_END).contains(&t) {
+    if !(T_LTX..=T_ARCHIVE).contains(&t) {
         return Err(WireError::FrameType(t));
     }
     let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
@@ -297,6 +312,18 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
             exact(p, "handoff")?;
             Frame::Handoff { lease_id }
         }
+        T_ARCHIVE => {
+            let db = get_str(&mut p, "database name")
+                .map_err(|_| WireError::Malformed { what: "archive" })?;
+            if p.len() != 16 {
+                return Err(WireError::Malformed { what: "archive" });
+            }
+            Frame::Archive {
+                db,
+                txid: p.get_u64(),
+                post_apply_checksum: p.get_u64(),
+            }
+        }
         _ => {
             exact(p, "end")?;
             Frame::End
@@ -334,6 +361,11 @@ mod tests {
                 lease_id: "abc".into(),
             },
             Frame::End,
+            Frame::Archive {
+                db: "app.db".into(),
+                txid: 42,
+                post_apply_checksum: 0x8000_0000_0000_0007,
+            },
         ]
     }
 
@@ -367,6 +399,17 @@ mod tests {
             decode_frame(&[T_READY, 0, 0, 0, 0]),
             Err(WireError::Malformed { .. })
         ));
+        // An archive frame without its position.
+        let mut b = encode_frame(&Frame::Archive {
+            db: "x".into(),
+            txid: 1,
+            post_apply_checksum: 2,
+        })
+        .to_vec();
+        b.truncate(b.len() - 8);
+        let len = (b.len() - FRAME_HEADER) as u32;
+        b[1..5].copy_from_slice(&len.to_be_bytes());
+        assert!(matches!(decode_frame(&b), Err(WireError::Malformed { .. })));
         // A heartbeat with a short payload.
         let b = [T_HEARTBEAT, 0, 0, 0, 4, 1, 2, 3, 4];
         assert!(matches!(decode_frame(&b), Err(WireError::Malformed { .. })));
@@ -386,6 +429,7 @@ mod tests {
         let r = StreamRequest {
             node_id: 42,
             cluster_id: Some("LFSC0123456789abcdef".into()),
+            archive: Some("s3://bucket/prefix".into()),
             positions: vec![
                 DbPosition {
                     db: "a.db".into(),
@@ -404,14 +448,14 @@ mod tests {
         for cut in 0..b.len() {
             assert!(decode_request(&b[..cut]).is_err(), "cut at {cut}");
         }
-        for other in [1u16, 3] {
+        for other in [1u16, 2, 4] {
             let mut v = b.to_vec();
             v[4..6].copy_from_slice(&other.to_be_bytes());
             let e = decode_request(&v).unwrap_err();
             assert_eq!(e, WireError::Version(other));
             assert_eq!(
                 e.to_string(),
-                format!("unsupported protocol version {other} (this build speaks 2)")
+                format!("unsupported protocol version {other} (this build speaks 3)")
             );
         }
         let none = StreamRequest::default();
