@@ -828,7 +828,8 @@ impl Shared {
     ///   fenced after a demotion does not start writing its pages into the database.
     ///
     /// Owners whose transaction began while this node was the primary, and was not
-    /// fenced, are let through.
+    /// fenced, are let through, and so is every writer of a database whose HALT lock
+    /// this replica holds.
     fn refused_writer_lock(
         &self,
         db: &Db,
@@ -837,7 +838,11 @@ impl Shared {
         primary_era: bool,
     ) -> Option<Errno> {
         let (start, end) = (lock.start, lock.end);
-        if self.store.is_primary() || self.store.is_writer(db.name(), lock.owner) {
+        // A replica holding the HALT lock writes through the primary (see `halt.rs`).
+        if self.store.is_primary()
+            || self.store.is_writer(db.name(), lock.owner)
+            || db.is_forwarding()
+        {
             return None;
         }
         match kind {
