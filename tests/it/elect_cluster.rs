@@ -17,7 +17,7 @@ use rusqlite::Connection;
 
 use crate::consul_server::ConsulServer;
 use crate::elect::{
-    TTL, consul, consul_agent, consul_lease, consul_lease_at, converge, etcd_lease, node,
+    TTL, consul, consul_agent, consul_lease, consul_lease_at, converge, etcd_lease, metric, node,
     respawn_after_crash, try_write, wait_primary,
 };
 use crate::etcd_server::EtcdServer;
@@ -315,6 +315,16 @@ fn twenty_failovers(lease: &str, crash_bound: Duration) {
             takeovers.push(("kill", t.elapsed()));
             respawn_after_crash(&mut n[primary]);
         }
+        // A failover keeps what a replica received: the restarted node must stream
+        // from the new primary before the next round (a SIGTERM with no replica
+        // connected hands over only what the next holder already had).
+        let ok = wait_until(Duration::from_secs(10), || {
+            metric(&n[other], "litefs_stream_count") >= 1
+        });
+        assert!(
+            ok,
+            "round {round}: the restarted node never connected its stream"
+        );
         primary = other;
     }
     std::thread::sleep(Duration::from_millis(300));
