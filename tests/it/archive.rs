@@ -1799,14 +1799,16 @@ fn converged_from_the_archive(primary: &Process, replica: &Process, db: &Path, r
     );
 }
 
-/// A replica whose stream stays connected but falls behind (a slow link: the answers
-/// trickle through a proxy) while the primary's local retention removes the files it
-/// still needs: the primary sends it to the archive instead of sending a snapshot; the
-/// replica catches up from there and reconnects from its new position.
-#[test]
-fn connected_replica_behind_retention_is_sent_to_the_archive() {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("archive");
+/// A primary (1 s local retention, file archive `<tmp>/archive`) and a replica reading
+/// the same archive through a [`Proxy`]. The replica's stream stays connected but falls
+/// behind (a slow link: the answers trickle through the proxy) while the primary's
+/// retention removes the files it still needs. `before_resume` runs just before the
+/// link is fast again. Returns the two nodes and the primary's database path.
+fn slow_replica_behind_retention(
+    tmp: &Path,
+    before_resume: impl FnOnce(&Path),
+) -> (Process, Process, PathBuf) {
+    let root = tmp.join("archive");
     let backup = file_backup(&root);
     let port = crate::repl::free_port();
     let primary = crate::repl::primary(
@@ -1836,9 +1838,8 @@ fn connected_replica_behind_retention_is_sent_to_the_archive() {
     let top = mount_txid(&primary, DB).unwrap();
     wait_archived(&root, DB, top, || primary.log_text());
     wait_local_history_pruned(&primary, DB);
-    let connected = |log: &str| log.matches("replica connected").count();
     assert_eq!(
-        connected(&primary.log_text()),
+        replica_connections(&primary.log_text()),
         1,
         "the replica reconnected while it was slow:\n{}",
         primary.log_text()
@@ -1847,8 +1848,23 @@ fn connected_replica_behind_retention_is_sent_to_the_archive() {
         mount_txid(&replica, DB).unwrap() < top - 1,
         "the replica was not behind"
     );
+    before_resume(&root);
     proxy.slow.store(false, Ordering::SeqCst);
+    (primary, replica, db)
+}
 
+/// How many streams a primary's log shows.
+fn replica_connections(log: &str) -> usize {
+    log.matches("replica connected").count()
+}
+
+/// A replica whose stream stays connected but falls behind the primary's retention:
+/// the primary sends it to the archive instead of sending a snapshot; the replica
+/// catches up from there and reconnects from its new position.
+#[test]
+fn connected_replica_behind_retention_is_sent_to_the_archive() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (primary, replica, db) = slow_replica_behind_retention(tmp.path(), |_| {});
     converged_from_the_archive(
         &primary,
         &replica,
@@ -1860,11 +1876,36 @@ fn connected_replica_behind_retention_is_sent_to_the_archive() {
         .find("sending the replica to the archive instead of a snapshot")
         .unwrap_or_else(|| panic!("no archive frame sent:\n{log}"));
     assert_eq!(
-        connected(&log[..sent]),
+        replica_connections(&log[..sent]),
         1,
         "the stream was not the first one:\n{log}"
     );
     assert!(log.contains("BehindRetention"), "{log}");
+}
+
+/// The same, but the archive cannot serve the replica (its recorded positions are
+/// gone): the replica says so by naming no archive in its next request, and the
+/// primary sends the snapshot after all.
+#[test]
+fn replica_sent_to_an_archive_that_cannot_serve_it_gets_a_snapshot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (primary, replica, db) = slow_replica_behind_retention(tmp.path(), |root| {
+        fs::remove_dir_all(root.join(DB).join("litefs/positions")).unwrap();
+    });
+    crate::repl::wait_converged(&primary, &[&replica], DB);
+    assert_eq!(fs::read(&db).unwrap(), fs::read(replica.path(DB)).unwrap());
+    let log = primary.log_text();
+    let sent = log
+        .find("sending the replica to the archive instead of a snapshot")
+        .unwrap_or_else(|| panic!("no archive frame sent:\n{log}"));
+    assert!(log[sent..].contains("sending snapshot"), "{log}");
+    assert!(
+        replica
+            .log_text()
+            .contains("cannot catch up from the archive; asking the primary for a snapshot"),
+        "{}",
+        replica.log_text()
+    );
 }
 
 /// A sink whose next `put_meta` calls fail (`fail_meta` of them), for rounds whose files
