@@ -125,6 +125,19 @@ struct HaltLock {
 
 impl HaltLock {
     fn take(db: &std::path::Path) -> anyhow::Result<HaltLock> {
+        // Said here in plain words (the mount could only answer ENOLCK).
+        let mut hdr = [0u8; 20];
+        if std::fs::File::open(db)
+            .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut hdr, 0))
+            .is_ok()
+            && hdr[18..20] == [2, 2]
+        {
+            bail!(
+                "{} is in WAL mode: write forwarding supports rollback-journal databases \
+                 only (PRAGMA journal_mode=DELETE on the primary)",
+                db.display()
+            );
+        }
         let mut name = db.as_os_str().to_owned();
         name.push("-lock");
         let path = std::path::PathBuf::from(name);

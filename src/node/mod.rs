@@ -180,11 +180,10 @@ impl Node {
         if let Some(halt) = self.info.halt() {
             halt.set_host(mount.halt_host());
         }
-        match http::halt::HttpHaltClient::new(self.info.clone(), tokio::runtime::Handle::current())
-        {
-            Ok(c) => mount.set_halt_client(Arc::new(c)),
-            Err(e) => error!(error = %e, "cannot build the HTTP client: no write forwarding"),
-        }
+        mount.set_halt_client(Arc::new(http::halt::HttpHaltClient::new(
+            self.info.clone(),
+            tokio::runtime::Handle::current(),
+        )));
         if self.role == Role::Elected {
             self.start_election(mount);
             return;

@@ -241,6 +241,14 @@ fn halt_requests_without_the_lock_or_at_a_stale_position_are_refused() {
     let (code, body) = http_request(port, "POST", "/halt?name=wal.db", b"");
     assert_eq!(code, 422);
     assert!(String::from_utf8_lossy(&body).contains("WAL mode"));
+    let out = Command::new(env!("CARGO_BIN_EXE_litefs"))
+        .args(["run", "-with-halt-lock-on"])
+        .arg(p.path("wal.db"))
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("WAL mode"));
 
     let (code, body) = http_request(port, "POST", "/halt?name=app.db", b"");
     assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));

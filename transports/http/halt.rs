@@ -146,7 +146,9 @@ pub(crate) async fn post_tx(
 /// The replica's side: blocking requests to the current primary (its advertise URL
 /// in [`NodeInfo`]), with the node's auth token.
 pub struct HttpHaltClient {
-    client: reqwest::Client,
+    /// Built at the first request: a node that never forwards never pays for it (and
+    /// start-up, which races with failovers, stays as fast as it was).
+    client: std::sync::OnceLock<reqwest::Client>,
     info: Arc<NodeInfo>,
     rt: tokio::runtime::Handle,
 }
@@ -160,22 +162,28 @@ impl std::fmt::Debug for HttpHaltClient {
 impl HttpHaltClient {
     /// A client running its requests on `rt` (call its methods from threads outside
     /// the runtime, such as the mount's request threads).
-    ///
-    /// # Errors
-    /// When the HTTP client cannot be built.
-    pub fn new(info: Arc<NodeInfo>, rt: tokio::runtime::Handle) -> Result<Self, reqwest::Error> {
-        let mut headers = reqwest::header::HeaderMap::new();
-        if let Some(v) = info.auth_token.as_deref().and_then(super::ops::bearer) {
-            headers.insert(reqwest::header::AUTHORIZATION, v);
-        }
-        Ok(HttpHaltClient {
-            client: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(5))
-                .default_headers(headers)
-                .build()?,
+    pub fn new(info: Arc<NodeInfo>, rt: tokio::runtime::Handle) -> Self {
+        HttpHaltClient {
+            client: std::sync::OnceLock::new(),
             info,
             rt,
-        })
+        }
+    }
+
+    fn client(&self) -> Result<&reqwest::Client, HaltError> {
+        if let Some(c) = self.client.get() {
+            return Ok(c);
+        }
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(v) = self.info.auth_token.as_deref().and_then(super::ops::bearer) {
+            headers.insert(reqwest::header::AUTHORIZATION, v);
+        }
+        let c = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .default_headers(headers)
+            .build()
+            .map_err(|e| HaltError::Transport(format!("building the HTTP client: {e}")))?;
+        Ok(self.client.get_or_init(|| c))
     }
 
     fn url(&self, path: &str, db: &str, id: Option<u64>) -> Result<reqwest::Url, HaltError> {
@@ -231,7 +239,7 @@ impl HaltClient for HttpHaltClient {
     fn acquire(&self, db: &str) -> Result<HaltGrant, HaltError> {
         let url = self.url("/halt", db, None)?;
         let req = self
-            .client
+            .client()?
             .post(url)
             .timeout(ACQUIRE_WAIT + Duration::from_secs(5));
         let body = self.send(db, req)?;
@@ -246,14 +254,14 @@ impl HaltClient for HttpHaltClient {
 
     fn renew(&self, db: &str, id: u64) -> Result<(), HaltError> {
         let url = self.url("/halt", db, Some(id))?;
-        let req = self.client.post(url).timeout(Duration::from_secs(10));
+        let req = self.client()?.post(url).timeout(Duration::from_secs(10));
         self.send(db, req).map(|_| ())
     }
 
     fn commit(&self, db: &str, id: u64, ltx: &[u8]) -> Result<Pos, HaltError> {
         let url = self.url("/tx", db, Some(id))?;
         let req = self
-            .client
+            .client()?
             .post(url)
             .timeout(Duration::from_secs(60))
             .header("content-type", "application/octet-stream")
@@ -266,7 +274,7 @@ impl HaltClient for HttpHaltClient {
 
     fn release(&self, db: &str, id: u64) -> Result<(), HaltError> {
         let url = self.url("/halt", db, Some(id))?;
-        let req = self.client.delete(url).timeout(Duration::from_secs(10));
+        let req = self.client()?.delete(url).timeout(Duration::from_secs(10));
         self.send(db, req).map(|_| ())
     }
 }
