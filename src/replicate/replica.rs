@@ -155,7 +155,10 @@ impl Replica {
             }
             first = false;
             let ask_archive = !std::mem::take(&mut skip_archive);
-            match self.session(&tmp_dir, &failures, stop, &mut outage, ask_archive).await {
+            match self
+                .session(&tmp_dir, &failures, stop, &mut outage, ask_archive)
+                .await
+            {
                 Ok(Ended::Closed) => backoff = MIN_BACKOFF,
                 Ok(Ended::Archive { db, target }) => {
                     backoff = MIN_BACKOFF;

@@ -594,9 +594,9 @@ fn exec_on_a_replica_starts_after_it_caught_up() {
     let out_dir = tempfile::tempdir().unwrap();
     let out = out_dir.path().join("count");
     let out2 = out.clone();
-    let r = Process::start_with(move |mnt, data| {
+    let mut r = Process::start_with(move |mnt, data| {
         let script = format!(
-            "sqlite3 {}/app.db 'SELECT count(*) FROM t' > {} 2>&1; sleep 60",
+            "sqlite3 {}/app.db 'SELECT count(*) FROM t' > {} 2>&1; exec sleep 60",
             mnt.display(),
             out2.display()
         );
@@ -613,6 +613,14 @@ fn exec_on_a_replica_starts_after_it_caught_up() {
         r.log_text()
     );
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "300\n");
+    // SIGTERM reaches the application, whose exit ends litefs (none is left behind).
+    let st = r.signal(libc::SIGTERM);
+    assert_eq!(
+        st.code(),
+        Some(128 + libc::SIGTERM),
+        "{st:?}\n{}",
+        r.log_text()
+    );
 }
 
 fn shell_quote(s: &str) -> String {
