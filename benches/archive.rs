@@ -5,7 +5,8 @@
 //! `LITEFS_BENCH_RATE` (aggregate tx/s asked, default 1000), `LITEFS_BENCH_WRITERS`
 //! (databases written in parallel, one writer thread each, default 4),
 //! `LITEFS_BENCH_SECS` (default 10), `LITEFS_BENCH_SYNC_MS` (`backup.sync-interval`,
-//! default 1000, the default setting).
+//! default 1000, the default setting), `LITEFS_BENCH_MAX_FILES`
+//! (`backup.max-files-per-sync`, default 256, the default setting).
 //!
 //! - **lag**: every writer commits single-row transactions (WAL, `synchronous=NORMAL`)
 //!   on its own database at RATE/WRITERS per second. A poller reads the primary's
@@ -251,9 +252,12 @@ fn lag(plain: &Path) {
     let writers = env_u32("LITEFS_BENCH_WRITERS", 4).max(1);
     let secs = env_u32("LITEFS_BENCH_SECS", 10);
     let sync = env_u32("LITEFS_BENCH_SYNC_MS", 1000);
+    let max_files = env_u32("LITEFS_BENCH_MAX_FILES", 256);
     println!(
-        "archive lag: {rate} tx/s asked over {writers} databases, {secs} s, sync-interval {sync}ms"
+        "archive lag: {rate} tx/s asked over {writers} databases, {secs} s, sync-interval \
+         {sync}ms, max-files-per-sync {max_files}"
     );
+    let tuning = format!("  sync-interval: {sync}ms\n  max-files-per-sync: {max_files}\n");
     let (_, plain_rate) = paced_writers(plain, writers, rate, secs, false);
     println!("baseline plain directory: {plain_rate:.0} tx/s committed");
     {
@@ -267,7 +271,7 @@ fn lag(plain: &Path) {
         archive_case(
             "file archive",
             &format!(
-                "backup:\n  type: file\n  path: {}\n  sync-interval: {sync}ms\n",
+                "backup:\n  type: file\n  path: {}\n{tuning}",
                 archive.display()
             ),
             writers,
@@ -281,7 +285,7 @@ fn lag(plain: &Path) {
         archive_case(
             "s3 (moto_server)",
             &format!(
-                "backup:\n  type: s3\n  bucket: archive\n  path: bench\n  endpoint: http://127.0.0.1:{}\n  region: us-east-1\n  access-key-id: test\n  secret-access-key: test\n  force-path-style: true\n  sync-interval: {sync}ms\n",
+                "backup:\n  type: s3\n  bucket: archive\n  path: bench\n  endpoint: http://127.0.0.1:{}\n  region: us-east-1\n  access-key-id: test\n  secret-access-key: test\n  force-path-style: true\n{tuning}",
                 moto.1
             ),
             writers,
