@@ -1151,10 +1151,23 @@ fn level0(root: &Path, db: &str) -> Vec<(u64, u64)> {
         .collect()
 }
 
-/// Waits until the archive's level 0 reaches `txid`.
+/// Waits until the archive's level 0 reaches `txid` without a gap.
 fn wait_archived(root: &Path, db: &str, txid: u64, log: impl Fn() -> String) {
+    // Files of one round are put in parallel: the newest can land before the ones
+    // under it, so wait for an unbroken run of files up to `txid`.
     let ok = crate::support::wait_until(Duration::from_secs(20), || {
-        level0(root, db).last().is_some_and(|&(_, max)| max >= txid)
+        let l0 = level0(root, db);
+        let Some(&(first, _)) = l0.first() else {
+            return false;
+        };
+        let mut next = first;
+        for (min, max) in l0 {
+            if min > next {
+                return false;
+            }
+            next = next.max(max + 1);
+        }
+        next > txid
     });
     assert!(
         ok,
