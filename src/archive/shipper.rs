@@ -811,12 +811,39 @@ fn batches(pending: &[LtxFile], max_files: usize) -> Vec<Vec<&LtxFile>> {
     out
 }
 
-/// Newest TXID the archive holds for `db` (0: none), over every level.
+/// Newest TXID up to which the archive holds `db` without a gap (0: none): the newest
+/// snapshot, then the unbroken run of level-0 files after it (from the first level-0
+/// file when there is no snapshot). A round puts its files in parallel, so a round cut
+/// short (crash, step-down) can leave later files without the ones under them; the next
+/// primary ships from the gap (files already there with the same bytes count as
+/// shipped), and a replica's retention never counts the missing ones as archived.
 pub(crate) async fn archive_top(sink: &dyn SnapshotSink, db: &str) -> Result<TxId, ArchiveError> {
-    let mut top = 0;
-    for level in [0, SNAPSHOT_LEVEL] {
-        let objects = sink.list(db, level).await?;
-        top = objects.iter().map(|o| o.key.max_txid).fold(top, u64::max);
+    let snapshot = sink
+        .list(db, SNAPSHOT_LEVEL)
+        .await?
+        .iter()
+        .map(|o| o.key.max_txid)
+        .max();
+    let mut l0: Vec<(u64, u64)> = sink
+        .list(db, 0)
+        .await?
+        .iter()
+        .map(|o| (o.key.min_txid, o.key.max_txid))
+        .collect();
+    l0.sort_unstable();
+    let mut top = match (snapshot, l0.first()) {
+        (Some(t), _) => t,
+        (None, Some(&(min, _))) => min.saturating_sub(1),
+        (None, None) => 0,
+    };
+    for (min, max) in l0 {
+        if max <= top {
+            continue;
+        }
+        if min > top + 1 {
+            break;
+        }
+        top = max;
     }
     Ok(TxId(top))
 }
@@ -857,4 +884,41 @@ async fn recorded_position(
         .iter()
         .filter_map(PositionRecord::pos)
         .find(|p| p.txid == txid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backends::object_store_sink::ObjectStoreSink;
+
+    async fn put(sink: &dyn SnapshotSink, tmp: &Path, level: u8, min: u64, max: u64) {
+        let f = tmp.join("obj");
+        std::fs::write(&f, b"bytes").unwrap();
+        let key = LtxKey {
+            db: "db".into(),
+            level,
+            min_txid: min,
+            max_txid: max,
+        };
+        sink.put(&key, &f).await.unwrap();
+    }
+
+    /// A round cut short can leave later files without the ones under them: the
+    /// archive's position is the end of the unbroken run, not its newest file.
+    #[tokio::test]
+    async fn archive_top_stops_at_the_first_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = ObjectStoreSink::local(&dir.path().join("archive")).unwrap();
+        assert_eq!(archive_top(&sink, "db").await.unwrap(), TxId(0));
+        for (min, max) in [(1, 1), (2, 3), (6, 6), (7, 7)] {
+            put(&sink, dir.path(), 0, min, max).await;
+        }
+        assert_eq!(archive_top(&sink, "db").await.unwrap(), TxId(3));
+        // A snapshot covers the gap; level 0 continues after it.
+        put(&sink, dir.path(), SNAPSHOT_LEVEL, 1, 5).await;
+        assert_eq!(archive_top(&sink, "db").await.unwrap(), TxId(7));
+        // A file past a gap does not count.
+        put(&sink, dir.path(), 0, 9, 9).await;
+        assert_eq!(archive_top(&sink, "db").await.unwrap(), TxId(7));
+    }
 }
