@@ -1757,7 +1757,31 @@ fn busy_primary_batches_transactions_into_fewer_files() {
 #[test]
 fn running_replica_behind_retention_catches_up_from_the_archive() {
     let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("archive");
+    let (primary, proxy, replica, root, db) = nodes_behind_a_proxy(tmp.path());
+
+    proxy.down.store(true, Ordering::SeqCst);
+    for i in 0..20 {
+        crate::ltx_support::sqlite(&db, &format!("INSERT INTO t VALUES ({i});"));
+    }
+    let top = mount_txid(&primary, DB).unwrap();
+    wait_archived(&root, DB, top, || primary.log_text());
+    wait_local_history_pruned(&primary, DB);
+    proxy.down.store(false, Ordering::SeqCst);
+
+    converged_from_the_archive(
+        &primary,
+        &replica,
+        &db,
+        "database caught up from the archive",
+    );
+}
+
+/// A primary (1 s local retention, file archive `<tmp>/archive`) and a replica that
+/// reads the same archive and reaches the primary through a [`Proxy`], converged on a
+/// one-row table. Returns the primary, the proxy, the replica, the archive's root and
+/// the primary's database path.
+fn nodes_behind_a_proxy(tmp: &Path) -> (Process, Proxy, Process, PathBuf, PathBuf) {
+    let root = tmp.join("archive");
     let backup = file_backup(&root);
     let port = crate::repl::free_port();
     let primary = crate::repl::primary(
@@ -1777,22 +1801,7 @@ fn running_replica_behind_retention_catches_up_from_the_archive() {
     let db = primary.path(DB);
     crate::ltx_support::sqlite(&db, "CREATE TABLE t(x); INSERT INTO t VALUES (1);");
     crate::repl::wait_converged(&primary, &[&replica], DB);
-
-    proxy.down.store(true, Ordering::SeqCst);
-    for i in 0..20 {
-        crate::ltx_support::sqlite(&db, &format!("INSERT INTO t VALUES ({i});"));
-    }
-    let top = mount_txid(&primary, DB).unwrap();
-    wait_archived(&root, DB, top, || primary.log_text());
-    wait_local_history_pruned(&primary, DB);
-    proxy.down.store(false, Ordering::SeqCst);
-
-    converged_from_the_archive(
-        &primary,
-        &replica,
-        &db,
-        "database caught up from the archive",
-    );
+    (primary, proxy, replica, root, db)
 }
 
 /// `replica` reaches `primary`'s position with the same bytes as `db`, logged
@@ -1821,26 +1830,7 @@ fn slow_replica_behind_retention(
     tmp: &Path,
     before_resume: impl FnOnce(&Path),
 ) -> (Process, Process, PathBuf) {
-    let root = tmp.join("archive");
-    let backup = file_backup(&root);
-    let port = crate::repl::free_port();
-    let primary = crate::repl::primary(
-        port,
-        &format!("  retention: 1s\n  retention-monitor-interval: 100ms\n{backup}"),
-    );
-    let proxy = Proxy::start(port);
-    let via = proxy.port;
-    let replica = Process::start_with(move |mnt, data| {
-        format!(
-            "fuse:\n  dir: {}\ndata:\n  dir: {}\nlease:\n  type: static\n  candidate: false\n  advertise-url: http://127.0.0.1:{via}\nhttp:\n  addr: 127.0.0.1:{}\n{backup}",
-            mnt.display(),
-            data.display(),
-            crate::repl::free_port()
-        )
-    });
-    let db = primary.path(DB);
-    crate::ltx_support::sqlite(&db, "CREATE TABLE t(x); INSERT INTO t VALUES (1);");
-    crate::repl::wait_converged(&primary, &[&replica], DB);
+    let (primary, proxy, replica, root, db) = nodes_behind_a_proxy(tmp);
 
     // About 12 MB of incompressible transactions: more than the primary's socket
     // buffer, the proxy's and the stream's channel hold, so the stream waits in the
