@@ -26,22 +26,13 @@
 #[path = "../tests/it/support/mod.rs"]
 mod support;
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
-use support::{Process, wait_until};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
+use support::{Process, free_port, wait_until};
 
 fn primary(port: u16, extra: &str) -> Process {
     let extra = extra.to_string();

@@ -7,7 +7,7 @@ use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -22,7 +22,7 @@ use litefs::store::{Store, StoreOptions, list_ltx_files};
 use crate::args;
 use crate::ltx_support::{litefs, sha256_file, testdata, text};
 use crate::store_vfs::HookVfs;
-use crate::support::Process;
+use crate::support::{Process, free_port, start_moto};
 
 const DB: &str = "app.db";
 
@@ -502,49 +502,6 @@ fn litestream_replica_restores_at_every_txid() {
 }
 
 /// `moto_server` on a free port (killed on drop), with bucket `archive` created.
-struct Moto(Child, u16);
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn start_moto() -> Moto {
-    let port = free_port();
-    let child = Command::new("moto_server")
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("moto_server on PATH: pip install 'moto[server]'");
-    let moto = Moto(child, port);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
-            let req = format!(
-                "PUT /archive HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-            );
-            s.write_all(req.as_bytes()).unwrap();
-            let mut resp = String::new();
-            let _ = s.read_to_string(&mut resp);
-            assert!(resp.starts_with("HTTP/1.1 200"), "create bucket: {resp}");
-            return moto;
-        }
-        assert!(Instant::now() < deadline, "moto_server did not start");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// A TCP forwarder that can refuse connections (`down`: an S3 outage that keeps moto's
 /// in-memory bucket, or a replica cut off from its primary) or slow the answers down
 /// to a trickle (`slow`: a slow link that keeps the connection alive).
@@ -1124,7 +1081,7 @@ fn file_backup(root: &Path) -> String {
 /// An elected node (etcd lease, 2 s TTL) named `name` with `extra` YAML (a `backup`
 /// section) appended.
 fn elected_node(name: &str, etcd: &crate::etcd_server::EtcdServer, extra: &str) -> Process {
-    let port = crate::repl::free_port();
+    let port = free_port();
     let lease = crate::elect::etcd_lease(etcd);
     let (name, extra) = (name.to_string(), extra.to_string());
     Process::start_with(move |mnt, data| {
@@ -1259,7 +1216,7 @@ fn replica_bootstraps_from_the_archive_and_the_primary_sends_no_snapshot() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("archive");
     let backup = file_backup(&root);
-    let port = crate::repl::free_port();
+    let port = free_port();
     let primary = crate::repl::primary(
         port,
         &format!("  retention: 1s\n  retention-monitor-interval: 100ms\n{backup}"),
@@ -1482,7 +1439,7 @@ fn first_node_of_a_lost_cluster_restores_before_exec() {
         seen.display()
     );
     let mut c = {
-        let port = crate::repl::free_port();
+        let port = free_port();
         let lease = crate::elect::etcd_lease(&etcd);
         Process::start_with(move |mnt, data| {
             format!(
@@ -1594,7 +1551,7 @@ fn archive_state_in_metrics_info_and_status() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("archive");
     let backup = file_backup(&root);
-    let port = crate::repl::free_port();
+    let port = free_port();
     let primary = crate::repl::primary(port, &backup);
     let db = primary.path(DB);
     crate::ltx_support::sqlite(&db, "CREATE TABLE t(x); INSERT INTO t VALUES (1);");
@@ -1648,7 +1605,7 @@ fn archive_state_in_metrics_info_and_status() {
     assert!(ok, "{}", crate::support::http_get_text(port, "/metrics"));
 
     // A replica archives nothing and says so.
-    let rport = crate::repl::free_port();
+    let rport = free_port();
     let replica = Process::start_with(move |mnt, data| {
         format!(
             "fuse:\n  dir: {}\ndata:\n  dir: {}\nlease:\n  type: static\n  candidate: false\n  advertise-url: http://127.0.0.1:{port}\nhttp:\n  addr: 127.0.0.1:{rport}\n{backup}",
@@ -1783,7 +1740,7 @@ fn running_replica_behind_retention_catches_up_from_the_archive() {
 fn nodes_behind_a_proxy(tmp: &Path) -> (Process, Proxy, Process, PathBuf, PathBuf) {
     let root = tmp.join("archive");
     let backup = file_backup(&root);
-    let port = crate::repl::free_port();
+    let port = free_port();
     let primary = crate::repl::primary(
         port,
         &format!("  retention: 1s\n  retention-monitor-interval: 100ms\n{backup}"),
@@ -1795,7 +1752,7 @@ fn nodes_behind_a_proxy(tmp: &Path) -> (Process, Proxy, Process, PathBuf, PathBu
             "fuse:\n  dir: {}\ndata:\n  dir: {}\nlease:\n  type: static\n  candidate: false\n  advertise-url: http://127.0.0.1:{via}\nhttp:\n  addr: 127.0.0.1:{}\n{backup}",
             mnt.display(),
             data.display(),
-            crate::repl::free_port()
+            free_port()
         )
     });
     let db = primary.path(DB);

@@ -9,20 +9,14 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::free_port;
+
 /// A running etcd.
 pub struct EtcdServer {
     child: Option<Child>,
     client_port: u16,
     peer_port: u16,
     dir: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn etcd_binary() -> PathBuf {

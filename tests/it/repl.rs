@@ -8,16 +8,8 @@ use std::time::Duration;
 use rusqlite::Connection;
 use sha2::{Digest, Sha256};
 
+pub use crate::support::free_port;
 use crate::support::{Process, wait_until};
-
-/// A free TCP port on 127.0.0.1 (bound and released).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Starts a primary serving on `port`, with extra YAML appended.
 pub fn primary(port: u16, extra: &str) -> Process {

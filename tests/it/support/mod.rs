@@ -369,3 +369,51 @@ pub fn http_get_text(port: u16, path: &str) -> String {
     assert_eq!(status, 200, "GET {path}: {text}");
     text
 }
+
+/// A free TCP port on 127.0.0.1 (bound and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0")
+        .local_addr()
+        .expect("local addr")
+        .port()
+}
+
+/// `moto_server` (an S3 server) on a free port of 127.0.0.1 with bucket `archive`;
+/// killed on drop. `.1` is its port.
+pub struct Moto(pub Child, pub u16);
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `moto_server` and creates bucket `archive`.
+pub fn start_moto() -> Moto {
+    use std::io::Read;
+    let port = free_port();
+    let child = Command::new("moto_server")
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("moto_server on PATH: pip install 'moto[server]'");
+    let moto = Moto(child, port);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let req = format!(
+                "PUT /archive HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            s.write_all(req.as_bytes()).expect("create bucket");
+            let mut resp = String::new();
+            let _ = s.read_to_string(&mut resp);
+            assert!(resp.starts_with("HTTP/1.1 200"), "create bucket: {resp}");
+            return moto;
+        }
+        assert!(Instant::now() < deadline, "moto_server did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
