@@ -915,6 +915,14 @@ impl Shared {
         }
     }
 
+    /// Whether a checkpointer holds `db`'s WAL-index CKPT lock: its sync of the WAL must
+    /// reach the disk before it overwrites database pages with the frames.
+    fn checkpointing(&self, db: &Db) -> bool {
+        lock(&self.locks)
+            .get(&(db.name().to_string(), FileKind::Shm))
+            .is_some_and(|t| t.write_holder(SHM_CKPT).is_some())
+    }
+
     fn do_unlink(&self, name: &str) -> Result<(), Errno> {
         self.trace("unlink", format_args!("{name}"));
         if name == PRIMARY_FILE
@@ -1552,6 +1560,13 @@ impl fuser::Filesystem for LiteFs {
         let _gate = s.store.write_gate();
         let r = s.handle(fh).and_then(|h| {
             if let Handle::Real { db, kind, file, .. } = &*h {
+                if *kind == FileKind::Wal && s.store.is_primary() && !s.checkpointing(db) {
+                    // A commit's (or a restarted WAL header's) sync: the LTX log
+                    // already holds every committed frame durably, which is one device
+                    // flush per commit instead of two (docs/design.md, "WAL fsync").
+                    hook_errno("wal_sync_requested", db, db.wal_sync_requested())?;
+                    return s.flush_handle(&h);
+                }
                 let changes = db.database_changes();
                 let r = if datasync {
                     file.sync_data()

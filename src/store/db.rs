@@ -6,7 +6,7 @@ use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, mpsc};
 
 use tracing::{debug, info, warn};
@@ -113,12 +113,16 @@ pub struct Db {
     node_id: u64,
     /// `strict-verify`: re-hash the whole database after every capture.
     strict: AtomicBool,
-    /// Named LTX files written since the last fsync batch, whose records are in the
-    /// log (a leaf lock: nothing is locked while holding it).
-    unsynced: Mutex<Vec<File>>,
-    /// Held while a batch of `unsynced` is being fsynced, so a log restart can wait for it.
+    /// Named LTX files written so far (their records are in the log)...
+    named_written: AtomicU64,
+    /// ...and how many of them the last `syncfs` made durable.
+    named_synced: AtomicU64,
+    /// The `ltx/` directory, open since before the first named file was written, so
+    /// `syncfs` on it reports any writeback error since (see `sync_ltx_files`).
+    ltx_dir_file: Mutex<Option<File>>,
+    /// Held while named files are being synced, so a log restart can wait for it.
     syncing: Mutex<()>,
-    /// An fsync of a named LTX file failed: the log must not restart (see `sync_ltx_files`).
+    /// A sync of named LTX files failed: the log must not restart (see `sync_ltx_files`).
     sync_failed: AtomicBool,
     /// Asks the store's sync thread to fsync `unsynced` (by database name).
     syncer: Mutex<Option<mpsc::Sender<Option<String>>>>,
@@ -169,7 +173,9 @@ impl Db {
             dir,
             node_id,
             strict: AtomicBool::new(false),
-            unsynced: Mutex::new(Vec::new()),
+            named_written: AtomicU64::new(0),
+            named_synced: AtomicU64::new(0),
+            ltx_dir_file: Mutex::new(None),
             syncing: Mutex::new(()),
             sync_failed: AtomicBool::new(false),
             syncer: Mutex::new(None),
@@ -272,39 +278,36 @@ impl Db {
         *self.syncer.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
-    /// fsyncs the named LTX files written since the last batch, then the `ltx/`
-    /// directory. Called by the store's sync thread, and on the commit path before the
-    /// log starts a new run. After a failed fsync the files stay queued and
-    /// `sync_failed` is set: a later fsync of the same file may report success without
-    /// the data having reached the disk, so the log keeps the records for good (every
-    /// later restart of the log fails, and with it the commit).
+    /// Makes the named LTX files written so far durable, with their directory entries:
+    /// one `syncfs` of the data file system (one device flush, however many files).
+    /// Called by the store's sync thread about once a second, before the log starts a
+    /// new run, and at close. After a failed sync `sync_failed` is set: a later sync may
+    /// report success without the data having reached the disk, so the log keeps the
+    /// records for good (every later restart of the log fails, and with it the commit).
     pub(crate) fn sync_ltx_files(&self) -> Result<(), StoreError> {
         let _batch = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = self.ltx_dir();
         if self.sync_failed.load(Ordering::Acquire) {
             return Err(StoreError::io(
                 &self.name,
-                "fsync ltx",
-                self.ltx_dir(),
-                io::Error::other("an earlier fsync of an LTX file failed"),
+                "sync ltx",
+                dir,
+                io::Error::other("an earlier sync of LTX files failed"),
             ));
         }
-        let files = std::mem::take(&mut *self.unsynced.lock().unwrap_or_else(|p| p.into_inner()));
-        if files.is_empty() {
+        let written = self.named_written.load(Ordering::Acquire);
+        if written == self.named_synced.load(Ordering::Acquire) {
             return Ok(());
         }
-        let dir = self.ltx_dir();
-        let r = files
-            .iter()
-            .try_for_each(|f| f.sync_data())
-            .and_then(|()| ltxio::fsync_dir(&dir));
+        let r = match &*self.ltx_dir_file.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(d) => ltxio::syncfs(d),
+            None => Ok(()),
+        };
         if let Err(e) = r {
             self.sync_failed.store(true, Ordering::Release);
-            self.unsynced
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend(files);
-            return Err(StoreError::io(&self.name, "fsync ltx", dir, e));
+            return Err(StoreError::io(&self.name, "sync ltx", dir, e));
         }
+        self.named_synced.store(written, Ordering::Release);
         Ok(())
     }
 
@@ -356,12 +359,18 @@ impl Db {
             }
             _ => return Err(log_err(io::Error::other("LTX record larger than the log"))),
         }
-        let f = ltxio::write_named(&dir, header, &record[super::ltxlog::RECORD_HEADER..])
+        {
+            let mut d = self.ltx_dir_file.lock().unwrap_or_else(|p| p.into_inner());
+            if d.is_none() {
+                *d = Some(
+                    File::open(&dir)
+                        .map_err(|e| StoreError::io(&self.name, "open ltx dir", &dir, e))?,
+                );
+            }
+        }
+        ltxio::write_named(&dir, header, &record[super::ltxlog::RECORD_HEADER..])
             .map_err(|e| e.into_store_error(&self.name))?;
-        self.unsynced
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(f);
+        self.named_written.fetch_add(1, Ordering::AcqRel);
         if let Some(tx) = self
             .syncer
             .lock()
@@ -612,6 +621,18 @@ impl Db {
     /// transaction committed in the WAL since the last capture becomes one LTX file each,
     /// durable before this returns.
     pub fn wal_write_lock_released(&self) -> Result<(), StoreError> {
+        let mut st = self.usable()?;
+        self.capture_wal(&mut st)
+    }
+
+    /// SQLite asks for the WAL to be durable (its commit fsync with
+    /// `synchronous=FULL`, or the header sync of a restarted WAL). Every transaction
+    /// committed in the WAL is captured here if it was not already, so each is durable
+    /// in the LTX log when this returns: the caller may skip the WAL's own fsync, since
+    /// start-up re-applies LTX files whose frames did not reach the disk. A
+    /// checkpoint's sync of the WAL (before it copies frames into the database) is not
+    /// such a request: the caller must fsync then.
+    pub fn wal_sync_requested(&self) -> Result<(), StoreError> {
         let mut st = self.usable()?;
         self.capture_wal(&mut st)
     }

@@ -71,6 +71,18 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// `syncfs(2)`: writes back everything dirty on the file system that holds `f` (file
+/// data, metadata, directory entries) and flushes the device cache, in one call. Since
+/// Linux 5.8 it reports writeback errors of that file system seen since `f` was opened.
+pub fn syncfs(f: &File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: syncfs(2) on a descriptor borrowed for the duration of the call.
+    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Reads and fully verifies an LTX file (file checksum, page headers), returning its
 /// header and trailer.
 pub fn verify(db: &str, path: &Path) -> Result<(Header, Trailer), StoreError> {
@@ -279,8 +291,8 @@ pub fn commit_file(
 
 /// Writes `bytes` (a complete LTX file) under its final name in `dir` by rename of a
 /// temp file, without any fsync: the caller has made the bytes durable elsewhere (the
-/// log). Returns the open file, for a later fsync.
-pub fn write_named(dir: &Path, header: &Header, bytes: &[u8]) -> Result<File, LtxWriteError> {
+/// log) and makes the file durable later (see `Db::sync_ltx_files`).
+pub fn write_named(dir: &Path, header: &Header, bytes: &[u8]) -> Result<(), LtxWriteError> {
     let name = ltx::format_filename(header.min_txid, header.max_txid);
     let tmp = dir.join(format!("{name}{TEMP_SUFFIX}"));
     let result = (|| {
@@ -293,8 +305,8 @@ pub fn write_named(dir: &Path, header: &Header, bytes: &[u8]) -> Result<File, Lt
         f.write_all_at(bytes, 0)
             .map_err(|e| LtxWriteError::Io("write ltx", tmp.clone(), e))?;
         let dst = dir.join(&name);
-        fs::rename(&tmp, &dst).map_err(|e| LtxWriteError::Io("rename ltx", dst, e))?;
-        Ok(f)
+        drop(f);
+        fs::rename(&tmp, &dst).map_err(|e| LtxWriteError::Io("rename ltx", dst, e))
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);

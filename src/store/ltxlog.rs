@@ -7,8 +7,9 @@
 //! so an append changes no metadata) with one `pwrite` and one `fdatasync`: that is the
 //! durability point. The named file `ltx/<min>-<max>.ltx` is then written from the same
 //! bytes and renamed into place without an fsync; a background thread
-//! (`litefs-ltx-sync`) fsyncs such files and the `ltx/` directory in batches. Start-up
-//! restores every record whose named file is missing or damaged.
+//! (`litefs-ltx-sync`) makes such files and the `ltx/` directory durable about once a
+//! second with one `syncfs` (one device flush for every file written meanwhile).
+//! Start-up restores every record whose named file is missing or damaged.
 //!
 //! # Format
 //!
@@ -22,8 +23,10 @@
 //! # Invariants
 //!
 //! - A record is appended only when it continues the run and fits; otherwise every named
-//!   file written so far is fsynced (with its directory) first and the log restarts at
+//!   file written so far is made durable (with its directory) first and the log restarts at
 //!   offset 0. So a named file not known to be durable always has its record in the run.
+//!   The sync is a `syncfs` of the data file system (files and directory entries in one
+//!   flush; see `Db::sync_ltx_files`).
 //! - An LTX file too large for the log is written durably under its name directly
 //!   (temp file, fsync, rename, directory fsync), after the same flush.
 
@@ -169,7 +172,7 @@ pub(crate) fn read_records(path: &Path) -> io::Result<Vec<Record>> {
 
 /// Start-up: writes the named file of every record of the log in `dir` whose file is
 /// missing or damaged, and makes every record's named file and the `ltx/` directory
-/// durable, so the log can start a new run. Returns how many files were restored.
+/// durable (one `syncfs`), so the log can start a new run. Returns how many files were restored.
 ///
 /// Records older than the oldest LTX file present were removed by retention and are
 /// not restored. A present file that verifies but differs from its record (a history
@@ -216,11 +219,7 @@ pub(crate) fn restore(db: &str, dir: &Path) -> Result<usize, StoreError> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => false,
             Err(e) => return Err(StoreError::io(db, "read ltx", &path, e)),
         };
-        if keep {
-            File::open(&path)
-                .and_then(|f| f.sync_data())
-                .map_err(io_err("fsync ltx", &path))?;
-        } else {
+        if !keep {
             let follows = h.is_snapshot() || prev.is_some_and(|p| p == h.pre_apply_pos());
             if !follows {
                 warn!(db, txid = %h.max_txid, "LTX log record does not follow the files before it; not restoring it or later records");
@@ -230,15 +229,16 @@ pub(crate) fn restore(db: &str, dir: &Path) -> Result<usize, StoreError> {
                 "{}{TEMP_SUFFIX}",
                 ltx::format_filename(h.min_txid, h.max_txid)
             ));
-            fs::write(&tmp, &rec.bytes)
-                .and_then(|()| File::open(&tmp)?.sync_data())
-                .map_err(io_err("write ltx", &tmp))?;
+            fs::write(&tmp, &rec.bytes).map_err(io_err("write ltx", &tmp))?;
             fs::rename(&tmp, &path).map_err(io_err("rename ltx", &path))?;
             info!(db, ltx = %path.display(), "restored LTX file from the log");
             restored += 1;
         }
         prev = Some(rec.pos);
     }
-    ltxio::fsync_dir(&ltx_dir).map_err(io_err("fsync ltx dir", &ltx_dir))?;
+    // The kept and the restored files, and their directory entries, in one flush.
+    File::open(&ltx_dir)
+        .and_then(|d| ltxio::syncfs(&d))
+        .map_err(io_err("sync ltx dir", &ltx_dir))?;
     Ok(restored)
 }

@@ -147,7 +147,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tracing::{error, info, warn};
 
@@ -250,11 +250,11 @@ pub struct Store {
     changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
-/// How long the LTX sync thread waits after the first commit of a batch.
-const SYNC_BATCH_DELAY: Duration = Duration::from_millis(20);
+/// How long the LTX sync thread lets named files accumulate before it syncs them.
+const SYNC_INTERVAL: Duration = Duration::from_secs(1);
 
-/// The thread that fsyncs named LTX files and their directories in batches (see
-/// `ltxlog.rs`).
+/// The thread that makes named LTX files and their directory entries durable in batches
+/// (see `ltxlog.rs`).
 struct Syncer {
     /// `None` asks the thread to stop.
     tx: mpsc::Sender<Option<String>>,
@@ -644,28 +644,26 @@ impl Store {
                             continue;
                         }
                     };
-                    // Let commits accumulate, so one directory fsync covers many files
-                    // and the batch competes less often with the commit path's own
-                    // fdatasync; everything queued meanwhile joins this batch.
-                    std::thread::sleep(SYNC_BATCH_DELAY);
+                    // Named files are durable through their log records until then:
+                    // one sync a second covers every file written meanwhile, at the cost
+                    // of one device flush instead of one per file.
+                    let deadline = Instant::now() + SYNC_INTERVAL;
                     let mut names = std::collections::BTreeSet::from([first]);
-                    let mut stop = false;
-                    while let Ok(m) = rx.try_recv() {
-                        match m {
-                            Some(n) => {
+                    loop {
+                        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                            Ok(Some(n)) => {
                                 names.insert(n);
                             }
-                            None => stop = true,
+                            // close() syncs every database itself after the thread ends.
+                            Ok(None) | Err(RecvTimeoutError::Disconnected) => return,
+                            Err(RecvTimeoutError::Timeout) => break,
                         }
                     }
                     let Some(store) = weak.upgrade() else { return };
                     for db in names.iter().filter_map(|n| store.db(n)) {
                         if let Err(e) = db.sync_ltx_files() {
-                            error!(error = %e, "cannot fsync LTX files; they stay in the LTX log");
+                            error!(error = %e, "cannot sync LTX files; they stay in the LTX log");
                         }
-                    }
-                    if stop {
-                        return;
                     }
                 }
             });

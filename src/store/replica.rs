@@ -32,7 +32,6 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -482,15 +481,8 @@ impl Store {
             return Ok(());
         }
         let d = File::open(&self.dbs_dir).map_err(dir_err)?;
-        // SAFETY: syncfs(2) on a descriptor we own for the duration of the call.
-        if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
-            return Err(StoreError::io(
-                "",
-                "sync data dir",
-                &self.dbs_dir,
-                io::Error::last_os_error(),
-            ));
-        }
+        super::ltxio::syncfs(&d)
+            .map_err(|e| StoreError::io("", "sync data dir", &self.dbs_dir, e))?;
         for m in &marked {
             let _ = fs::remove_file(m);
         }

@@ -635,6 +635,62 @@ fn kill_9_mid_workload_loses_no_acknowledged_commit() {
     }
 }
 
+/// With `synchronous=FULL` a WAL commit is made durable by the LTX log, not by an fsync
+/// of the WAL, and named LTX files are synced in batches. A power cut can then lose the
+/// WAL's frames and the newest named files: simulated here by killing litefs and then
+/// removing both, which a restart must repair from the log without losing a commit.
+#[test]
+fn commits_survive_losing_unsynced_wal_frames_and_ltx_files() {
+    let mut p = Process::start();
+    let path = p.path("cut.db");
+    let c = Connection::open(&path).unwrap();
+    c.execute_batch(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; CREATE TABLE t (x INTEGER);",
+    )
+    .unwrap();
+    for i in 1..=60 {
+        c.execute("INSERT INTO t VALUES (?1)", [i]).unwrap();
+    }
+    let status = p.signal(libc::SIGKILL);
+    assert!(!status.success());
+    drop(c);
+    let dir = p.data.join("dbs/cut.db");
+    let wal = fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("wal"))
+        .unwrap();
+    assert!(wal.metadata().unwrap().len() > 32, "no WAL frames to lose");
+    wal.set_len(32).unwrap();
+    drop(wal);
+    let files = super::support::ltx_files(&p.data, "cut.db");
+    for f in &files[files.len() - 5..] {
+        fs::remove_file(f).unwrap();
+    }
+    p.spawn();
+    let log = p.log_text();
+    assert!(log.contains("restored LTX file from the log"), "{log}");
+    assert!(
+        log.contains("re-applied LTX files whose WAL frames were lost"),
+        "{log}"
+    );
+    let c = Connection::open(&path).unwrap();
+    let (n, sum): (i64, i64) = c
+        .query_row("SELECT count(*), sum(x) FROM t", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!((n, sum), (60, 60 * 61 / 2), "acknowledged commits lost");
+    assert_eq!(integrity(&c), "ok");
+    checkpoint(&c);
+    drop(c);
+    let files = super::support::ltx_files(&p.data, "cut.db");
+    let (replayed, _) = apply_chain(&files);
+    assert!(
+        replayed == fs::read(dir.join("database")).unwrap(),
+        "chain does not reproduce the database"
+    );
+}
+
 #[test]
 fn a_stale_mount_still_in_use_is_reported_with_the_fix() {
     let mut p = Process::start();
