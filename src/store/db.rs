@@ -124,6 +124,8 @@ pub struct Db {
     syncing: Mutex<()>,
     /// A sync of named LTX files failed: the log must not restart (see `sync_ltx_files`).
     sync_failed: AtomicBool,
+    /// The store's spare files, taken for named LTX files (see `spare.rs`).
+    spares: std::sync::OnceLock<std::sync::Arc<super::spare::Spares>>,
     /// Asks the store's sync thread to fsync `unsynced` (by database name).
     syncer: Mutex<Option<mpsc::Sender<Option<String>>>>,
     pub(crate) state: Mutex<DbState>,
@@ -176,6 +178,7 @@ impl Db {
             named_written: AtomicU64::new(0),
             named_synced: AtomicU64::new(0),
             ltx_dir_file: Mutex::new(None),
+            spares: std::sync::OnceLock::new(),
             syncing: Mutex::new(()),
             sync_failed: AtomicBool::new(false),
             syncer: Mutex::new(None),
@@ -207,6 +210,15 @@ impl Db {
         self.counters.commits.fetch_add(1, Ordering::Relaxed);
         self.counters.ltx_files.fetch_add(1, Ordering::Relaxed);
         self.counters.ltx_bytes.fetch_add(len, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_spares(&self, spares: std::sync::Arc<super::spare::Spares>) {
+        let _ = self.spares.set(spares);
+    }
+
+    /// The store's spare files, once the database is registered with the store.
+    pub(crate) fn spares(&self) -> Option<&super::spare::Spares> {
+        self.spares.get().map(|s| &**s)
     }
 
     pub(crate) fn set_changes(&self, tx: std::sync::Arc<tokio::sync::watch::Sender<u64>>) {
@@ -368,8 +380,13 @@ impl Db {
                 );
             }
         }
-        ltxio::write_named(&dir, header, &record[super::ltxlog::RECORD_HEADER..])
-            .map_err(|e| e.into_store_error(&self.name))?;
+        ltxio::write_named(
+            &dir,
+            header,
+            &record[super::ltxlog::RECORD_HEADER..],
+            self.spares(),
+        )
+        .map_err(|e| e.into_store_error(&self.name))?;
         self.named_written.fetch_add(1, Ordering::AcqRel);
         if let Some(tx) = self
             .syncer

@@ -290,28 +290,20 @@ pub fn commit_file(
 }
 
 /// Writes `bytes` (a complete LTX file) under its final name in `dir` by rename of a
-/// temp file, without any fsync: the caller has made the bytes durable elsewhere (the
-/// log) and makes the file durable later (see `Db::sync_ltx_files`).
-pub fn write_named(dir: &Path, header: &Header, bytes: &[u8]) -> Result<(), LtxWriteError> {
+/// spare file or a new temp file, without any fsync: the caller has made the bytes
+/// durable elsewhere (the log) and makes the file durable later (see
+/// `Db::sync_ltx_files`).
+pub(crate) fn write_named(
+    dir: &Path,
+    header: &Header,
+    bytes: &[u8],
+    spares: Option<&super::spare::Spares>,
+) -> Result<(), LtxWriteError> {
     let name = ltx::format_filename(header.min_txid, header.max_txid);
     let tmp = dir.join(format!("{name}{TEMP_SUFFIX}"));
-    let result = (|| {
-        let f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(|e| LtxWriteError::Io("create ltx", tmp.clone(), e))?;
-        f.write_all_at(bytes, 0)
-            .map_err(|e| LtxWriteError::Io("write ltx", tmp.clone(), e))?;
-        let dst = dir.join(&name);
-        drop(f);
-        fs::rename(&tmp, &dst).map_err(|e| LtxWriteError::Io("rename ltx", dst, e))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    let dst = dir.join(&name);
+    super::spare::write_renamed(spares, &tmp, &dst, bytes)
+        .map_err(|e| LtxWriteError::Io("write ltx", dst, e))
 }
 
 /// Why writing an LTX file failed (converted to a [`StoreError`] naming the database).

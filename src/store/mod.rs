@@ -138,6 +138,7 @@ mod record;
 mod recovery;
 mod replica;
 mod snapshot;
+mod spare;
 pub mod wal;
 
 use std::collections::BTreeMap;
@@ -248,6 +249,9 @@ pub struct Store {
     writers: Mutex<BTreeMap<String, std::collections::BTreeSet<u64>>>,
     /// Bumped after every change of a position or of the set of databases.
     changes: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Empty files for named LTX files (see `spare.rs`).
+    spares: Arc<spare::Spares>,
+    spares_thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 /// How long the LTX sync thread lets named files accumulate before it syncs them.
@@ -324,6 +328,11 @@ impl Store {
                 Recovered::Nothing => {}
             }
         }
+        let spare_dir = opts.data_dir.join("spare");
+        let spares = Arc::new(
+            spare::Spares::open(spare_dir.clone())
+                .map_err(|e| StoreError::io("", "open spare files", &spare_dir, e))?,
+        );
         let store = Arc::new(Store {
             opts,
             strict_verify: std::sync::atomic::AtomicBool::new(false),
@@ -337,11 +346,25 @@ impl Store {
             write_gate: std::sync::RwLock::new(()),
             writers: Mutex::new(BTreeMap::new()),
             changes: Arc::new(tokio::sync::watch::Sender::new(0)),
+            spares,
+            spares_thread: Mutex::new(None),
         });
         for db in store.inner().dbs.values() {
             db.set_changes(store.changes.clone());
+            db.set_spares(store.spares.clone());
         }
         store.start_syncer();
+        match store.spares.start() {
+            Ok(t) => {
+                *store
+                    .spares_thread
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(t)
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot start the spare-file thread; LTX files are created as needed")
+            }
+        }
         if !store.opts.retention_monitor_interval.is_zero() {
             store.start_retention();
         }
@@ -427,6 +450,7 @@ impl Store {
             db.set_syncer(m.tx.clone());
         }
         db.set_changes(self.changes.clone());
+        db.set_spares(self.spares.clone());
         let db = Arc::new(db);
         inner.dbs.insert(name.to_string(), db.clone());
         self.notify_change();
@@ -462,6 +486,16 @@ impl Store {
     /// (position and page checksums), so the next open needs no re-hash. Every hook fails
     /// afterwards.
     pub fn close(&self) -> Result<(), StoreError> {
+        self.spares.stop();
+        if let Some(t) = self
+            .spares_thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            && t.join().is_err()
+        {
+            error!("spare-file thread panicked");
+        }
         // Replicated changes are synced (and their markers removed) before the records.
         if let Err(e) = self.sync_replicated() {
             error!(error = %e, "cannot sync replicated changes");
@@ -598,11 +632,17 @@ impl Store {
         };
         let mut removed = 0;
         for (name, dir) in live {
-            removed += prune(&name, &dir, cutoff, self.archive_floor(&name))?;
+            removed += prune(&name, &dir, cutoff, self.archive_floor(&name), &self.spares)?;
         }
         for name in deleted {
             let dir = self.dbs_dir.join(&name);
-            removed += prune(&name, &dir.join("ltx"), cutoff, self.archive_floor(&name))?;
+            removed += prune(
+                &name,
+                &dir.join("ltx"),
+                cutoff,
+                self.archive_floor(&name),
+                &self.spares,
+            )?;
             let files = ltxio::list(&dir.join("ltx"))
                 .map_err(|e| StoreError::io(&name, "list ltx", &dir, e))?;
             let floor = self.archive_floor(&name);
@@ -728,6 +768,7 @@ fn prune(
     dir: &Path,
     cutoff: SystemTime,
     floor: Option<TxId>,
+    spares: &spare::Spares,
 ) -> Result<usize, StoreError> {
     let files = ltxio::list(dir).map_err(|e| StoreError::io(db, "list ltx", dir, e))?;
     let mut removed = 0;
@@ -739,7 +780,7 @@ fn prune(
             if older_than(&f.path, cutoff)
                 .map_err(|e| StoreError::io(db, "stat ltx", &f.path, e))?
             {
-                match fs::remove_file(&f.path) {
+                match spares.recycle(&f.path) {
                     Ok(()) => removed += 1,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                     Err(e) => return Err(StoreError::io(db, "remove ltx", &f.path, e)),

@@ -174,12 +174,16 @@ impl Verified {
     }
 
     /// Puts the file's bytes at `dest` (not synced).
-    pub(super) fn keep(&self, db: &str, dest: &Path) -> Result<(), StoreError> {
+    pub(super) fn keep(
+        &self,
+        db: &str,
+        dest: &Path,
+        spares: Option<&super::spare::Spares>,
+    ) -> Result<(), StoreError> {
         match &self.body {
             Body::Decoded { raw, .. } | Body::Raw(raw) => {
                 let tmp = dest.with_extension(format!("ltx{}", ltxio::TEMP_SUFFIX));
-                fs::write(&tmp, raw)
-                    .and_then(|()| fs::rename(&tmp, dest))
+                super::spare::write_renamed(spares, &tmp, dest, raw)
                     .map_err(|e| StoreError::io(db, "keep ltx", dest, e))
             }
             Body::File(p) => {
@@ -417,12 +421,16 @@ impl Store {
             for old in
                 ltxio::list(&ltx_dir).map_err(|e| StoreError::io(name, "list ltx", &ltx_dir, e))?
             {
-                if let Err(e) = fs::remove_file(&old.path) {
+                let gone = match db.spares() {
+                    Some(sp) => sp.recycle(&old.path),
+                    None => fs::remove_file(&old.path),
+                };
+                if let Err(e) = gone {
                     warn!(db = name, path = %old.path.display(), error = %e, "cannot remove an LTX file replaced by a snapshot");
                 }
             }
         }
-        file.keep(name, &dest)?;
+        file.keep(name, &dest, db.spares())?;
         write_pages(&db, &st, &file, &dest, plan.replace)?;
         db.count_commit(&dest);
         let pos = commit_state(&mut st, &file, plan);
