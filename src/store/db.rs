@@ -206,7 +206,7 @@ impl Db {
         self.count_commit_bytes(fs::metadata(ltx).map_or(0, |m| m.len()));
     }
 
-    pub(super) fn count_commit_bytes(&self, len: u64) {
+    pub(crate) fn count_commit_bytes(&self, len: u64) {
         self.counters.commits.fetch_add(1, Ordering::Relaxed);
         self.counters.ltx_files.fetch_add(1, Ordering::Relaxed);
         self.counters.ltx_bytes.fetch_add(len, Ordering::Relaxed);

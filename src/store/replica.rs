@@ -174,6 +174,14 @@ impl Verified {
     }
 
     /// Puts the file's bytes at `dest` (not synced).
+    /// The file's size when it is held in memory.
+    pub(super) fn raw_len(&self) -> Option<u64> {
+        match &self.body {
+            Body::Decoded { raw, .. } | Body::Raw(raw) => Some(raw.len() as u64),
+            Body::File(_) => None,
+        }
+    }
+
     pub(super) fn keep(
         &self,
         db: &str,
@@ -432,7 +440,10 @@ impl Store {
         }
         file.keep(name, &dest, db.spares())?;
         write_pages(&db, &st, &file, &dest, plan.replace)?;
-        db.count_commit(&dest);
+        match file.raw_len() {
+            Some(len) => db.count_commit_bytes(len),
+            None => db.count_commit(&dest),
+        }
         let pos = commit_state(&mut st, &file, plan);
         drop(st);
         db.notify_change();
@@ -614,8 +625,16 @@ pub(super) fn write_pages(
     file.for_each_page(name, kept, |pgno, page| {
         dbf.write_all_at(page, u64::from(pgno - 1) * ps64)
     })?;
-    dbf.set_len(u64::from(h.commit) * ps64)
-        .map_err(|e| io_err("truncate database", e))?;
+    // An unchanged size leaves the inode alone (ftruncate would still touch it).
+    let size = u64::from(h.commit) * ps64;
+    let len = dbf
+        .metadata()
+        .map_err(|e| io_err("stat database", e))?
+        .len();
+    if len != size {
+        dbf.set_len(size)
+            .map_err(|e| io_err("truncate database", e))?;
+    }
     Ok(dbf)
 }
 
