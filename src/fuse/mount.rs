@@ -547,8 +547,7 @@ fn prepare_mount_point(dir: &Path) -> Result<(), MountError> {
             // for a while; opendir always asks the server.
             Some(entry)
                 if entry.fstype.starts_with("fuse")
-                    && std::fs::read_dir(dir)
-                        .is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN)) =>
+                    && std::fs::read_dir(dir).is_err_and(|e| is_disconnected(&e)) =>
             {
                 clear_stale_mount(dir, Some(entry))
             }
@@ -564,12 +563,20 @@ fn prepare_mount_point(dir: &Path) -> Result<(), MountError> {
             info!(dir = shown, "created mount point");
             Ok(())
         }
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+        Err(e) if is_disconnected(&e) => {
             let entry = mount_at(dir).map_err(io_err("read mountinfo", dir))?;
             clear_stale_mount(dir, entry)
         }
         Err(e) => Err(io_err("stat mount point", dir)(e)),
     }
+}
+
+/// The error of a request to a FUSE mount whose daemon is gone: `ENOTCONN`, or
+/// `ECONNABORTED` for a request that was waiting when the connection was aborted (over
+/// io_uring, requests made after the daemon died wait until the kernel has cancelled
+/// its rings, a moment later).
+fn is_disconnected(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED))
 }
 
 /// A dead FUSE mount is at `dir`: unmount it lazily when it is ours and unused,
