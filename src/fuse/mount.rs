@@ -571,12 +571,15 @@ fn prepare_mount_point(dir: &Path) -> Result<(), MountError> {
     }
 }
 
-/// The error of a request to a FUSE mount whose daemon is gone: `ENOTCONN`, or
-/// `ECONNABORTED` for a request that was waiting when the connection was aborted (over
-/// io_uring, requests made after the daemon died wait until the kernel has cancelled
-/// its rings, a moment later).
+/// The error of a request to a FUSE mount whose daemon is gone: `ENOTCONN`; over
+/// io_uring, a request made while the kernel tears down the dead daemon's rings (a
+/// moment after its death) fails with `ECONNABORTED` if it waited for a ring entry, or
+/// `ECANCELED` if it was handed to an entry of a ring whose thread had died.
 fn is_disconnected(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOTCONN | libc::ECONNABORTED | libc::ECANCELED)
+    )
 }
 
 /// A dead FUSE mount is at `dir`: unmount it lazily when it is ours and unused,
