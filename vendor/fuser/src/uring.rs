@@ -255,15 +255,15 @@ fn serve<FS: Filesystem>(
     };
     let fd = ch.as_fd().as_raw_fd();
     let first = ring.push(&entry.command(fd, CMD_REGISTER, qid, 0));
-    let early = first.and_then(|()| ring.submit()).map(|()| ring.peek());
-    match early {
-        Ok(None) => {
-            let _ = registered.send(Ok(()));
-        }
-        Ok(Some(res)) => {
+    let mut early = match first.and_then(|()| ring.submit()).map(|()| ring.peek()) {
+        Ok(Some(res)) if res < 0 => {
             let e = io::Error::from_raw_os_error(-res);
             let _ = registered.send(Err(format!("queue {qid}: registration refused: {e}")));
             return Ok(());
+        }
+        Ok(early) => {
+            let _ = registered.send(Ok(()));
+            early
         }
         Err(e) => {
             // Whether the kernel took the entry is unknown: keep its buffers.
@@ -271,36 +271,51 @@ fn serve<FS: Filesystem>(
             let _ = registered.send(Err(format!("queue {qid}: {e}")));
             return Ok(());
         }
-    }
+    };
     let mut next = None;
+    // Set while a replacement entry's registration is outstanding.
+    let mut replaced = false;
     loop {
-        let res = match next.take() {
-            None => ring.wait(),
-            Some(cmd) => ring.push(&cmd).and_then(|()| ring.wait()),
+        let res = match (early.take(), next.take()) {
+            (Some(res), _) => Ok(res),
+            (None, None) => ring.wait(),
+            (None, Some(cmd)) => ring.push(&cmd).and_then(|()| ring.wait()),
         };
         let res = match res {
             Ok(res) => res,
             Err(e) => {
+                error!("FUSE over io_uring, queue {qid}: {e}");
                 std::mem::forget(entry);
                 return Err(e);
             }
         };
-        if res < 0 {
-            return match -res {
-                // The connection ended (unmount, abort, the daemon's /dev/fuse closed)
-                // and the kernel released the entry.
-                libc::ENOTCONN | libc::ECONNABORTED | libc::ECANCELED | libc::ENODEV => {
-                    debug!("ring thread for queue {qid}: connection ended");
-                    Ok(())
-                }
-                errno => {
-                    let e = io::Error::from_raw_os_error(errno);
-                    error!("FUSE over io_uring, queue {qid}: {e}");
-                    std::mem::forget(entry);
-                    Err(e)
-                }
-            };
+        match -res {
+            ..=0 => {}
+            // The connection ended (unmount, abort, the daemon's /dev/fuse closed) and
+            // the kernel released the entry.
+            libc::ENOTCONN | libc::ECONNABORTED | libc::ECANCELED | libc::ENODEV => {
+                debug!("ring thread for queue {qid}: connection ended");
+                return Ok(());
+            }
+            // The kernel kept the entry but will not hand it a request again (a commit
+            // it could not match): carry on with a new one rather than leave the queue
+            // a thread short.
+            errno if !replaced => {
+                let e = io::Error::from_raw_os_error(errno);
+                error!("FUSE over io_uring, queue {qid}: {e}; registering a new entry");
+                std::mem::forget(entry);
+                entry = Entry::new(payload_size)?;
+                next = Some(entry.command(fd, CMD_REGISTER, qid, 0));
+                replaced = true;
+                continue;
+            }
+            errno => {
+                let e = io::Error::from_raw_os_error(errno);
+                error!("FUSE over io_uring, queue {qid}: a new entry was refused: {e}");
+                return Err(e);
+            }
         }
+        replaced = false;
         let unique = entry.handle(ch, event_loop);
         shared.requests.fetch_add(1, Ordering::Relaxed);
         next = Some(entry.command(fd, CMD_COMMIT_AND_FETCH, qid, unique));
