@@ -2,7 +2,10 @@
 //! measured side by side in one run (not a timed test).
 //!
 //! `cargo bench --bench fuse` (set `LITEFS_BENCH_SECS` to change the time per case,
-//! default 3; `LITEFS_BENCH_THREADS` sets the mount's request threads). For each case the same program runs against a database in a plain
+//! default 3; `LITEFS_BENCH_THREADS` sets the mount's `/dev/fuse` request threads,
+//! `LITEFS_BENCH_IO_URING=0` serves the mount from `/dev/fuse` only and
+//! `LITEFS_BENCH_IO_URING=N` over io_uring with N threads per CPU, when the kernel offers
+//! it). For each case the same program runs against a database in a plain
 //! directory and against one in the mount, on the same file system; the ratio is
 //! mount / plain.
 
@@ -137,7 +140,22 @@ fn main() {
     {
         opts.threads = t;
     }
+    if let Ok(v) = std::env::var("LITEFS_BENCH_IO_URING") {
+        let n: usize = v
+            .parse()
+            .expect("LITEFS_BENCH_IO_URING: threads per CPU, 0 = off");
+        opts.io_uring = n > 0;
+        opts.io_uring_threads = n.max(1);
+    }
     let mount = Mount::start(&opts, store.clone()).expect("mount");
+    println!(
+        "transport: {}",
+        if mount.io_uring() {
+            format!("io_uring, {} threads per CPU", opts.io_uring_threads)
+        } else {
+            "/dev/fuse".to_string()
+        }
+    );
 
     println!(
         "{:<28} {:>12} {:>12} {:>7}",

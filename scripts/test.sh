@@ -11,6 +11,12 @@ export PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts")
 if [ -d /sys/fs/fuse/connections ] && ! mountpoint -q /sys/fs/fuse/connections; then
   mount -t fusectl fusectl /sys/fs/fuse/connections || echo "test: fusectl not mounted" >&2
 fi
+# FUSE over io_uring (Linux 6.14+): new mounts are served from per-CPU rings, as in
+# production once root enables it; tests/it/fuse_uring.rs checks both transports.
+uring=/sys/module/fuse/parameters/enable_uring
+if [ -w "$uring" ]; then
+  echo Y > "$uring" || echo "test: cannot enable FUSE over io_uring" >&2
+fi
 cargo build --all-targets --locked
 threads="${LITEFS_TEST_THREADS:-4}"
 status=0

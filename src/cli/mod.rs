@@ -195,6 +195,8 @@ pub fn mount(cfg: Config, opts: MountOptions) -> anyhow::Result<ExitCode> {
     let mut fuse_opts = crate::fuse::MountOptions::new(&cfg.fuse.dir, &cfg.data.dir);
     fuse_opts.allow_other = cfg.fuse.allow_other;
     fuse_opts.debug = cfg.fuse.debug;
+    fuse_opts.io_uring = cfg.fuse.io_uring;
+    fuse_opts.io_uring_threads = cfg.fuse.io_uring_threads;
     fuse_opts.skip_unmount = opts.skip_unmount;
     // Before the store: a refused mount point must not get its data dir recovered.
     crate::fuse::prepare(&fuse_opts)?;

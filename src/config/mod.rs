@@ -134,6 +134,10 @@ pub struct FuseConfig {
     pub allow_other: bool,
     /// Log every FUSE call.
     pub debug: bool,
+    /// Serve FUSE requests over io_uring when the kernel offers it. Default true.
+    pub io_uring: bool,
+    /// Threads per CPU serving FUSE requests over io_uring. Default 2.
+    pub io_uring_threads: usize,
 }
 
 impl Default for FuseConfig {
@@ -142,6 +146,8 @@ impl Default for FuseConfig {
             dir: PathBuf::from("/litefs"),
             allow_other: false,
             debug: false,
+            io_uring: true,
+            io_uring_threads: crate::fuse::DEFAULT_IO_URING_THREADS,
         }
     }
 }

@@ -54,6 +54,15 @@ impl Config {
                 ),
             );
         }
+        if self.fuse.io_uring_threads == 0 || self.fuse.io_uring_threads > 64 {
+            return err(
+                "fuse.io-uring-threads",
+                format!(
+                    "is {}; give the threads per CPU from 1 to 64 (or set fuse.io-uring: false)",
+                    self.fuse.io_uring_threads
+                ),
+            );
+        }
         positive("data.retention", self.data.retention)?;
         positive(
             "data.retention-monitor-interval",

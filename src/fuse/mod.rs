@@ -68,5 +68,7 @@ mod mount;
 mod replica;
 
 pub use halt::PrimaryHalt;
-pub use mount::{Mount, MountError, MountOptions, prepare, run, run_with};
+pub use mount::{
+    DEFAULT_IO_URING_THREADS, Mount, MountError, MountOptions, prepare, run, run_with,
+};
 pub use replica::ReplicaApplier;

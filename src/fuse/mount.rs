@@ -7,7 +7,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fuser::{BackgroundSession, Config, MountOption, SessionACL};
+use fuser::{BackgroundSession, Config, IoUringStatus, MountOption, SessionACL};
 use tracing::{error, info, warn};
 
 use super::fs::{LiteFs, Shared};
@@ -31,9 +31,17 @@ pub struct MountOptions {
     /// Leave the file system mounted when litefs exits (`-skip-unmount`, for
     /// debugging; the mount is then stale until `fusermount3 -u`).
     pub skip_unmount: bool,
-    /// Kernel request threads. More than one lets a commit's fsync run while other
-    /// processes keep reading.
+    /// Kernel request threads reading `/dev/fuse`. More than one lets a commit's fsync
+    /// run while other processes keep reading.
     pub threads: usize,
+    /// Serve requests over io_uring when the kernel offers it (`fuse.io-uring`): one
+    /// queue per CPU, answered by threads pinned to that CPU, so a request is served
+    /// on the CPU it was made on. `/dev/fuse` otherwise.
+    pub io_uring: bool,
+    /// Threads per CPU with io_uring (`fuse.io-uring-threads`); each serves one request
+    /// at a time, so more let a slow request (a commit's fsync) not hold up others
+    /// made on the same CPU.
+    pub io_uring_threads: usize,
 }
 
 impl MountOptions {
@@ -46,9 +54,17 @@ impl MountOptions {
             debug: false,
             skip_unmount: false,
             threads: 4,
+            io_uring: true,
+            io_uring_threads: DEFAULT_IO_URING_THREADS,
         }
     }
 }
+
+/// Default of [`MountOptions::io_uring_threads`] (see `docs/performance.md`).
+pub const DEFAULT_IO_URING_THREADS: usize = 2;
+
+/// Where to turn FUSE over io_uring on (Linux 6.14+ built with `CONFIG_FUSE_IO_URING`).
+const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
 
 /// Why mounting, running or unmounting failed.
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +137,7 @@ pub struct Mount {
     session: Option<BackgroundSession>,
     shared: Arc<Shared>,
     dir: PathBuf,
+    io_uring: bool,
 }
 
 impl std::fmt::Debug for Mount {
@@ -153,6 +170,11 @@ impl Mount {
         }
         cfg.n_threads = Some(opts.threads.max(1));
         cfg.clone_fd = true;
+        cfg.io_uring_threads_per_cpu = if opts.io_uring {
+            opts.io_uring_threads.max(1)
+        } else {
+            0
+        };
         let session = fuser::spawn_mount(LiteFs::new(shared.clone()), &dir, &cfg).map_err(|e| {
             if e.raw_os_error() == Some(libc::EBUSY) {
                 MountError::Busy {
@@ -163,17 +185,30 @@ impl Mount {
             }
         })?;
         let _ = shared.notifier.set(session.notifier());
-        info!(dir = %dir.display(), allow_other = opts.allow_other, "mounted");
+        let io_uring = log_transport(&session, &dir, opts.allow_other);
         Ok(Mount {
             session: Some(session),
             shared,
             dir,
+            io_uring,
         })
     }
 
     /// The mount point.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Whether requests are served over io_uring (see [`MountOptions::io_uring`]).
+    pub fn io_uring(&self) -> bool {
+        self.io_uring
+    }
+
+    /// Requests served over io_uring so far (the others came through `/dev/fuse`).
+    pub fn io_uring_requests(&self) -> u64 {
+        self.session
+            .as_ref()
+            .map_or(0, BackgroundSession::io_uring_requests)
     }
 
     /// The applier a replica hands received LTX files to (see [`ReplicaApplier`]), and
@@ -261,8 +296,9 @@ impl Mount {
                 Err(e) => return Err(io_err("unmount", &self.dir)(e)),
             }
         }
+        let io_uring_requests = session.io_uring_requests();
         session.join().map_err(io_err("join", &self.dir))?;
-        info!(dir = %self.dir.display(), "unmounted");
+        info!(dir = %self.dir.display(), io_uring_requests, "unmounted");
         Ok(())
     }
 }
@@ -273,6 +309,44 @@ impl Drop for Mount {
             error!(error = %e, "unmount on drop failed");
         }
     }
+}
+
+/// Logs the mount and how requests reach litefs (once the rings registered); returns
+/// whether that is io_uring.
+fn log_transport(session: &BackgroundSession, dir: &Path, allow_other: bool) -> bool {
+    let dir = dir.display();
+    match session.io_uring_status(Duration::from_secs(10)) {
+        Some(IoUringStatus::Active {
+            queues,
+            threads_per_queue,
+        }) => {
+            info!(%dir, allow_other, transport = "io_uring", queues, threads_per_queue, "mounted");
+            return true;
+        }
+        Some(IoUringStatus::Off) => {
+            info!(%dir, allow_other, transport = "/dev/fuse", "mounted (fuse.io-uring is off)");
+        }
+        Some(IoUringStatus::NotOffered) => {
+            info!(%dir, allow_other, transport = "/dev/fuse", "mounted");
+            info!(
+                "FUSE over io_uring is not offered by the kernel; it needs Linux 6.14+ built \
+                 with CONFIG_FUSE_IO_URING, enabled by root with `echo Y > {ENABLE_URING}` \
+                 (before mounting); requests are served from /dev/fuse"
+            );
+        }
+        Some(IoUringStatus::Failed(why)) => {
+            info!(%dir, allow_other, transport = "/dev/fuse", "mounted");
+            warn!(
+                why,
+                "FUSE over io_uring could not be set up; requests are served from /dev/fuse"
+            );
+        }
+        // Not expected: the rings register without waiting for anything.
+        Some(_) | None => {
+            warn!(%dir, allow_other, "mounted; FUSE over io_uring still not set up after 10 s");
+        }
+    }
+    false
 }
 
 /// Mounts, serves until `shutdown` resolves (or the mount is removed from outside, or
@@ -473,8 +547,7 @@ fn prepare_mount_point(dir: &Path) -> Result<(), MountError> {
             // for a while; opendir always asks the server.
             Some(entry)
                 if entry.fstype.starts_with("fuse")
-                    && std::fs::read_dir(dir)
-                        .is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN)) =>
+                    && std::fs::read_dir(dir).is_err_and(|e| is_disconnected(&e)) =>
             {
                 clear_stale_mount(dir, Some(entry))
             }
@@ -490,12 +563,23 @@ fn prepare_mount_point(dir: &Path) -> Result<(), MountError> {
             info!(dir = shown, "created mount point");
             Ok(())
         }
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+        Err(e) if is_disconnected(&e) => {
             let entry = mount_at(dir).map_err(io_err("read mountinfo", dir))?;
             clear_stale_mount(dir, entry)
         }
         Err(e) => Err(io_err("stat mount point", dir)(e)),
     }
+}
+
+/// The error of a request to a FUSE mount whose daemon is gone: `ENOTCONN`; over
+/// io_uring, a request made while the kernel tears down the dead daemon's rings (a
+/// moment after its death) fails with `ECONNABORTED` if it waited for a ring entry, or
+/// `ECANCELED` if it was handed to an entry of a ring whose thread had died.
+fn is_disconnected(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOTCONN | libc::ECONNABORTED | libc::ECANCELED)
+    )
 }
 
 /// A dead FUSE mount is at `dir`: unmount it lazily when it is ours and unused,

@@ -127,6 +127,8 @@ fn defaults_are_litefs_defaults() {
     assert_eq!(cfg.data.retention_monitor_interval, Duration::from_secs(60));
     assert_eq!(cfg.fuse.dir, Path::new("/litefs"));
     assert!(!cfg.fuse.allow_other && !cfg.fuse.debug);
+    assert!(cfg.fuse.io_uring);
+    assert_eq!(cfg.fuse.io_uring_threads, 2);
     assert_eq!(cfg.http.addr, ":20202");
     assert_eq!(cfg.http.snapshot_timeout, None);
     assert_eq!(cfg.proxy.addr, None);
@@ -147,6 +149,14 @@ fn defaults_are_litefs_defaults() {
     assert!(!cfg.log.timestamp && !cfg.log.debug);
     // advertise-url derives from the hostname and the HTTP port, as in LiteFS.
     assert_eq!(cfg.lease.advertise_url, "http://me:20202");
+}
+
+#[test]
+fn fuse_io_uring_keys_are_read() {
+    let cfg =
+        parse("lease:\n  type: static\nfuse:\n  io-uring: false\n  io-uring-threads: 3\n").unwrap();
+    assert!(!cfg.fuse.io_uring);
+    assert_eq!(cfg.fuse.io_uring_threads, 3);
 }
 
 #[test]
@@ -341,7 +351,7 @@ fuse:
     let e = err("data:\n  dir: /d\nfuse:\n  dir: /litefs\n  dri: /x\n");
     assert_eq!(
         e.to_string(),
-        "litefs.yml:5:3: unknown key 'fuse.dri' (expected one of: dir, allow-other, debug)"
+        "litefs.yml:5:3: unknown key 'fuse.dri' (expected one of: dir, allow-other, debug, io-uring, io-uring-threads)"
     );
 
     // Inside a list of exec entries, and in flow style.
@@ -507,6 +517,11 @@ fn semantic_errors_name_the_key_and_line() {
             "lease:\n  type: static\nexec:\n  - cmd: \"\"\n",
             4,
             "exec[0].cmd",
+        ),
+        (
+            "lease:\n  type: static\nfuse:\n  io-uring-threads: 0\n",
+            4,
+            "fuse.io-uring-threads",
         ),
     ];
     for (text, line, key) in cases {

@@ -9,6 +9,7 @@ mod elect_cluster;
 mod etcd_server;
 mod exec;
 mod fuse;
+mod fuse_uring;
 mod halt;
 mod lease_consul;
 mod lease_consul_server;
