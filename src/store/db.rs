@@ -124,6 +124,8 @@ pub struct Db {
     syncing: Mutex<()>,
     /// A sync of named LTX files failed: the log must not restart (see `sync_ltx_files`).
     sync_failed: AtomicBool,
+    /// The sync thread was asked to sync this database and has not started yet.
+    sync_queued: AtomicBool,
     /// The store's spare files, taken for named LTX files (see `spare.rs`).
     spares: std::sync::OnceLock<std::sync::Arc<super::spare::Spares>>,
     /// Asks the store's sync thread to fsync `unsynced` (by database name).
@@ -181,6 +183,7 @@ impl Db {
             spares: std::sync::OnceLock::new(),
             syncing: Mutex::new(()),
             sync_failed: AtomicBool::new(false),
+            sync_queued: AtomicBool::new(false),
             syncer: Mutex::new(None),
             state: Mutex::new(state),
             changes: std::sync::OnceLock::new(),
@@ -290,6 +293,12 @@ impl Db {
         *self.syncer.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
+    /// [`Db::sync_ltx_files`] for the sync thread: files written from now on ask it again.
+    pub(crate) fn sync_queued_ltx_files(&self) -> Result<(), StoreError> {
+        self.sync_queued.store(false, Ordering::Release);
+        self.sync_ltx_files()
+    }
+
     /// Makes the named LTX files written so far durable, with their directory entries:
     /// one `syncfs` of the data file system (one device flush, however many files).
     /// Called by the store's sync thread about once a second, before the log starts a
@@ -388,11 +397,14 @@ impl Db {
         )
         .map_err(|e| e.into_store_error(&self.name))?;
         self.named_written.fetch_add(1, Ordering::AcqRel);
-        if let Some(tx) = self
-            .syncer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
+        // One request per batch: waking the sync thread at every commit cost a context
+        // switch each.
+        if !self.sync_queued.swap(true, Ordering::AcqRel)
+            && let Some(tx) = self
+                .syncer
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
         {
             let _ = tx.send(Some(self.name.clone()));
         }
@@ -651,6 +663,11 @@ impl Db {
     /// such a request: the caller must fsync then.
     pub fn wal_sync_requested(&self) -> Result<(), StoreError> {
         let mut st = self.usable()?;
+        // Nothing written past the capture cursor since the last capture (the usual
+        // case: the commit was captured at its commit frame's write).
+        if st.wal.is_some_and(|c| c.offset >= st.wal_end) {
+            return Ok(());
+        }
         self.capture_wal(&mut st)
     }
 

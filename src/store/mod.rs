@@ -701,7 +701,7 @@ impl Store {
                     }
                     let Some(store) = weak.upgrade() else { return };
                     for db in names.iter().filter_map(|n| store.db(n)) {
-                        if let Err(e) = db.sync_ltx_files() {
+                        if let Err(e) = db.sync_queued_ltx_files() {
                             error!(error = %e, "cannot sync LTX files; they stay in the LTX log");
                         }
                     }
