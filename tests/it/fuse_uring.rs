@@ -272,3 +272,75 @@ fn a_fusectl_abort_ends_litefs_and_it_mounts_again() {
         .unwrap();
     assert_eq!(n, 1);
 }
+
+/// A file system whose `getattr` answers from another thread, later.
+struct DeferredReplies;
+
+impl fuser::Filesystem for DeferredReplies {
+    fn getattr(
+        &self,
+        _req: &fuser::Request,
+        ino: fuser::INodeNo,
+        _fh: Option<fuser::FileHandle>,
+        reply: fuser::ReplyAttr,
+    ) {
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            let t = std::time::SystemTime::UNIX_EPOCH;
+            let attr = fuser::FileAttr {
+                ino,
+                size: 0,
+                blocks: 0,
+                atime: t,
+                mtime: t,
+                ctime: t,
+                crtime: t,
+                kind: fuser::FileType::Directory,
+                perm: 0o751,
+                nlink: 2,
+                uid: 0,
+                gid: 0,
+                rdev: 0,
+                blksize: 4096,
+                flags: 0,
+            };
+            reply.attr(&Duration::ZERO, &attr);
+        });
+    }
+}
+
+#[test]
+fn a_reply_sent_later_from_another_thread_reaches_the_caller_over_io_uring() {
+    if !offered("a_reply_sent_later_from_another_thread_reaches_the_caller_over_io_uring") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = fuser::Config::default();
+    cfg.mount_options = vec![fuser::MountOption::FSName("deferred".into())];
+    cfg.io_uring_threads_per_cpu = 1;
+    // Unmounted on drop, also when an assertion fails.
+    let session = Unmount(Some(
+        fuser::spawn_mount(DeferredReplies, tmp.path(), &cfg).unwrap(),
+    ));
+    let s = session.0.as_ref().unwrap();
+    assert!(matches!(
+        s.io_uring_status(Duration::from_secs(10)),
+        Some(fuser::IoUringStatus::Active { .. })
+    ));
+    for _ in 0..5 {
+        let mode = std::fs::metadata(tmp.path()).unwrap().mode();
+        assert_eq!(mode & 0o777, 0o751);
+    }
+    assert!(s.io_uring_requests() >= 5);
+}
+
+/// Unmounts a `fuser` session when dropped.
+struct Unmount(Option<fuser::BackgroundSession>);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            let _ = s.umount_and_join();
+        }
+    }
+}
