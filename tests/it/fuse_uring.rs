@@ -195,8 +195,8 @@ fn config(io_uring: Option<bool>) -> impl Fn(&Path, &Path) -> String {
 }
 
 /// What the mount and unmount log lines say about the transport of a `litefs mount`
-/// process that served one SQLite transaction.
-fn logged_transport(io_uring: Option<bool>) -> (String, String) {
+/// process that served one SQLite transaction, and the whole log.
+fn logged_transport(io_uring: Option<bool>) -> (String, String, String) {
     let mut p = Process::start_with(config(io_uring));
     let c = Connection::open(p.path("t.db")).unwrap();
     c.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
@@ -210,20 +210,23 @@ fn logged_transport(io_uring: Option<bool>) -> (String, String) {
             .unwrap_or_else(|| panic!("no {what:?} line in:\n{log}"))
             .to_string()
     };
-    (line("mounted"), line("unmounted"))
+    (line("mounted"), line("unmounted"), log.clone())
 }
 
 #[test]
 fn the_log_says_which_transport_serves_the_mount() {
-    let (mounted, unmounted) = logged_transport(Some(false));
+    let (mounted, unmounted, _) = logged_transport(Some(false));
     assert!(mounted.contains("transport=\"/dev/fuse\""), "{mounted}");
     assert!(mounted.contains("fuse.io-uring is off"), "{mounted}");
     assert!(unmounted.contains("io_uring_requests=0"), "{unmounted}");
+    // The default uses io_uring when the kernel offers it, and otherwise says how to
+    // turn it on.
+    let (mounted, unmounted, log) = logged_transport(None);
     if !offered("the_log_says_which_transport_serves_the_mount") {
+        assert!(mounted.contains("transport=\"/dev/fuse\""), "{mounted}");
+        assert!(log.contains(&format!("echo Y > {ENABLE_URING}")), "{log}");
         return;
     }
-    // The default uses io_uring when the kernel offers it.
-    let (mounted, unmounted) = logged_transport(None);
     assert!(mounted.contains("transport=\"io_uring\""), "{mounted}");
     let served: u64 = unmounted
         .split("io_uring_requests=")
@@ -234,11 +237,9 @@ fn the_log_says_which_transport_serves_the_mount() {
     assert!(served > 10, "{unmounted}");
 }
 
+/// Over io_uring when the kernel offers it, else over `/dev/fuse`.
 #[test]
 fn a_fusectl_abort_ends_litefs_and_it_mounts_again() {
-    if !offered("a_fusectl_abort_ends_litefs_and_it_mounts_again") {
-        return;
-    }
     let conns = Path::new("/sys/fs/fuse/connections");
     let mut p = Process::start();
     let minor = libc::minor(std::fs::metadata(&p.mnt).unwrap().dev());
