@@ -195,8 +195,8 @@ fn config(io_uring: Option<bool>) -> impl Fn(&Path, &Path) -> String {
 }
 
 /// What the mount and unmount log lines say about the transport of a `litefs mount`
-/// process that served one SQLite transaction.
-fn logged_transport(io_uring: Option<bool>) -> (String, String) {
+/// process that served one SQLite transaction, and the whole log.
+fn logged_transport(io_uring: Option<bool>) -> (String, String, String) {
     let mut p = Process::start_with(config(io_uring));
     let c = Connection::open(p.path("t.db")).unwrap();
     c.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
@@ -210,20 +210,23 @@ fn logged_transport(io_uring: Option<bool>) -> (String, String) {
             .unwrap_or_else(|| panic!("no {what:?} line in:\n{log}"))
             .to_string()
     };
-    (line("mounted"), line("unmounted"))
+    (line("mounted"), line("unmounted"), log.clone())
 }
 
 #[test]
 fn the_log_says_which_transport_serves_the_mount() {
-    let (mounted, unmounted) = logged_transport(Some(false));
+    let (mounted, unmounted, _) = logged_transport(Some(false));
     assert!(mounted.contains("transport=\"/dev/fuse\""), "{mounted}");
     assert!(mounted.contains("fuse.io-uring is off"), "{mounted}");
     assert!(unmounted.contains("io_uring_requests=0"), "{unmounted}");
+    // The default uses io_uring when the kernel offers it, and otherwise says how to
+    // turn it on.
+    let (mounted, unmounted, log) = logged_transport(None);
     if !offered("the_log_says_which_transport_serves_the_mount") {
+        assert!(mounted.contains("transport=\"/dev/fuse\""), "{mounted}");
+        assert!(log.contains(&format!("echo Y > {ENABLE_URING}")), "{log}");
         return;
     }
-    // The default uses io_uring when the kernel offers it.
-    let (mounted, unmounted) = logged_transport(None);
     assert!(mounted.contains("transport=\"io_uring\""), "{mounted}");
     let served: u64 = unmounted
         .split("io_uring_requests=")
@@ -234,11 +237,9 @@ fn the_log_says_which_transport_serves_the_mount() {
     assert!(served > 10, "{unmounted}");
 }
 
+/// Over io_uring when the kernel offers it, else over `/dev/fuse`.
 #[test]
 fn a_fusectl_abort_ends_litefs_and_it_mounts_again() {
-    if !offered("a_fusectl_abort_ends_litefs_and_it_mounts_again") {
-        return;
-    }
     let conns = Path::new("/sys/fs/fuse/connections");
     let mut p = Process::start();
     let minor = libc::minor(std::fs::metadata(&p.mnt).unwrap().dev());
@@ -271,4 +272,76 @@ fn a_fusectl_abort_ends_litefs_and_it_mounts_again() {
         .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
         .unwrap();
     assert_eq!(n, 1);
+}
+
+/// A file system whose `getattr` answers from another thread, later.
+struct DeferredReplies;
+
+impl fuser::Filesystem for DeferredReplies {
+    fn getattr(
+        &self,
+        _req: &fuser::Request,
+        ino: fuser::INodeNo,
+        _fh: Option<fuser::FileHandle>,
+        reply: fuser::ReplyAttr,
+    ) {
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            let t = std::time::SystemTime::UNIX_EPOCH;
+            let attr = fuser::FileAttr {
+                ino,
+                size: 0,
+                blocks: 0,
+                atime: t,
+                mtime: t,
+                ctime: t,
+                crtime: t,
+                kind: fuser::FileType::Directory,
+                perm: 0o751,
+                nlink: 2,
+                uid: 0,
+                gid: 0,
+                rdev: 0,
+                blksize: 4096,
+                flags: 0,
+            };
+            reply.attr(&Duration::ZERO, &attr);
+        });
+    }
+}
+
+#[test]
+fn a_reply_sent_later_from_another_thread_reaches_the_caller_over_io_uring() {
+    if !offered("a_reply_sent_later_from_another_thread_reaches_the_caller_over_io_uring") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = fuser::Config::default();
+    cfg.mount_options = vec![fuser::MountOption::FSName("deferred".into())];
+    cfg.io_uring_threads_per_cpu = 1;
+    // Unmounted on drop, also when an assertion fails.
+    let session = Unmount(Some(
+        fuser::spawn_mount(DeferredReplies, tmp.path(), &cfg).unwrap(),
+    ));
+    let s = session.0.as_ref().unwrap();
+    assert!(matches!(
+        s.io_uring_status(Duration::from_secs(10)),
+        Some(fuser::IoUringStatus::Active { .. })
+    ));
+    for _ in 0..5 {
+        let mode = std::fs::metadata(tmp.path()).unwrap().mode();
+        assert_eq!(mode & 0o777, 0o751);
+    }
+    assert!(s.io_uring_requests() >= 5);
+}
+
+/// Unmounts a `fuser` session when dropped.
+struct Unmount(Option<fuser::BackgroundSession>);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            let _ = s.umount_and_join();
+        }
+    }
 }

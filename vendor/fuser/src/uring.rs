@@ -539,6 +539,9 @@ struct SlotState {
     unique: u64,
     /// Its reply, once sent.
     reply: Option<Vec<u8>>,
+    /// The ring thread waits for the reply (a notification is a system call, only
+    /// needed then).
+    waiting: bool,
     /// A buffer kept for the next reply.
     spare: Vec<u8>,
 }
@@ -570,8 +573,11 @@ impl Slot {
             buf.extend_from_slice(d);
         }
         s.reply = Some(buf);
+        let waiting = s.waiting;
         drop(s);
-        self.sent.notify_all();
+        if waiting {
+            self.sent.notify_all();
+        }
         Ok(())
     }
 
@@ -588,11 +594,13 @@ impl Slot {
     }
 
     fn wait(&self) -> Vec<u8> {
-        let s = self.lock();
+        let mut s = self.lock();
+        s.waiting = true;
         let mut s = self
             .sent
             .wait_while(s, |s| s.reply.is_none())
             .unwrap_or_else(|e| e.into_inner());
+        s.waiting = false;
         // No later reply may match: unique 0 is never a request.
         s.unique = 0;
         s.reply.take().unwrap_or_default()
