@@ -650,7 +650,16 @@ impl Db {
     /// transaction committed in the WAL since the last capture becomes one LTX file each,
     /// durable before this returns.
     pub fn wal_write_lock_released(&self) -> Result<(), StoreError> {
+        self.capture_wal_written()
+    }
+
+    /// Captures what was written to the WAL past the capture cursor, if anything (the
+    /// usual case is nothing: the commit was captured at its commit frame's write).
+    fn capture_wal_written(&self) -> Result<(), StoreError> {
         let mut st = self.usable()?;
+        if st.wal.is_some_and(|c| c.offset >= st.wal_end) {
+            return Ok(());
+        }
         self.capture_wal(&mut st)
     }
 
@@ -662,13 +671,7 @@ impl Db {
     /// checkpoint's sync of the WAL (before it copies frames into the database) is not
     /// such a request: the caller must fsync then.
     pub fn wal_sync_requested(&self) -> Result<(), StoreError> {
-        let mut st = self.usable()?;
-        // Nothing written past the capture cursor since the last capture (the usual
-        // case: the commit was captured at its commit frame's write).
-        if st.wal.is_some_and(|c| c.offset >= st.wal_end) {
-            return Ok(());
-        }
-        self.capture_wal(&mut st)
+        self.capture_wal_written()
     }
 
     /// The WAL is about to be truncated to `size`. Anything committed is captured first;

@@ -1041,6 +1041,13 @@ fn writer_and_readers(mode: &str) {
         }
         stop.store(true, Ordering::Relaxed);
     });
+    // Connections closing at the same time may each leave the final checkpoint to the
+    // other: copy whatever the WAL still holds into the database file before comparing.
+    let c = env.open("db");
+    let _: i64 = c
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+        .unwrap_or(0);
+    drop(c);
     env.assert_no_hook_errors();
     let db = env.store.db("db").unwrap();
     db.verify().unwrap();
