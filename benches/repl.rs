@@ -2,7 +2,8 @@
 //! processes on 127.0.0.1, each case with a plain baseline in the same run.
 //!
 //! `cargo bench --bench repl [CASE]` with CASE one of `lag` (`lag1`: one writer,
-//! `lag4`: four), `catchup`, `snapshot` (default: all). `LITEFS_BENCH_SNAPSHOT_MB` sets the snapshot database size (default
+//! `lag4`: four), `catchup`, `snapshot` (default: all). `LITEFS_BENCH_LAG_DUMP=FILE`
+//! writes each lag case's commit times and lags (ms) to FILE, for plotting. `LITEFS_BENCH_SNAPSHOT_MB` sets the snapshot database size (default
 //! 1024).
 //!
 //! - **lag**: a writer commits single-row transactions (WAL, `synchronous=NORMAL`) at a
@@ -187,16 +188,33 @@ fn lag(rate: u32, seconds: u32, ndb: usize, plain_dir: &Path) {
         .into_iter()
         .map(|v| v.into_iter().collect())
         .collect();
-    let mut lags: Vec<Duration> =
-        done.iter()
-            .enumerate()
-            .flat_map(|(d, times)| {
-                let (seen, start) = (&seen[d], starts[d]);
-                times.iter().enumerate().map(move |(i, at)| {
-                    seen[&(start + i as u64 + 1)].saturating_duration_since(*at)
-                })
+    let mut timeline: Vec<(Instant, Duration)> = done
+        .iter()
+        .enumerate()
+        .flat_map(|(d, times)| {
+            let (seen, start) = (&seen[d], starts[d]);
+            times.iter().enumerate().map(move |(i, at)| {
+                (
+                    *at,
+                    seen[&(start + i as u64 + 1)].saturating_duration_since(*at),
+                )
+            })
+        })
+        .collect();
+    if let Some(path) = std::env::var_os("LITEFS_BENCH_LAG_DUMP") {
+        // Commit time (ms from the first commit) and lag (ms) of every transaction.
+        timeline.sort_by_key(|(at, _)| *at);
+        let t0 = timeline.first().map(|(at, _)| *at);
+        let lines: String = timeline
+            .iter()
+            .map(|(at, lag)| {
+                let since = t0.map_or(0.0, |t| at.duration_since(t).as_secs_f64() * 1e3);
+                format!("{since:.3} {:.3}\n", lag.as_secs_f64() * 1e3)
             })
             .collect();
+        std::fs::write(&path, lines).expect("LITEFS_BENCH_LAG_DUMP");
+    }
+    let mut lags: Vec<Duration> = timeline.into_iter().map(|(_, l)| l).collect();
     lags.sort();
     let q = |f: f64| lags[((lags.len() as f64 * f) as usize).min(lags.len() - 1)];
     println!(

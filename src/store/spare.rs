@@ -28,6 +28,13 @@ use tracing::warn;
 const TARGET: usize = 256;
 /// Recycled files kept beyond [`TARGET`] (retention can expire many at once).
 const RECYCLE_CAP: usize = 4 * TARGET;
+/// The refill thread wakes when the pool falls below this.
+const LOW: usize = TARGET - 32;
+/// Spares made between pauses of [`REFILL_PAUSE`] (at most 8,000 a second in all).
+const REFILL_STEP: usize = 8;
+const REFILL_PAUSE: Duration = Duration::from_millis(1);
+/// Subdirectory where new spares are created before they join the pool.
+const STAGING: &str = "new";
 
 #[derive(Debug, Default)]
 struct State {
@@ -47,10 +54,18 @@ pub(crate) struct Spares {
 impl Spares {
     /// Opens the pool in `dir` (created if missing), adopting the files already there.
     pub(crate) fn open(dir: PathBuf) -> io::Result<Spares> {
-        fs::create_dir_all(&dir)?;
+        let staging = dir.join(STAGING);
+        fs::create_dir_all(&staging)?;
+        // Files a crash left half made: gone (their numbers are not reused below).
+        for entry in fs::read_dir(&staging)? {
+            fs::remove_file(entry?.path())?;
+        }
         let mut st = State::default();
         for entry in fs::read_dir(&dir)? {
             let entry = entry?;
+            if entry.file_name() == STAGING {
+                continue;
+            }
             match entry
                 .file_name()
                 .to_str()
@@ -86,7 +101,7 @@ impl Spares {
             let path = {
                 let mut st = self.state();
                 let p = st.free.pop()?;
-                if st.free.len() < TARGET / 2 {
+                if st.free.len() < LOW {
                     self.wake.notify_one();
                 }
                 p
@@ -132,23 +147,33 @@ impl Spares {
         }
     }
 
-    /// Creates spares until the pool holds [`TARGET`].
+    /// Creates spares until the pool holds [`TARGET`]. Each is created in `new/` and then
+    /// renamed into the pool: creating a file holds its directory's lock while the
+    /// inode is allocated (the slow part), which would stall the commit path's rename
+    /// out of the pool's directory.
     fn refill(&self) -> io::Result<()> {
-        loop {
-            let path = {
+        let staging = self.dir.join(STAGING);
+        for made in 1.. {
+            // In small steps: a burst of allocations competes with the commit path for
+            // the CPU (and, on ext4 without a journal, for the inode bitmap).
+            if made % REFILL_STEP == 0 {
+                std::thread::sleep(REFILL_PAUSE);
+            }
+            let name = {
                 let mut st = self.state();
                 if st.stop || st.free.len() >= TARGET {
                     return Ok(());
                 }
                 st.next += 1;
-                self.dir.join((st.next - 1).to_string())
+                (st.next - 1).to_string()
             };
-            OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)?;
+            let new = staging.join(&name);
+            OpenOptions::new().write(true).create_new(true).open(&new)?;
+            let path = self.dir.join(&name);
+            fs::rename(&new, &path)?;
             self.state().free.push(path);
         }
+        Ok(())
     }
 
     /// Starts the `litefs-spares` thread, which refills the pool whenever it runs low,
@@ -166,7 +191,7 @@ impl Spares {
                     let (st, _) = me
                         .wake
                         .wait_timeout_while(st, Duration::from_secs(1), |s| {
-                            !s.stop && s.free.len() >= TARGET / 2
+                            !s.stop && s.free.len() >= LOW
                         })
                         .unwrap_or_else(|p| p.into_inner());
                     if st.stop {
@@ -217,6 +242,14 @@ pub(crate) fn write_renamed(
 mod tests {
     use super::*;
 
+    /// Spare files in the pool's directory (not counting the staging directory).
+    fn spares_in(dir: &Path) -> usize {
+        fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name() != STAGING)
+            .count()
+    }
+
     #[test]
     fn spares_are_taken_refilled_recycled_and_adopted() {
         let dir = tempfile::tempdir().unwrap();
@@ -224,7 +257,7 @@ mod tests {
         let pool = Spares::open(spare_dir.clone()).unwrap();
         assert!(pool.take().is_none(), "a new pool is empty until refilled");
         pool.refill().unwrap();
-        assert_eq!(fs::read_dir(&spare_dir).unwrap().count(), TARGET);
+        assert_eq!(spares_in(&spare_dir), TARGET);
 
         // A named file written through the pool takes a spare's inode.
         let dest = dir.path().join("0000000000000001-0000000000000001.ltx");
@@ -232,21 +265,28 @@ mod tests {
         write_renamed(Some(&pool), &tmp, &dest, b"hello").unwrap();
         assert_eq!(fs::read(&dest).unwrap(), b"hello");
         assert!(!tmp.exists(), "no new file was created");
-        assert_eq!(fs::read_dir(&spare_dir).unwrap().count(), TARGET - 1);
+        assert_eq!(spares_in(&spare_dir), TARGET - 1);
 
         // Recycled: emptied and back in the pool under a new name.
         pool.recycle(&dest).unwrap();
         assert!(!dest.exists());
-        assert_eq!(fs::read_dir(&spare_dir).unwrap().count(), TARGET);
+        assert_eq!(spares_in(&spare_dir), TARGET);
         for e in fs::read_dir(&spare_dir).unwrap() {
-            assert_eq!(e.unwrap().metadata().unwrap().len(), 0);
+            let m = e.unwrap().metadata().unwrap();
+            assert!(m.is_dir() || m.len() == 0);
         }
 
         // A spare left holding bytes by a crash is adopted and emptied when taken.
         drop(pool);
         let leftover = spare_dir.join("9999");
         fs::write(&leftover, b"torn").unwrap();
+        fs::write(spare_dir.join(STAGING).join("10000"), b"").unwrap();
         let pool = Spares::open(spare_dir.clone()).unwrap();
+        assert_eq!(
+            fs::read_dir(spare_dir.join(STAGING)).unwrap().count(),
+            0,
+            "a half-made spare is removed"
+        );
         let (path, f) = pool.take().unwrap();
         assert_eq!(path, leftover, "the highest-numbered file is taken first");
         assert_eq!(f.metadata().unwrap().len(), 0);

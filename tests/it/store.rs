@@ -873,6 +873,7 @@ fn retention_removes_old_files_and_keeps_the_newest() {
     // Their inodes are kept, emptied, as spare files for the next LTX files.
     let spares: Vec<(u64, u64)> = fs::read_dir(env.data().join("spare"))
         .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_type().unwrap().is_file())
         .map(|e| {
             let m = e.unwrap().metadata().unwrap();
             (m.ino(), m.len())
