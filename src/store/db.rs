@@ -119,7 +119,7 @@ pub struct Db {
     named_synced: AtomicU64,
     /// The `ltx/` directory, open since before the first named file was written, so
     /// `syncfs` on it reports any writeback error since (see `sync_ltx_files`).
-    ltx_dir_file: Mutex<Option<File>>,
+    ltx_dir_file: std::sync::OnceLock<File>,
     /// Held while named files are being synced, so a log restart can wait for it.
     syncing: Mutex<()>,
     /// A sync of named LTX files failed: the log must not restart (see `sync_ltx_files`).
@@ -179,7 +179,7 @@ impl Db {
             strict: AtomicBool::new(false),
             named_written: AtomicU64::new(0),
             named_synced: AtomicU64::new(0),
-            ltx_dir_file: Mutex::new(None),
+            ltx_dir_file: std::sync::OnceLock::new(),
             spares: std::sync::OnceLock::new(),
             syncing: Mutex::new(()),
             sync_failed: AtomicBool::new(false),
@@ -320,7 +320,8 @@ impl Db {
         if written == self.named_synced.load(Ordering::Acquire) {
             return Ok(());
         }
-        let r = match &*self.ltx_dir_file.lock().unwrap_or_else(|p| p.into_inner()) {
+        // Not under a lock the commit path takes: a sync can last many milliseconds.
+        let r = match self.ltx_dir_file.get() {
             Some(d) => ltxio::syncfs(d),
             None => Ok(()),
         };
@@ -380,14 +381,10 @@ impl Db {
             }
             _ => return Err(log_err(io::Error::other("LTX record larger than the log"))),
         }
-        {
-            let mut d = self.ltx_dir_file.lock().unwrap_or_else(|p| p.into_inner());
-            if d.is_none() {
-                *d = Some(
-                    File::open(&dir)
-                        .map_err(|e| StoreError::io(&self.name, "open ltx dir", &dir, e))?,
-                );
-            }
+        if self.ltx_dir_file.get().is_none() {
+            let d = File::open(&dir)
+                .map_err(|e| StoreError::io(&self.name, "open ltx dir", &dir, e))?;
+            let _ = self.ltx_dir_file.set(d);
         }
         ltxio::write_named(
             &dir,
