@@ -632,17 +632,11 @@ impl Store {
         };
         let mut removed = 0;
         for (name, dir) in live {
-            removed += prune(&name, &dir, cutoff, self.archive_floor(&name), &self.spares)?;
+            removed += prune(&name, &dir, cutoff, self.archive_floor(&name))?;
         }
         for name in deleted {
             let dir = self.dbs_dir.join(&name);
-            removed += prune(
-                &name,
-                &dir.join("ltx"),
-                cutoff,
-                self.archive_floor(&name),
-                &self.spares,
-            )?;
+            removed += prune(&name, &dir.join("ltx"), cutoff, self.archive_floor(&name))?;
             let files = ltxio::list(&dir.join("ltx"))
                 .map_err(|e| StoreError::io(&name, "list ltx", &dir, e))?;
             let floor = self.archive_floor(&name);
@@ -768,7 +762,6 @@ fn prune(
     dir: &Path,
     cutoff: SystemTime,
     floor: Option<TxId>,
-    spares: &spare::Spares,
 ) -> Result<usize, StoreError> {
     let files = ltxio::list(dir).map_err(|e| StoreError::io(db, "list ltx", dir, e))?;
     let mut removed = 0;
@@ -780,7 +773,7 @@ fn prune(
             if older_than(&f.path, cutoff)
                 .map_err(|e| StoreError::io(db, "stat ltx", &f.path, e))?
             {
-                match spares.recycle(&f.path) {
+                match fs::remove_file(&f.path) {
                     Ok(()) => removed += 1,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                     Err(e) => return Err(StoreError::io(db, "remove ltx", &f.path, e)),

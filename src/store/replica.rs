@@ -429,11 +429,7 @@ impl Store {
             for old in
                 ltxio::list(&ltx_dir).map_err(|e| StoreError::io(name, "list ltx", &ltx_dir, e))?
             {
-                let gone = match db.spares() {
-                    Some(sp) => sp.recycle(&old.path),
-                    None => fs::remove_file(&old.path),
-                };
-                if let Err(e) = gone {
+                if let Err(e) = fs::remove_file(&old.path) {
                     warn!(db = name, path = %old.path.display(), error = %e, "cannot remove an LTX file replaced by a snapshot");
                 }
             }

@@ -7,9 +7,9 @@
 //! (`recently_deleted`), reading the inode table for each, so with retention removing
 //! LTX files as fast as commits create them, one `create` cost hundreds of microseconds
 //! (measured: about 28% of all CPU time of a primary and a replica at 640 tx/s). The
-//! `litefs-spares` thread keeps the pool filled off the commit path, and retention
-//! recycles the files it expires into the pool (emptied first) instead of unlinking them,
-//! so a node in a steady state frees and allocates no inodes at all.
+//! `litefs-spares` thread keeps the pool filled off the commit path. (Expired LTX files
+//! are not recycled into the pool: a reader may still hold one open, and unlink is what
+//! keeps its content intact for that reader.)
 //!
 //! Spares carry no data that matters: a crash may leave one that was being written
 //! (taken, written, not yet renamed); it is adopted again at start-up and emptied when
@@ -26,8 +26,6 @@ use tracing::warn;
 
 /// How many spares the pool keeps ready.
 const TARGET: usize = 256;
-/// Recycled files kept beyond [`TARGET`] (retention can expire many at once).
-const RECYCLE_CAP: usize = 4 * TARGET;
 /// The refill thread wakes when the pool falls below this.
 const LOW: usize = TARGET - 32;
 /// Spares made between pauses of [`REFILL_PAUSE`] (at most 8,000 a second in all).
@@ -106,8 +104,8 @@ impl Spares {
                 }
                 p
             };
-            // Truncating an empty file changes nothing; a recycled file was emptied
-            // when it was recycled, and one left by a crash is emptied here.
+            // Truncating an empty file changes nothing; one a crash left holding
+            // bytes is emptied here.
             match OpenOptions::new().write(true).truncate(true).open(&path) {
                 Ok(f) => return Some((path, f)),
                 Err(e) => {
@@ -115,35 +113,6 @@ impl Spares {
                     let _ = fs::remove_file(&path);
                 }
             }
-        }
-    }
-
-    /// Puts `path` (an expired LTX file) into the pool, emptied, or removes it when
-    /// the pool is full (or the file cannot be emptied). `NotFound` when `path` is gone.
-    pub(crate) fn recycle(&self, path: &Path) -> io::Result<()> {
-        let name = {
-            let mut st = self.state();
-            if st.stop || st.free.len() >= RECYCLE_CAP {
-                None
-            } else {
-                st.next += 1;
-                Some(self.dir.join((st.next - 1).to_string()))
-            }
-        };
-        let Some(dest) = name else {
-            return fs::remove_file(path);
-        };
-        let emptied = OpenOptions::new()
-            .write(true)
-            .open(path)
-            .and_then(|f| f.set_len(0));
-        match emptied.and_then(|()| fs::rename(path, &dest)) {
-            Ok(()) => {
-                self.state().free.push(dest);
-                Ok(())
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(e),
-            Err(_) => fs::remove_file(path),
         }
     }
 
@@ -251,7 +220,7 @@ mod tests {
     }
 
     #[test]
-    fn spares_are_taken_refilled_recycled_and_adopted() {
+    fn spares_are_taken_refilled_and_adopted() {
         let dir = tempfile::tempdir().unwrap();
         let spare_dir = dir.path().join("spare");
         let pool = Spares::open(spare_dir.clone()).unwrap();
@@ -266,15 +235,6 @@ mod tests {
         assert_eq!(fs::read(&dest).unwrap(), b"hello");
         assert!(!tmp.exists(), "no new file was created");
         assert_eq!(spares_in(&spare_dir), TARGET - 1);
-
-        // Recycled: emptied and back in the pool under a new name.
-        pool.recycle(&dest).unwrap();
-        assert!(!dest.exists());
-        assert_eq!(spares_in(&spare_dir), TARGET);
-        for e in fs::read_dir(&spare_dir).unwrap() {
-            let m = e.unwrap().metadata().unwrap();
-            assert!(m.is_dir() || m.len() == 0);
-        }
 
         // A spare left holding bytes by a crash is adopted and emptied when taken.
         drop(pool);
