@@ -938,6 +938,26 @@ mod tests {
         (dir, s, db_dir)
     }
 
+    /// Overwrites bytes of the database file behind the store's back (a torn or lost write).
+    fn write_db_at(db_dir: &Path, offset: u64, bytes: &[u8]) {
+        OpenOptions::new()
+            .write(true)
+            .open(db_dir.join("database"))
+            .unwrap()
+            .write_all_at(bytes, offset)
+            .unwrap();
+    }
+
+    /// Page `pgno` of the database file as it is on disk.
+    fn read_page(db_dir: &Path, pgno: u32) -> Vec<u8> {
+        let mut buf = vec![0u8; PS as usize];
+        File::open(db_dir.join("database"))
+            .unwrap()
+            .read_exact_at(&mut buf, u64::from(pgno - 1) * u64::from(PS))
+            .unwrap();
+        buf
+    }
+
     /// A replica with applied but unsynced files whose process died while it wrote the
     /// pages of its last file (page 2 torn): start-up writes that file again and opens
     /// at its TXID; marker gone.
@@ -945,23 +965,14 @@ mod tests {
     fn start_up_completes_a_torn_last_file() {
         let (dir, s, db_dir) = two_files_applied_unsynced();
         // Torn: half of page 2 still has the old content.
-        let dbf = OpenOptions::new()
-            .write(true)
-            .open(db_dir.join("database"))
-            .unwrap();
-        dbf.write_all_at(&[0xAB; 2048], u64::from(PS)).unwrap();
+        write_db_at(&db_dir, u64::from(PS), &[0xAB; 2048]);
         drop(s);
         let s = open(dir.path());
         let db = s.db("t.db").unwrap();
         assert_eq!(db.pos().txid, TxId(2));
         db.verify().unwrap();
         assert!(!db_dir.join(MARKER).exists());
-        let mut p2 = vec![0u8; PS as usize];
-        File::open(db_dir.join("database"))
-            .unwrap()
-            .read_exact_at(&mut p2, u64::from(PS))
-            .unwrap();
-        assert_eq!(p2, page(2, 0xCD));
+        assert_eq!(read_page(&db_dir, 2), page(2, 0xCD));
         s.close().unwrap();
     }
 
@@ -971,11 +982,7 @@ mod tests {
     #[test]
     fn start_up_empties_a_database_that_lost_writes() {
         let (dir, s, db_dir) = two_files_applied_unsynced();
-        let dbf = OpenOptions::new()
-            .write(true)
-            .open(db_dir.join("database"))
-            .unwrap();
-        dbf.write_all_at(&[9; 16], 2 * u64::from(PS)).unwrap();
+        write_db_at(&db_dir, 2 * u64::from(PS), &[9; 16]);
         drop(s);
         let s = open(dir.path());
         let db = s.db("t.db").unwrap();
@@ -1053,23 +1060,13 @@ mod tests {
         let (dir, s, f2) = primary_with_forwarded_file();
         let pos = s.apply_forwarded("t.db", verified(&f2)).unwrap();
         let db_dir = dir.path().join("dbs/t.db");
-        OpenOptions::new()
-            .write(true)
-            .open(db_dir.join("database"))
-            .unwrap()
-            .write_all_at(&page(2, 0xAB), u64::from(PS))
-            .unwrap();
+        write_db_at(&db_dir, u64::from(PS), &page(2, 0xAB));
         File::create(db_dir.join(MARKER)).unwrap();
         drop(s);
         let s = open(dir.path());
         let db = s.db("t.db").unwrap();
         assert_eq!(db.pos(), pos);
         db.verify().unwrap();
-        let mut p2 = vec![0u8; PS as usize];
-        File::open(db_dir.join("database"))
-            .unwrap()
-            .read_exact_at(&mut p2, u64::from(PS))
-            .unwrap();
-        assert_eq!(p2, page(2, 0xCD));
+        assert_eq!(read_page(&db_dir, 2), page(2, 0xCD));
     }
 }
