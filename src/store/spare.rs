@@ -12,8 +12,10 @@
 //! keeps its content intact for that reader.)
 //!
 //! Spares carry no data that matters: a crash may leave one that was being written
-//! (taken, written, not yet renamed); it is adopted again at start-up and emptied when
-//! taken. Nothing needs them to be durable.
+//! (taken, written, not yet renamed); start-up removes it, so every spare handed out is
+//! empty and is opened without `O_TRUNC` (on ext4 a truncated file is written out when
+//! it is closed, which queued a write of each named LTX file ahead of the next commit's
+//! device flush: `docs/performance.md`). Nothing needs spares to be durable.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -71,7 +73,13 @@ impl Spares {
             {
                 Some(n) => {
                     st.next = st.next.max(n + 1);
-                    st.free.push(entry.path());
+                    // One a crash left holding bytes (taken and written, not yet
+                    // renamed) is removed: `take` hands out files as they are.
+                    if entry.metadata()?.len() > 0 {
+                        fs::remove_file(entry.path())?;
+                    } else {
+                        st.free.push(entry.path());
+                    }
                 }
                 None => {
                     warn!(path = %entry.path().display(), "ignoring unexpected file among spare files")
@@ -104,9 +112,11 @@ impl Spares {
                 }
                 p
             };
-            // Truncating an empty file changes nothing; one a crash left holding
-            // bytes is emptied here.
-            match OpenOptions::new().write(true).truncate(true).open(&path) {
+            // Not `O_TRUNC`: every spare is empty (made so, or emptied at start-up),
+            // and on ext4 truncating a file marks it to be written out when closed,
+            // which would put a write of each named LTX file in the device's queue
+            // ahead of the next commit's flush.
+            match OpenOptions::new().write(true).open(&path) {
                 Ok(f) => return Some((path, f)),
                 Err(e) => {
                     warn!(path = %path.display(), error = %e, "cannot open a spare file; dropping it");
@@ -236,10 +246,13 @@ mod tests {
         assert!(!tmp.exists(), "no new file was created");
         assert_eq!(spares_in(&spare_dir), TARGET - 1);
 
-        // A spare left holding bytes by a crash is adopted and emptied when taken.
+        // A spare left holding bytes by a crash is removed at start-up; an empty one
+        // is adopted; a half-made one in staging is removed.
         drop(pool);
         let leftover = spare_dir.join("9999");
-        fs::write(&leftover, b"torn").unwrap();
+        fs::write(&leftover, b"torn LTX bytes").unwrap();
+        let adopted = spare_dir.join("9998");
+        fs::write(&adopted, b"").unwrap();
         fs::write(spare_dir.join(STAGING).join("10000"), b"").unwrap();
         let pool = Spares::open(spare_dir.clone()).unwrap();
         assert_eq!(
@@ -247,9 +260,15 @@ mod tests {
             0,
             "a half-made spare is removed"
         );
+        assert!(!leftover.exists(), "a spare holding bytes is removed");
         let (path, f) = pool.take().unwrap();
-        assert_eq!(path, leftover, "the highest-numbered file is taken first");
+        assert_eq!(path, adopted, "the highest-numbered file is taken first");
         assert_eq!(f.metadata().unwrap().len(), 0);
+        drop(f);
+        // Written through the pool, a named file holds exactly the new bytes.
+        let dest2 = dir.path().join("0000000000000002-0000000000000002.ltx");
+        write_renamed(Some(&pool), &tmp, &dest2, b"hi").unwrap();
+        assert_eq!(fs::read(&dest2).unwrap(), b"hi");
         while pool.take().is_some() {}
         pool.refill().unwrap();
         let (next, _) = pool.take().unwrap();
