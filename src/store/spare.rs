@@ -75,10 +75,15 @@ impl Spares {
                     st.next = st.next.max(n + 1);
                     // One a crash left holding bytes (taken and written, not yet
                     // renamed) is removed: `take` hands out files as they are.
-                    if entry.metadata()?.len() > 0 {
-                        fs::remove_file(entry.path())?;
-                    } else {
-                        st.free.push(entry.path());
+                    match entry.metadata() {
+                        Ok(m) if m.len() == 0 => st.free.push(entry.path()),
+                        Ok(_) => match fs::remove_file(entry.path()) {
+                            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                            _ => {}
+                        },
+                        // Gone meanwhile (taken by another store on this directory).
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(e),
                     }
                 }
                 None => {

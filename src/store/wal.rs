@@ -134,7 +134,6 @@ pub fn scan(
     offset: u64,
     seed: WalChecksum,
 ) -> io::Result<Vec<WalTxn>> {
-    let len = file.metadata()?.len();
     let frame_size = header.frame_size();
     let mut buf = vec![0u8; frame_size as usize];
     let mut txns = Vec::new();
@@ -142,8 +141,11 @@ pub fn scan(
     let mut cksum = seed;
     let mut txn_start = offset;
     let mut pages: BTreeMap<u32, u64> = BTreeMap::new();
-    while pos + frame_size <= len {
-        file.read_exact_at(&mut buf, pos)?;
+    // Read until a frame is cut short by the end of the file, without a stat: on Linux
+    // 6.13+ a stat marks the WAL's times as queried, so its next write takes a
+    // fine-grained time, which moves every file's next time forward: the LTX log's
+    // mtime then changed at every commit and each commit's fdatasync wrote its inode too.
+    while read_full_at(file, &mut buf, pos)? {
         let pgno = be32(&buf, 0);
         let commit = be32(&buf, 4);
         if pgno == 0 || be32(&buf, 8) != header.salt1 || be32(&buf, 12) != header.salt2 {
@@ -169,6 +171,20 @@ pub fn scan(
         }
     }
     Ok(txns)
+}
+
+/// Fills `buf` from `offset`; `false` if the file ends first.
+fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => return Ok(false),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
 }
 
 /// Reads and parses the header of the WAL `file`; `None` if it is short or invalid.

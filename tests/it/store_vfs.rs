@@ -734,7 +734,9 @@ unsafe extern "C" fn f_shm_unmap(f: *mut ffi::sqlite3_file, delete: c_int) -> c_
     }
 }
 
-/// Recursive copy of a directory tree (regular files only).
+/// Recursive copy of a directory tree (regular files only). The store may be running:
+/// a file that is gone by the time it is copied (a spare file taken or moved into the
+/// pool by the store's refill thread) is left out, as a crash at that moment would.
 pub fn copy_dir(src: &Path, dst: &Path) {
     std::fs::create_dir_all(dst).unwrap();
     for e in std::fs::read_dir(src).unwrap() {
@@ -743,7 +745,12 @@ pub fn copy_dir(src: &Path, dst: &Path) {
         if e.file_type().unwrap().is_dir() {
             copy_dir(&e.path(), &to);
         } else {
-            std::fs::copy(e.path(), &to).unwrap();
+            match std::fs::copy(e.path(), &to) {
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                r => {
+                    r.unwrap();
+                }
+            }
         }
     }
 }
