@@ -1184,16 +1184,23 @@ fn read_db_page(
 
 /// Reads a page; the part beyond the end of the file reads as zeros (SQLite's view).
 pub(crate) fn read_page_or_zeros(f: &File, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    let n = read_up_to(f, buf, offset)?;
+    buf[n..].fill(0);
+    Ok(())
+}
+
+/// Fills `buf` from `offset` until it is full or the file ends; returns the bytes read.
+pub(crate) fn read_up_to(f: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
-        let n = f.read_at(&mut buf[done..], offset + done as u64)?;
-        if n == 0 {
-            buf[done..].fill(0);
-            break;
+        match f.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
-        done += n;
     }
-    Ok(())
+    Ok(done)
 }
 
 pub(crate) fn read_db_header(db: &str, f: &File, path: &Path) -> Result<[u8; 100], StoreError> {

@@ -117,10 +117,10 @@ impl Spares {
                 }
                 p
             };
-            // Not `O_TRUNC`: every spare is empty (made so, or emptied at start-up),
-            // and on ext4 truncating a file marks it to be written out when closed,
-            // which would put a write of each named LTX file in the device's queue
-            // ahead of the next commit's flush.
+            // Not `O_TRUNC`: every spare is empty (made so; start-up removes one a crash
+            // left holding bytes), and on ext4 truncating a file marks it to be written
+            // out when closed, which would put a write of each named LTX file in the
+            // device's queue ahead of the next commit's flush.
             match OpenOptions::new().write(true).open(&path) {
                 Ok(f) => return Some((path, f)),
                 Err(e) => {

@@ -145,7 +145,7 @@ pub fn scan(
     // 6.13+ a stat marks the WAL's times as queried, so its next write takes a
     // fine-grained time, which moves every file's next time forward: the LTX log's
     // mtime then changed at every commit and each commit's fdatasync wrote its inode too.
-    while read_full_at(file, &mut buf, pos)? {
+    while super::db::read_up_to(file, &mut buf, pos)? == buf.len() {
         let pgno = be32(&buf, 0);
         let commit = be32(&buf, 4);
         if pgno == 0 || be32(&buf, 8) != header.salt1 || be32(&buf, 12) != header.salt2 {
@@ -171,20 +171,6 @@ pub fn scan(
         }
     }
     Ok(txns)
-}
-
-/// Fills `buf` from `offset`; `false` if the file ends first.
-fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<bool> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => return Ok(false),
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(true)
 }
 
 /// Reads and parses the header of the WAL `file`; `None` if it is short or invalid.
