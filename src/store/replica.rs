@@ -173,7 +173,6 @@ impl Verified {
         }
     }
 
-    /// Puts the file's bytes at `dest` (not synced).
     /// The file's size when it is held in memory.
     pub(super) fn raw_len(&self) -> Option<u64> {
         match &self.body {
@@ -182,6 +181,7 @@ impl Verified {
         }
     }
 
+    /// Puts the file's bytes at `dest` (not synced), in a spare file when one is ready.
     pub(super) fn keep(
         &self,
         db: &str,
