@@ -118,8 +118,9 @@ pub struct Db {
     /// ...and how many of them the last `syncfs` made durable.
     named_synced: AtomicU64,
     /// The `ltx/` directory, open since before the first named file was written, so
-    /// `syncfs` on it reports any writeback error since (see `sync_ltx_files`).
-    ltx_dir_file: std::sync::OnceLock<File>,
+    /// `syncfs` on it reports any writeback error since (see `sync_ltx_files`), and the
+    /// device of its file system.
+    ltx_dir_file: std::sync::OnceLock<(File, u64)>,
     /// Held while named files are being synced, so a log restart can wait for it.
     syncing: Mutex<()>,
     /// A sync of named LTX files failed: the log must not restart (see `sync_ltx_files`).
@@ -293,19 +294,33 @@ impl Db {
         *self.syncer.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
-    /// [`Db::sync_ltx_files`] for the sync thread: files written from now on ask it again.
-    pub(crate) fn sync_queued_ltx_files(&self) -> Result<(), StoreError> {
+    /// For the sync thread: clears the request (files written from now on ask again)
+    /// and returns how many named files a sync starting now must cover.
+    pub(crate) fn take_sync_request(&self) -> u64 {
         self.sync_queued.store(false, Ordering::Release);
-        self.sync_ltx_files()
+        self.named_written.load(Ordering::Acquire)
     }
 
     /// Makes the named LTX files written so far durable, with their directory entries:
     /// one `syncfs` of the data file system (one device flush, however many files).
-    /// Called by the store's sync thread about once a second, before the log starts a
-    /// new run, and at close. After a failed sync `sync_failed` is set: a later sync may
-    /// report success without the data having reached the disk, so the log keeps the
-    /// records for good (every later restart of the log fails, and with it the commit).
+    /// Called before the log starts a new run and at close. After a failed sync
+    /// `sync_failed` is set: a later sync may report success without the data having
+    /// reached the disk, so the log keeps the records for good (every later restart of
+    /// the log fails, and with it the commit).
     pub(crate) fn sync_ltx_files(&self) -> Result<(), StoreError> {
+        let written = self.named_written.load(Ordering::Acquire);
+        self.sync_ltx_files_upto(written, &mut Vec::new())
+    }
+
+    /// Makes the first `written` named files durable. `synced` lists the devices whose
+    /// file system was synced after those files were written (by the sync thread's
+    /// round, for another database): no second `syncfs` is needed there; a device
+    /// synced here is added to it.
+    pub(crate) fn sync_ltx_files_upto(
+        &self,
+        written: u64,
+        synced: &mut Vec<u64>,
+    ) -> Result<(), StoreError> {
         let _batch = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
         let dir = self.ltx_dir();
         if self.sync_failed.load(Ordering::Acquire) {
@@ -316,20 +331,20 @@ impl Db {
                 io::Error::other("an earlier sync of LTX files failed"),
             ));
         }
-        let written = self.named_written.load(Ordering::Acquire);
-        if written == self.named_synced.load(Ordering::Acquire) {
+        if written <= self.named_synced.load(Ordering::Acquire) {
             return Ok(());
         }
         // Not under a lock the commit path takes: a sync can last many milliseconds.
-        let r = match self.ltx_dir_file.get() {
-            Some(d) => ltxio::syncfs(d),
-            None => Ok(()),
-        };
-        if let Err(e) = r {
-            self.sync_failed.store(true, Ordering::Release);
-            return Err(StoreError::io(&self.name, "sync ltx", dir, e));
+        if let Some((d, dev)) = self.ltx_dir_file.get()
+            && !synced.contains(dev)
+        {
+            if let Err(e) = ltxio::syncfs(d) {
+                self.sync_failed.store(true, Ordering::Release);
+                return Err(StoreError::io(&self.name, "sync ltx", dir, e));
+            }
+            synced.push(*dev);
         }
-        self.named_synced.store(written, Ordering::Release);
+        self.named_synced.fetch_max(written, Ordering::AcqRel);
         Ok(())
     }
 
@@ -382,7 +397,12 @@ impl Db {
             _ => return Err(log_err(io::Error::other("LTX record larger than the log"))),
         }
         if self.ltx_dir_file.get().is_none() {
+            use std::os::unix::fs::MetadataExt;
             let d = File::open(&dir)
+                .and_then(|d| {
+                    let dev = d.metadata()?.dev();
+                    Ok((d, dev))
+                })
                 .map_err(|e| StoreError::io(&self.name, "open ltx dir", &dir, e))?;
             let _ = self.ltx_dir_file.set(d);
         }

@@ -694,8 +694,19 @@ impl Store {
                         }
                     }
                     let Some(store) = weak.upgrade() else { return };
-                    for db in names.iter().filter_map(|n| store.db(n)) {
-                        if let Err(e) = db.sync_queued_ltx_files() {
+                    // What each database had written before the round's first sync: one
+                    // `syncfs` covers every database on that file system.
+                    let pending: Vec<_> = names
+                        .iter()
+                        .filter_map(|n| store.db(n))
+                        .map(|db| {
+                            let written = db.take_sync_request();
+                            (db, written)
+                        })
+                        .collect();
+                    let mut synced = Vec::new();
+                    for (db, written) in pending {
+                        if let Err(e) = db.sync_ltx_files_upto(written, &mut synced) {
                             error!(error = %e, "cannot sync LTX files; they stay in the LTX log");
                         }
                     }
