@@ -9,7 +9,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::decide::{Decision, FileMeta, decide};
+use super::decide::{Decision, FileMeta, SnapshotReason, decide};
 use crate::ltx::{self, Checksum, Pos, TxId};
 use crate::store::{Db, Store, StoreError, list_ltx_files, read_ltx_ends};
 use crate::transport::{Frame, StreamRequest};
@@ -89,7 +89,8 @@ pub async fn serve(
         // commit a file the scan below misses, and must not be taken for the last.
         let stepped_down = !store.is_primary() && store.writers_in_flight() == 0;
         let mut sent_any = false;
-        // One file per database per round: a busy database does not starve the others.
+        // A bounded run of files per database per round: a busy database does not
+        // starve the others.
         for db in store.databases() {
             let have = known.get(db.name()).copied();
             match step(&store, &db, have, archive_ok, &tmp_dir, node, &tx).await? {
@@ -176,8 +177,10 @@ enum Step {
     ToArchive,
 }
 
-/// Sends what database `db` needs next for a replica at `have`. Where a snapshot is
-/// due and `archive_ok` (the replica reads this primary's archive), sends
+/// Sends what database `db` needs next for a replica at `have`: the consecutive files
+/// that follow it, up to [`ROUND_FILES`] and [`ROUND_BYTES`] (read in one blocking
+/// task), or one file too large to read whole, or a snapshot. Where a snapshot is due
+/// and `archive_ok` (the replica reads this primary's archive), sends
 /// [`Frame::Archive`] instead when [`archive_target`] finds a position to send it to.
 async fn step(
     store: &Store,
@@ -188,24 +191,36 @@ async fn step(
     node: u64,
     tx: &mpsc::Sender<Frame>,
 ) -> Result<Step, StreamError> {
-    let current = db.pos();
-    let next_txid = TxId(have.map_or(0, |p| p.txid.0).saturating_add(1));
-    let files = next_file(db, next_txid)?;
-    let metas: Vec<FileMeta> = files.iter().map(|(m, _, _)| *m).collect();
-    match decide(have, current, &metas) {
-        Decision::UpToDate => Ok(Step::UpToDate),
-        Decision::SendFile(meta) => {
-            let Some((_, path, post)) = files.into_iter().find(|(m, _, _)| *m == meta) else {
-                return Ok(Step::UpToDate);
-            };
-            send_file(db.name(), &path, tx).await?;
-            debug!(replica = node, db = db.name(), txid = %meta.max, "sent ltx");
+    let d = db.clone();
+    let round = tokio::task::spawn_blocking(move || plan_round(&d, have))
+        .await
+        .map_err(|e| StreamError::Io {
+            path: db.ltx_dir(),
+            source: std::io::Error::other(e),
+        })??;
+    match round {
+        Round::UpToDate => Ok(Step::UpToDate),
+        Round::Files(files) => {
+            let mut sent = None;
+            for (meta, post, data) in files {
+                send_bytes(db.name(), data, tx).await?;
+                debug!(replica = node, db = db.name(), txid = %meta.max, "sent ltx");
+                sent = Some(Pos {
+                    txid: meta.max,
+                    post_apply_checksum: post,
+                });
+            }
+            Ok(sent.map_or(Step::UpToDate, Step::Sent))
+        }
+        Round::Large(kept) => {
+            send_file(db.name(), &kept.path, tx).await?;
+            debug!(replica = node, db = db.name(), txid = %kept.meta.max, "sent ltx");
             Ok(Step::Sent(Pos {
-                txid: meta.max,
-                post_apply_checksum: post,
+                txid: kept.meta.max,
+                post_apply_checksum: kept.post,
             }))
         }
-        Decision::SendSnapshot(reason) => {
+        Round::Snapshot(reason, current) => {
             if archive_ok && let Some(target) = archive_target(store, db, current)? {
                 info!(
                     replica = node,
@@ -253,6 +268,68 @@ async fn step(
     }
 }
 
+/// Most files one round sends of one database (a busy database does not starve the
+/// others, and a replica far behind gets many files per round)...
+const ROUND_FILES: usize = 64;
+/// ...and most bytes; files up to this size are read whole, larger ones are streamed
+/// from disk in a round of their own.
+const ROUND_BYTES: usize = 1 << 20;
+
+/// What one round sends of one database (see [`plan_round`]).
+enum Round {
+    UpToDate,
+    /// Consecutive files read whole, each with its post-apply checksum.
+    Files(Vec<(FileMeta, Checksum, Vec<u8>)>),
+    /// The next file, too large to read whole.
+    Large(Kept),
+    /// A snapshot is due; the primary's position.
+    Snapshot(SnapshotReason, Pos),
+}
+
+/// Decides ([`decide`]) and reads what a replica at `have` gets next of `db`, file after
+/// file, until it would be up to date, a limit is reached, or something other than a
+/// small file is due (sent in a round of its own). Blocking.
+fn plan_round(db: &Db, mut have: Option<Pos>) -> Result<Round, StreamError> {
+    let mut files = Vec::new();
+    let mut bytes = 0;
+    while files.len() < ROUND_FILES && bytes < ROUND_BYTES {
+        let current = db.pos();
+        let at = have.map_or(TxId(0), |p| p.txid);
+        // Files are looked for only when the replica is behind (a missing name costs a
+        // directory scan).
+        let kept = if at < current.txid {
+            next_file(db, TxId(at.0.saturating_add(1)))?
+        } else {
+            None
+        };
+        let metas: Vec<FileMeta> = kept.iter().map(|k| k.meta).collect();
+        let decision = decide(have, current, &metas);
+        match (decision, kept) {
+            (Decision::SendFile(meta), Some(k)) if k.meta == meta => match k.data {
+                Some(data) => {
+                    bytes += data.len();
+                    have = Some(Pos {
+                        txid: meta.max,
+                        post_apply_checksum: k.post,
+                    });
+                    files.push((meta, k.post, data));
+                }
+                None if files.is_empty() => return Ok(Round::Large(k)),
+                None => break,
+            },
+            (Decision::SendSnapshot(reason), _) if files.is_empty() => {
+                return Ok(Round::Snapshot(reason, current));
+            }
+            _ => break,
+        }
+    }
+    Ok(if files.is_empty() {
+        Round::UpToDate
+    } else {
+        Round::Files(files)
+    })
+}
+
 /// Where a replica that needs a snapshot of `db` can start from the archive instead:
 /// the archive's newest TXID as this primary's archiver last recorded it
 /// ([`Store::archived`]), with the primary's checksum after it, provided the primary
@@ -270,50 +347,114 @@ fn archive_target(store: &Store, db: &Db, current: Pos) -> Result<Option<Pos>, S
         return Ok(None);
     }
     Ok(next_file(db, TxId(t.0 + 1))?
-        .first()
-        .filter(|(m, _, _)| m.min != TxId(1))
-        .map(|(m, _, _)| Pos {
+        .filter(|k| k.meta.min != TxId(1))
+        .map(|k| Pos {
             txid: t,
-            post_apply_checksum: m.pre_apply,
+            post_apply_checksum: k.meta.pre_apply,
         }))
 }
 
+/// A kept LTX file: what the decision needs, its path and post-apply checksum, and its
+/// bytes when it is at most [`ROUND_BYTES`] long.
+struct Kept {
+    meta: FileMeta,
+    post: Checksum,
+    path: PathBuf,
+    data: Option<Vec<u8>>,
+}
+
 /// The kept file starting at `txid` (the one-TXID name first, else a directory scan),
-/// with its path and post-apply checksum.
-fn next_file(db: &Db, txid: TxId) -> Result<Vec<(FileMeta, PathBuf, Checksum)>, StreamError> {
+/// opened once: read whole when small, else its two ends.
+fn next_file(db: &Db, txid: TxId) -> Result<Option<Kept>, StreamError> {
     let dir = db.ltx_dir();
     let direct = dir.join(ltx::format_filename(txid, txid));
-    let path = if direct.exists() {
-        Some(direct)
-    } else {
-        list_ltx_files(&dir)
-            .map_err(|source| StreamError::Io {
-                path: dir.clone(),
+    let (path, file) = match std::fs::File::open(&direct) {
+        Ok(f) => (direct, f),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let found = list_ltx_files(&dir)
+                .map_err(|source| StreamError::Io {
+                    path: dir.clone(),
+                    source,
+                })?
+                .into_iter()
+                .find(|f| f.min == txid);
+            let Some(f) = found else {
+                return Ok(None);
+            };
+            match std::fs::File::open(&f.path) {
+                Ok(file) => (f.path, file),
+                // Removed by retention in between: a snapshot serves instead.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(source) => {
+                    return Err(StreamError::Io {
+                        path: f.path,
+                        source,
+                    });
+                }
+            }
+        }
+        Err(source) => {
+            return Err(StreamError::Io {
+                path: direct,
                 source,
-            })?
-            .into_iter()
-            .find(|f| f.min == txid)
-            .map(|f| f.path)
+            });
+        }
     };
-    let Some(path) = path else {
-        return Ok(Vec::new());
-    };
-    match read_ltx_ends(db.name(), &path) {
-        Ok((h, t)) => Ok(vec![(
-            FileMeta {
+    match read_kept(db.name(), &path, &file) {
+        Ok((h, t, data)) => Ok(Some(Kept {
+            meta: FileMeta {
                 min: h.min_txid,
                 max: h.max_txid,
                 pre_apply: h.pre_apply_checksum,
             },
+            post: t.post_apply_checksum,
             path,
-            t.post_apply_checksum,
-        )]),
+            data,
+        })),
         Err(e) => {
-            // Removed by retention in between, or unreadable: a snapshot serves instead.
+            // Unreadable: a snapshot serves instead.
             warn!(db = db.name(), error = %e, "cannot read LTX file; the replica gets a snapshot");
-            Ok(Vec::new())
+            Ok(None)
         }
     }
+}
+
+/// Reads an LTX file's header and trailer, and all of it when it is at most
+/// [`ROUND_BYTES`] long.
+fn read_kept(
+    db: &str,
+    path: &Path,
+    file: &std::fs::File,
+) -> Result<(ltx::Header, ltx::Trailer, Option<Vec<u8>>), StoreError> {
+    use std::os::unix::fs::FileExt;
+    let io = |op, e| StoreError::io(db, op, path, e);
+    let len = file.metadata().map_err(|e| io("stat ltx", e))?.len();
+    if len > ROUND_BYTES as u64 {
+        let (h, t) = read_ltx_ends(db, path)?;
+        return Ok((h, t, None));
+    }
+    let mut data = vec![0u8; len as usize];
+    file.read_exact_at(&mut data, 0)
+        .map_err(|e| io("read ltx", e))?;
+    let eof = || {
+        io(
+            "read ltx",
+            std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+        )
+    };
+    let hb: &[u8; ltx::HEADER_SIZE] = data
+        .get(..ltx::HEADER_SIZE)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(eof)?;
+    let h = ltx::Header::from_bytes(hb).map_err(|e| StoreError::ltx(db, path, e))?;
+    let tb: &[u8; ltx::TRAILER_SIZE] = data
+        .len()
+        .checked_sub(ltx::TRAILER_SIZE)
+        .filter(|at| *at >= ltx::HEADER_SIZE)
+        .and_then(|at| data[at..].try_into().ok())
+        .ok_or_else(eof)?;
+    let t = ltx::Trailer::from_bytes(tb);
+    Ok((h, t, Some(data)))
 }
 
 /// Streams a snapshot while `writer` is still writing it to `path` (append-only):
@@ -400,6 +541,20 @@ async fn send_chunk(
     .map_err(|_| StreamError::Disconnected)
 }
 
+/// Sends one LTX file held in memory as `Ltx` frames.
+async fn send_bytes(
+    db: &str,
+    mut data: Vec<u8>,
+    tx: &mpsc::Sender<Frame>,
+) -> Result<(), StreamError> {
+    while data.len() > CHUNK {
+        let rest = data.split_off(CHUNK);
+        let chunk = std::mem::replace(&mut data, rest);
+        send_chunk(db, chunk, false, tx).await?;
+    }
+    send_chunk(db, data, true, tx).await
+}
+
 /// Streams one LTX file as `Ltx` frames.
 async fn send_file(db: &str, path: &Path, tx: &mpsc::Sender<Frame>) -> Result<(), StreamError> {
     let io = |source| StreamError::Io {
@@ -424,5 +579,138 @@ async fn send_file(db: &str, path: &Path, tx: &mpsc::Sender<Frame>) -> Result<()
         if left == 0 {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testutil::{apply, ltx_file, page, replica_store};
+
+    const PS: u32 = 4096;
+    const DB: &str = "t.db";
+
+    /// A store whose database `t.db` has `n` transactions: TXID 1 writes 3 pages, each
+    /// later one rewrites page 2 with its TXID; with `large_at`, that TXID instead grows
+    /// the database with random pages into a file larger than [`ROUND_BYTES`]. Returns
+    /// the position after each TXID (index TXID - 1).
+    fn store_with(n: u64, large_at: Option<u64>) -> (tempfile::TempDir, Arc<Store>, Vec<Pos>) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = replica_store(dir.path());
+        let mut sums = Vec::new();
+        let mut commit = 3;
+        let mut positions = Vec::new();
+        for txid in 1..=n {
+            let pages: Vec<(u32, Vec<u8>)> = if txid == 1 {
+                (1..=3).map(|p| (p, page(PS, 3, p, 1))).collect()
+            } else if Some(txid) == large_at {
+                let grow = (ROUND_BYTES / PS as usize) as u32 + 8;
+                let mut pages = vec![(1, page(PS, commit + grow, 1, 0))];
+                for p in commit + 1..=commit + grow {
+                    let mut d = vec![0u8; PS as usize];
+                    d.iter_mut().enumerate().for_each(|(i, b)| {
+                        *b = (i as u32)
+                            .wrapping_mul(2_654_435_761)
+                            .wrapping_add(p * 7919) as u8
+                            ^ (i >> 5) as u8
+                    });
+                    pages.push((p, d));
+                }
+                commit += grow;
+                pages
+            } else {
+                vec![(2, page(PS, commit, 2, txid as u8))]
+            };
+            let (bytes, after) = ltx_file(txid, PS, commit, &sums, &pages);
+            sums = after;
+            positions.push(apply(&s, DB, bytes).pos);
+        }
+        (dir, s, positions)
+    }
+
+    fn round(s: &Store, have: Option<Pos>) -> Round {
+        plan_round(&s.db(DB).unwrap(), have).unwrap()
+    }
+
+    /// The TXIDs of a round of files, checking that each file's bytes are the kept
+    /// file's and that the post-apply checksums are the positions'.
+    fn txids(r: Round, positions: &[Pos]) -> Vec<u64> {
+        let Round::Files(files) = r else {
+            panic!("expected files");
+        };
+        files
+            .iter()
+            .map(|(meta, post, data)| {
+                assert_eq!(meta.min, meta.max);
+                assert_eq!(
+                    *post,
+                    positions[meta.max.0 as usize - 1].post_apply_checksum
+                );
+                let (h, t) = ltx::verify(&data[..]).expect("a whole, valid LTX file");
+                assert_eq!((h.max_txid, t.post_apply_checksum), (meta.max, *post));
+                meta.max.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_round_sends_the_files_that_follow_up_to_its_limit() {
+        let (_dir, s, pos) = store_with(100, None);
+        let first = txids(round(&s, None), &pos);
+        assert_eq!(first, (1..=ROUND_FILES as u64).collect::<Vec<_>>());
+        let rest = txids(round(&s, Some(pos[ROUND_FILES - 1])), &pos);
+        assert_eq!(rest, (ROUND_FILES as u64 + 1..=100).collect::<Vec<_>>());
+        assert!(matches!(round(&s, Some(pos[99])), Round::UpToDate));
+    }
+
+    #[test]
+    fn a_round_stops_before_a_missing_file_and_the_next_one_sends_a_snapshot() {
+        let (_dir, s, pos) = store_with(40, None);
+        let ltx_dir = s.db(DB).unwrap().ltx_dir();
+        std::fs::remove_file(ltx_dir.join(ltx::format_filename(TxId(30), TxId(30)))).unwrap();
+        assert_eq!(
+            txids(round(&s, Some(pos[19])), &pos),
+            (21..=29).collect::<Vec<_>>()
+        );
+        assert!(matches!(
+            round(&s, Some(pos[28])),
+            Round::Snapshot(SnapshotReason::BehindRetention, p) if p == pos[39]
+        ));
+    }
+
+    #[test]
+    fn a_replica_on_another_history_gets_a_snapshot_not_files() {
+        let (_dir, s, pos) = store_with(10, None);
+        let other = Pos {
+            txid: TxId(5),
+            post_apply_checksum: Checksum(pos[4].post_apply_checksum.0 ^ 1),
+        };
+        assert!(matches!(
+            round(&s, Some(other)),
+            Round::Snapshot(SnapshotReason::PreApplyMismatch, _)
+        ));
+        let ahead = Pos {
+            txid: TxId(11),
+            post_apply_checksum: Checksum(1),
+        };
+        assert!(matches!(
+            round(&s, Some(ahead)),
+            Round::Snapshot(SnapshotReason::ReplicaAhead, _)
+        ));
+    }
+
+    #[test]
+    fn a_file_too_large_to_read_whole_goes_in_a_round_of_its_own() {
+        let (_dir, s, pos) = store_with(8, Some(5));
+        assert_eq!(txids(round(&s, Some(pos[1])), &pos), vec![3, 4]);
+        match round(&s, Some(pos[3])) {
+            Round::Large(k) => {
+                assert_eq!((k.meta.min, k.post), (TxId(5), pos[4].post_apply_checksum));
+                assert!(k.data.is_none());
+                assert!(std::fs::metadata(&k.path).unwrap().len() > ROUND_BYTES as u64);
+            }
+            _ => panic!("expected the large file alone"),
+        }
+        assert_eq!(txids(round(&s, Some(pos[4])), &pos), vec![6, 7, 8]);
     }
 }

@@ -132,6 +132,9 @@ pub struct Db {
     /// Asks the store's sync thread to fsync `unsynced` (by database name).
     syncer: Mutex<Option<mpsc::Sender<Option<String>>>>,
     pub(crate) state: Mutex<DbState>,
+    /// A copy of `state.pos`, set with it ([`Db::set_pos`]): [`Db::pos`] reads it without
+    /// waiting for the state lock, which a commit holds through its device flush.
+    pos: Mutex<Pos>,
     /// The store's change counter, bumped after the position changes.
     changes: std::sync::OnceLock<std::sync::Arc<tokio::sync::watch::Sender<u64>>>,
     /// Counters for `/metrics`.
@@ -186,6 +189,7 @@ impl Db {
             sync_failed: AtomicBool::new(false),
             sync_queued: AtomicBool::new(false),
             syncer: Mutex::new(None),
+            pos: Mutex::new(state.pos),
             state: Mutex::new(state),
             changes: std::sync::OnceLock::new(),
             counters: Counters::default(),
@@ -264,7 +268,13 @@ impl Db {
     /// Current position: TXID of the last LTX file and the database checksum after it.
     /// `(0, 0)` for a database that never committed.
     pub fn pos(&self) -> Pos {
-        self.lock().pos
+        *self.pos.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets the position (under the state lock, which `st` is).
+    pub(crate) fn set_pos(&self, st: &mut DbState, pos: Pos) {
+        st.pos = pos;
+        *self.pos.lock().unwrap_or_else(|p| p.into_inner()) = pos;
     }
 
     /// Whether the database file was written since the last capture. When it was not,
@@ -917,10 +927,13 @@ impl Db {
         st.page_size = Some(cap.page_size);
         st.commit = cap.commit;
         st.rolling = cap.rolling;
-        st.pos = Pos {
-            txid,
-            post_apply_checksum: post,
-        };
+        self.set_pos(
+            st,
+            Pos {
+                txid,
+                post_apply_checksum: post,
+            },
+        );
         self.notify_change();
     }
 
@@ -1075,10 +1088,13 @@ impl Db {
                 .finish(post)
                 .map_err(|e| e.into_store_error(&self.name))?;
             self.persist(&mut st, &header, enc)?;
-            st.pos = Pos {
-                txid: header.max_txid,
-                post_apply_checksum: post,
-            };
+            self.set_pos(
+                &mut st,
+                Pos {
+                    txid: header.max_txid,
+                    post_apply_checksum: post,
+                },
+            );
         }
         // Nothing of this database is written after this: no log run is left open.
         self.sync_ltx_files()?;
@@ -1356,6 +1372,32 @@ mod tests {
     /// A write crossing the lock page (as `cp` of a >1 GiB database does) never puts the
     /// lock page into an LTX file, for every page size. The database file is sparse and
     /// the in-memory checksums are stand-ins, so no gigabyte is ever hashed.
+    #[test]
+    fn the_position_is_read_while_a_commit_holds_the_state_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |txid| Pos {
+            txid: TxId(txid),
+            post_apply_checksum: Checksum(CHECKSUM_FLAG | txid),
+        };
+        let db = Db::new(
+            "t.db".into(),
+            dir.path().to_path_buf(),
+            0,
+            DbState::empty(at(5)),
+        );
+        let mut st = db.lock();
+        db.set_pos(&mut st, at(6));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| tx.send(db.pos()));
+            // A replication stream asking while the commit flushes gets the new position.
+            let got = rx.recv_timeout(std::time::Duration::from_secs(10));
+            drop(st);
+            assert_eq!(got, Ok(at(6)));
+        });
+        assert_eq!(db.lock().pos, at(6));
+    }
+
     #[test]
     fn lock_page_is_never_captured() {
         for shift in 9..=16 {

@@ -221,7 +221,7 @@ impl Store {
             .map_err(|e| StoreError::io(name, "fsync database", db.path(FileKind::Database), e))?;
         remove_marker(db.dir());
         db.count_commit_bytes(len);
-        let pos = commit_state(&mut st, &file, plan);
+        let pos = commit_state(&db, &mut st, &file, plan);
         drop(st);
         db.notify_change();
         Ok(pos)

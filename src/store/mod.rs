@@ -796,6 +796,9 @@ fn prune(
 }
 
 #[cfg(test)]
+pub(crate) mod testutil;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -440,7 +440,7 @@ impl Store {
             Some(len) => db.count_commit_bytes(len),
             None => db.count_commit(&dest),
         }
-        let pos = commit_state(&mut st, &file, plan);
+        let pos = commit_state(&db, &mut st, &file, plan);
         drop(st);
         db.notify_change();
         // Provably diverged: the local history reaches the snapshot's TXID (or beyond)
@@ -636,7 +636,12 @@ pub(super) fn write_pages(
 
 /// Makes the in-memory state describe the database after `file` (planned by
 /// [`plan_apply`]); returns the new position.
-pub(super) fn commit_state(st: &mut super::db::DbState, file: &Verified, plan: Plan) -> Pos {
+pub(super) fn commit_state(
+    db: &Db,
+    st: &mut super::db::DbState,
+    file: &Verified,
+    plan: Plan,
+) -> Pos {
     let h = &file.header;
     let lock = ltx::lock_pgno(h.page_size);
     if plan.replace {
@@ -660,7 +665,7 @@ pub(super) fn commit_state(st: &mut super::db::DbState, file: &Verified, plan: P
     st.all_dirty = false;
     st.wal = None;
     st.wal_present = false;
-    st.pos = pos;
+    db.set_pos(st, pos);
     pos
 }
 
@@ -854,70 +859,29 @@ mod gate_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ltx::{Encoder, TxId};
-    use crate::store::StoreOptions;
+    use crate::ltx::TxId;
+    use crate::store::testutil;
     use std::sync::Arc;
-    use std::time::Duration;
 
     const PS: u32 = 4096;
 
-    /// Page 1 of a 3-page SQLite database; other pages filled with `fill`.
+    /// Page `pgno` of a 3-page SQLite database, filled with `fill`.
     fn page(pgno: u32, fill: u8) -> Vec<u8> {
-        let mut p = vec![fill; PS as usize];
-        if pgno == 1 {
-            p[..100].fill(0);
-            p[..16].copy_from_slice(b"SQLite format 3\0");
-            p[16..18].copy_from_slice(&(PS as u16).to_be_bytes());
-            p[24..28].copy_from_slice(&1u32.to_be_bytes());
-            p[28..32].copy_from_slice(&3u32.to_be_bytes());
-            p[92..96].copy_from_slice(&1u32.to_be_bytes());
-        }
-        p
+        testutil::page(PS, 3, pgno, fill)
     }
 
-    /// An LTX file of TXID `txid` holding `pages`, following the database `before`
-    /// (page checksums), and the page checksums after it.
+    /// An LTX file of TXID `txid` holding `pages` of a 3-page database, following the
+    /// database `before` (page checksums), and the page checksums after it.
     fn file(txid: u64, before: &[Checksum], pages: &[(u32, Vec<u8>)]) -> (Vec<u8>, Vec<Checksum>) {
-        let mut after = before.to_vec();
-        after.resize(3, Checksum(0));
-        for (p, d) in pages {
-            after[*p as usize - 1] = ltx::page_checksum(*p, d);
-        }
-        let sum = |s: &[Checksum]| {
-            let mut r = RollingChecksum::new();
-            s.iter().for_each(|c| r.toggle(*c));
-            r.value()
-        };
-        let h = Header {
-            page_size: PS,
-            commit: 3,
-            min_txid: TxId(txid),
-            max_txid: TxId(txid),
-            pre_apply_checksum: if txid == 1 { Checksum(0) } else { sum(before) },
-            ..Header::default()
-        };
-        let mut enc = Encoder::new(Vec::new(), &h).unwrap();
-        for (p, d) in pages {
-            enc.encode_page(*p, d).unwrap();
-        }
-        (enc.finish(sum(&after)).unwrap().0, after)
+        testutil::ltx_file(txid, PS, 3, before, pages)
     }
 
     fn open(dir: &Path) -> Arc<Store> {
-        let s = Store::open(StoreOptions {
-            data_dir: dir.to_path_buf(),
-            retention: Duration::from_secs(600),
-            retention_monitor_interval: Duration::ZERO,
-            node_id: 2,
-        })
-        .unwrap();
-        s.set_primary(false);
-        s
+        testutil::replica_store(dir)
     }
 
     fn apply(s: &Store, bytes: Vec<u8>) -> Applied {
-        let v = Verified::verify("t.db", Received::Memory(bytes)).unwrap();
-        s.apply_replicated("t.db", v).unwrap()
+        testutil::apply(s, "t.db", bytes)
     }
 
     /// A replica store with two files applied and not synced: file 1 writes pages 1-3

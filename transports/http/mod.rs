@@ -21,6 +21,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use bytes::BytesMut;
 use futures_util::StreamExt;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -35,6 +36,8 @@ pub const CONTENT_TYPE: &str = "application/x-litefs-stream";
 /// A stream with no bytes for this long is dead (the primary sends a heartbeat every
 /// second when idle).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Queued frames are joined into one body chunk up to this many bytes.
+const COALESCE_BYTES: usize = 256 * 1024;
 /// Frames buffered per replica before its stream task waits.
 const CHANNEL_FRAMES: usize = 8;
 
@@ -350,10 +353,17 @@ async fn stream(State(st): State<ServerState>, body: Bytes) -> Response {
         }
     });
     let preamble = wire::encode_preamble(&cluster_id);
+    // Frames already queued go out in one body chunk: one write for a run of small
+    // LTX files instead of one each.
     let frames = futures_util::stream::unfold((rx, guard), |(mut rx, guard)| async move {
-        rx.recv()
-            .await
-            .map(|f| (wire::encode_frame(&f), (rx, guard)))
+        let first = wire::encode_frame(&rx.recv().await?);
+        let mut out: Option<BytesMut> = None;
+        while out.as_ref().map_or(first.len(), |o| o.len()) < COALESCE_BYTES {
+            let Ok(f) = rx.try_recv() else { break };
+            out.get_or_insert_with(|| BytesMut::from(&first[..]))
+                .extend_from_slice(&wire::encode_frame(&f));
+        }
+        Some((out.map_or(first, BytesMut::freeze), (rx, guard)))
     });
     let body = futures_util::stream::once(async move { preamble })
         .chain(frames)
