@@ -191,13 +191,21 @@ async fn step(
     node: u64,
     tx: &mpsc::Sender<Frame>,
 ) -> Result<Step, StreamError> {
-    let d = db.clone();
-    let round = tokio::task::spawn_blocking(move || plan_round(&d, have))
-        .await
-        .map_err(|e| StreamError::Io {
-            path: db.ltx_dir(),
-            source: std::io::Error::other(e),
-        })??;
+    // A replica one file behind (the usual case while it keeps up) has that file read
+    // here: it was just written, so it is in the page cache, and a hop to the blocking
+    // pool costs more than reading it. Longer runs are read in the blocking pool.
+    let behind = db.pos().txid.0.saturating_sub(have.map_or(0, |p| p.txid.0));
+    let round = if behind == 1 {
+        plan_round(db, have)?
+    } else {
+        let d = db.clone();
+        tokio::task::spawn_blocking(move || plan_round(&d, have))
+            .await
+            .map_err(|e| StreamError::Io {
+                path: db.ltx_dir(),
+                source: std::io::Error::other(e),
+            })??
+    };
     match round {
         Round::UpToDate => Ok(Step::UpToDate),
         Round::Files(files) => {
