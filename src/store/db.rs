@@ -271,7 +271,7 @@ impl Db {
         *self.pos.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sets the position (under the state lock, which `st` is).
+    /// Sets the position; `st` is this database's state, locked.
     pub(crate) fn set_pos(&self, st: &mut DbState, pos: Pos) {
         st.pos = pos;
         *self.pos.lock().unwrap_or_else(|p| p.into_inner()) = pos;
@@ -1369,9 +1369,6 @@ mod tests {
     use super::*;
     use crate::ltx::Decoder;
 
-    /// A write crossing the lock page (as `cp` of a >1 GiB database does) never puts the
-    /// lock page into an LTX file, for every page size. The database file is sparse and
-    /// the in-memory checksums are stand-ins, so no gigabyte is ever hashed.
     #[test]
     fn the_position_is_read_while_a_commit_holds_the_state_lock() {
         let dir = tempfile::tempdir().unwrap();
@@ -1398,6 +1395,9 @@ mod tests {
         assert_eq!(db.lock().pos, at(6));
     }
 
+    /// A write crossing the lock page (as `cp` of a >1 GiB database does) never puts the
+    /// lock page into an LTX file, for every page size. The database file is sparse and
+    /// the in-memory checksums are stand-ins, so no gigabyte is ever hashed.
     #[test]
     fn lock_page_is_never_captured() {
         for shift in 9..=16 {
