@@ -265,6 +265,30 @@ struct Syncer {
     thread: JoinHandle<()>,
 }
 
+impl Store {
+    /// Stops the spare-file thread and waits for it (at most one refill step).
+    fn stop_spares(&self) {
+        self.spares.stop();
+        if let Some(t) = self
+            .spares_thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            && t.join().is_err()
+        {
+            error!("spare-file thread panicked");
+        }
+    }
+}
+
+impl Drop for Store {
+    /// A store dropped without [`Store::close`] leaves no thread making spare files in
+    /// its data directory (a store opened there next would race it).
+    fn drop(&mut self) {
+        self.stop_spares();
+    }
+}
+
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
@@ -486,16 +510,7 @@ impl Store {
     /// (position and page checksums), so the next open needs no re-hash. Every hook fails
     /// afterwards.
     pub fn close(&self) -> Result<(), StoreError> {
-        self.spares.stop();
-        if let Some(t) = self
-            .spares_thread
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            && t.join().is_err()
-        {
-            error!("spare-file thread panicked");
-        }
+        self.stop_spares();
         // Replicated changes are synced (and their markers removed) before the records.
         if let Err(e) = self.sync_replicated() {
             error!(error = %e, "cannot sync replicated changes");

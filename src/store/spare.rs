@@ -56,9 +56,13 @@ impl Spares {
     pub(crate) fn open(dir: PathBuf) -> io::Result<Spares> {
         let staging = dir.join(STAGING);
         fs::create_dir_all(&staging)?;
-        // Files a crash left half made: gone (their numbers are not reused below).
+        // Files a crash left half made: gone (their numbers are not reused below). One
+        // may vanish meanwhile (renamed by the thread of a store being dropped).
         for entry in fs::read_dir(&staging)? {
-            fs::remove_file(entry?.path())?;
+            match fs::remove_file(entry?.path()) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
         }
         let mut st = State::default();
         for entry in fs::read_dir(&dir)? {
