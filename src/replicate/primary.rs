@@ -393,20 +393,10 @@ fn next_file(db: &Db, txid: TxId) -> Result<Option<Kept>, StreamError> {
                 Ok(file) => (f.path, file),
                 // Removed by retention in between: a snapshot serves instead.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                Err(source) => {
-                    return Err(StreamError::Io {
-                        path: f.path,
-                        source,
-                    });
-                }
+                Err(e) => return Ok(unreadable(db, &f.path, e)),
             }
         }
-        Err(source) => {
-            return Err(StreamError::Io {
-                path: direct,
-                source,
-            });
-        }
+        Err(e) => return Ok(unreadable(db, &direct, e)),
     };
     match read_kept(db.name(), &path, &file) {
         Ok((h, t, data)) => Ok(Some(Kept {
@@ -419,12 +409,15 @@ fn next_file(db: &Db, txid: TxId) -> Result<Option<Kept>, StreamError> {
             path,
             data,
         })),
-        Err(e) => {
-            // Unreadable: a snapshot serves instead.
-            warn!(db = db.name(), error = %e, "cannot read LTX file; the replica gets a snapshot");
-            Ok(None)
-        }
+        Err(e) => Ok(unreadable(db, &path, e)),
     }
+}
+
+/// A kept file that cannot be opened or read: logged, and treated as not kept (the
+/// replica gets a snapshot instead).
+fn unreadable(db: &Db, path: &Path, e: impl std::fmt::Display) -> Option<Kept> {
+    warn!(db = db.name(), path = %path.display(), error = %e, "cannot read LTX file; the replica gets a snapshot");
+    None
 }
 
 /// Reads an LTX file's header and trailer, and all of it when it is at most
@@ -672,10 +665,14 @@ mod tests {
     }
 
     #[test]
-    fn a_round_stops_before_a_missing_file_and_the_next_one_sends_a_snapshot() {
+    fn a_round_stops_before_a_missing_or_damaged_file_and_the_next_one_sends_a_snapshot() {
         let (_dir, s, pos) = store_with(40, None);
         let ltx_dir = s.db(DB).unwrap().ltx_dir();
-        std::fs::remove_file(ltx_dir.join(ltx::format_filename(TxId(30), TxId(30)))).unwrap();
+        let name = |t| ltx_dir.join(ltx::format_filename(TxId(t), TxId(t)));
+        std::fs::remove_file(name(30)).unwrap();
+        // A file cut short has no readable trailer: kept no more, as far as replicas go.
+        let f35 = std::fs::read(name(35)).unwrap();
+        std::fs::write(name(35), &f35[..ltx::HEADER_SIZE + 4]).unwrap();
         assert_eq!(
             txids(round(&s, Some(pos[19])), &pos),
             (21..=29).collect::<Vec<_>>()
@@ -683,6 +680,11 @@ mod tests {
         assert!(matches!(
             round(&s, Some(pos[28])),
             Round::Snapshot(SnapshotReason::BehindRetention, p) if p == pos[39]
+        ));
+        assert_eq!(txids(round(&s, Some(pos[30])), &pos), vec![32, 33, 34]);
+        assert!(matches!(
+            round(&s, Some(pos[33])),
+            Round::Snapshot(SnapshotReason::BehindRetention, _)
         ));
     }
 
