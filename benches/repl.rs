@@ -12,8 +12,8 @@
 //!   the lag of a TXID is the time from the end of its commit to its first sighting.
 //!   Baseline: the same paced writer on a plain directory (the rate it achieves). The
 //!   1,000 tx/s case runs once with one writer and once with four writers on four
-//!   databases at 250 tx/s each (one SQLite writer cannot commit 1,000 tx/s through
-//!   FUSE on a 2-core machine; the replication path is the same).
+//!   databases at 250 tx/s each (the stream then serves several databases per round;
+//!   the achieved rate is printed, as a busy machine may keep the writers below it).
 //! - **catchup**: the replica is stopped, the primary commits transactions, the replica
 //!   starts again; files applied per second from its first applied file to the
 //!   primary's position (process start excluded). Baseline: the same transactions on a
