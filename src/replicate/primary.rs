@@ -11,7 +11,7 @@ use tracing::{debug, info, warn};
 
 use super::decide::{Decision, FileMeta, SnapshotReason, decide};
 use crate::ltx::{self, Checksum, Pos, TxId};
-use crate::store::{Db, Store, StoreError, list_ltx_files, read_ltx_ends};
+use crate::store::{Db, Store, StoreError, list_ltx_files, ltx_ends_in, read_ltx_ends_of};
 use crate::transport::{Frame, StreamRequest};
 
 /// How often an idle stream sends a heartbeat.
@@ -428,33 +428,18 @@ fn read_kept(
     file: &std::fs::File,
 ) -> Result<(ltx::Header, ltx::Trailer, Option<Vec<u8>>), StoreError> {
     use std::os::unix::fs::FileExt;
-    let io = |op, e| StoreError::io(db, op, path, e);
-    let len = file.metadata().map_err(|e| io("stat ltx", e))?.len();
+    let len = file
+        .metadata()
+        .map_err(|e| StoreError::io(db, "stat ltx", path, e))?
+        .len();
     if len > ROUND_BYTES as u64 {
-        let (h, t) = read_ltx_ends(db, path)?;
+        let (h, t) = read_ltx_ends_of(db, path, file, len)?;
         return Ok((h, t, None));
     }
     let mut data = vec![0u8; len as usize];
     file.read_exact_at(&mut data, 0)
-        .map_err(|e| io("read ltx", e))?;
-    let eof = || {
-        io(
-            "read ltx",
-            std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
-        )
-    };
-    let hb: &[u8; ltx::HEADER_SIZE] = data
-        .get(..ltx::HEADER_SIZE)
-        .and_then(|b| b.try_into().ok())
-        .ok_or_else(eof)?;
-    let h = ltx::Header::from_bytes(hb).map_err(|e| StoreError::ltx(db, path, e))?;
-    let tb: &[u8; ltx::TRAILER_SIZE] = data
-        .len()
-        .checked_sub(ltx::TRAILER_SIZE)
-        .filter(|at| *at >= ltx::HEADER_SIZE)
-        .and_then(|at| data[at..].try_into().ok())
-        .ok_or_else(eof)?;
-    let t = ltx::Trailer::from_bytes(tb);
+        .map_err(|e| StoreError::io(db, "read ltx", path, e))?;
+    let (h, t) = ltx_ends_in(db, path, &data)?;
     Ok((h, t, Some(data)))
 }
 

@@ -1289,12 +1289,11 @@ pub(crate) fn commit_size(db: &str, hdr: &[u8; 100], file_len: u64, ps: u32) -> 
     }
 }
 
-fn remove_if_exists(db: &str, path: &Path) -> Result<(), StoreError> {
-    match fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(StoreError::io(db, "remove", path, e)),
-    }
+/// Removes a file of database `db`, if it exists.
+pub(super) fn remove_if_exists(db: &str, path: &Path) -> Result<(), StoreError> {
+    ltxio::remove_file_if_exists(path)
+        .map(drop)
+        .map_err(|e| StoreError::io(db, "remove", path, e))
 }
 
 /// Page checksums of the logical database: the database file, overlaid with the newest

@@ -83,6 +83,15 @@ pub fn syncfs(f: &File) -> io::Result<()> {
     Ok(())
 }
 
+/// Removes `path`; `Ok(false)` when it was already gone.
+pub(crate) fn remove_file_if_exists(path: &Path) -> io::Result<bool> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Reads and fully verifies an LTX file (file checksum, page headers), returning its
 /// header and trailer.
 pub fn verify(db: &str, path: &Path) -> Result<(Header, Trailer), StoreError> {
@@ -95,13 +104,58 @@ pub fn verify(db: &str, path: &Path) -> Result<(Header, Trailer), StoreError> {
 /// file so a clean start does not re-read a large snapshot; a file that is re-applied is
 /// verified in full first.
 pub fn read_position(db: &str, path: &Path) -> Result<(Header, Pos), StoreError> {
+    let (header, trailer) = read_ltx_ends(db, path)?;
+    let pos = Pos {
+        txid: header.max_txid,
+        post_apply_checksum: trailer.post_apply_checksum,
+    };
+    Ok((header, pos))
+}
+
+/// Reads the header and trailer of an LTX file without decoding its pages: what the
+/// primary needs to decide what follows a replica's position.
+///
+/// # Errors
+/// I/O errors, or [`ltx::LtxError`] for a header that does not parse.
+pub fn read_ltx_ends(db: &str, path: &Path) -> Result<(Header, Trailer), StoreError> {
     let f = File::open(path).map_err(|e| StoreError::io(db, "open ltx", path, e))?;
     let len = f
         .metadata()
         .map_err(|e| StoreError::io(db, "stat ltx", path, e))?
         .len();
-    let mut hb = [0u8; ltx::HEADER_SIZE];
-    let mut tb = [0u8; ltx::TRAILER_SIZE];
+    read_ltx_ends_of(db, path, &f, len)
+}
+
+/// [`read_ltx_ends`] of an open file of `len` bytes.
+pub(crate) fn read_ltx_ends_of(
+    db: &str,
+    path: &Path,
+    f: &File,
+    len: u64,
+) -> Result<(Header, Trailer), StoreError> {
+    ltx_ends(db, path, len, |buf, at| f.read_exact_at(buf, at))
+}
+
+/// [`read_ltx_ends`] of a whole LTX file held in memory.
+pub(crate) fn ltx_ends_in(
+    db: &str,
+    path: &Path,
+    bytes: &[u8],
+) -> Result<(Header, Trailer), StoreError> {
+    ltx_ends(db, path, bytes.len() as u64, |buf, at| {
+        let at = at as usize;
+        buf.copy_from_slice(&bytes[at..at + buf.len()]);
+        Ok(())
+    })
+}
+
+/// Parses the header and trailer of an LTX file of `len` bytes, read by `read_at`.
+fn ltx_ends(
+    db: &str,
+    path: &Path,
+    len: u64,
+    mut read_at: impl FnMut(&mut [u8], u64) -> io::Result<()>,
+) -> Result<(Header, Trailer), StoreError> {
     if len < (ltx::HEADER_SIZE + ltx::TRAILER_SIZE) as u64 {
         return Err(StoreError::io(
             db,
@@ -113,16 +167,13 @@ pub fn read_position(db: &str, path: &Path) -> Result<(Header, Pos), StoreError>
             ),
         ));
     }
-    f.read_exact_at(&mut hb, 0)
-        .and_then(|()| f.read_exact_at(&mut tb, len - ltx::TRAILER_SIZE as u64))
+    let mut hb = [0u8; ltx::HEADER_SIZE];
+    let mut tb = [0u8; ltx::TRAILER_SIZE];
+    read_at(&mut hb, 0)
+        .and_then(|()| read_at(&mut tb, len - ltx::TRAILER_SIZE as u64))
         .map_err(|e| StoreError::io(db, "read ltx", path, e))?;
     let header = Header::from_bytes(&hb).map_err(|e| StoreError::ltx(db, path, e))?;
-    let trailer = Trailer::from_bytes(&tb);
-    let pos = Pos {
-        txid: header.max_txid,
-        post_apply_checksum: trailer.post_apply_checksum,
-    };
-    Ok((header, pos))
+    Ok((header, Trailer::from_bytes(&tb)))
 }
 
 /// Writes the pages of a verified LTX file into the database file and truncates it to the

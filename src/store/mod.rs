@@ -158,11 +158,12 @@ pub(crate) use db::read_page_or_zeros;
 pub use db::{Db, DbStats};
 pub use error::StoreError;
 pub use forward::{Forwarder, wal_mode};
+pub use ltxio::read_ltx_ends;
 pub use ltxio::{LtxFile, list as list_ltx_files};
+pub(crate) use ltxio::{ltx_ends_in, read_ltx_ends_of};
 use record::{CleanRecord, Stamp};
 use recovery::Recovered;
 pub use replica::{Applied, MEMORY_FILE_LIMIT, Received, Verified};
-pub use snapshot::read_ltx_ends;
 
 /// The kind of a file in the mount.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -798,12 +799,10 @@ fn prune(
             }
             if older_than(&f.path, cutoff)
                 .map_err(|e| StoreError::io(db, "stat ltx", &f.path, e))?
+                && ltxio::remove_file_if_exists(&f.path)
+                    .map_err(|e| StoreError::io(db, "remove ltx", &f.path, e))?
             {
-                match fs::remove_file(&f.path) {
-                    Ok(()) => removed += 1,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(StoreError::io(db, "remove ltx", &f.path, e)),
-                }
+                removed += 1;
             }
         }
     }

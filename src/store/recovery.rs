@@ -18,7 +18,7 @@ use tracing::{info, warn};
 
 use crate::ltx::{CHECKSUM_FLAG, Checksum, Header, Pos, RollingChecksum};
 
-use super::db::{self, Db, DbState, WalCursor};
+use super::db::{self, Db, DbState, WalCursor, remove_if_exists};
 use super::record::{CleanRecord, Stamp};
 use super::wal::{self, WalTxn};
 use super::{FileKind, StoreError, journal};
@@ -39,14 +39,6 @@ fn io_err(db: &str, op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> 
     let db = db.to_string();
     let path = path.to_path_buf();
     move |e| StoreError::io(&db, op, path, e)
-}
-
-fn remove_if_exists(db: &str, path: &Path) -> Result<bool, StoreError> {
-    match fs::remove_file(path) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(StoreError::io(db, "remove", path, e)),
-    }
 }
 
 pub(crate) fn recover(name: &str, dir: &Path, node_id: u64) -> Result<Recovered, StoreError> {

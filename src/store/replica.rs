@@ -685,8 +685,7 @@ pub(super) fn already_applied(db: &Db, st: &super::db::DbState, file: &Verified)
     let path = db
         .ltx_dir()
         .join(ltx::format_filename(h.min_txid, h.max_txid));
-    super::snapshot::read_ltx_ends(db.name(), &path)
-        .is_ok_and(|(_, t)| t.post_apply_checksum == want)
+    ltxio::read_ltx_ends(db.name(), &path).is_ok_and(|(_, t)| t.post_apply_checksum == want)
 }
 
 /// The page after `p` that a database growing from `p` pages must hold next.

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{self, BufWriter};
+use std::io::BufWriter;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -104,33 +104,4 @@ impl Db {
         drop(st);
         Ok(Some(pos))
     }
-}
-
-/// Reads the header and trailer of an LTX file without decoding its pages: what the
-/// primary needs to decide what follows a replica's position.
-///
-/// # Errors
-/// I/O errors, or [`ltx::LtxError`] for a header that does not parse.
-pub fn read_ltx_ends(db: &str, path: &Path) -> Result<(Header, ltx::Trailer), StoreError> {
-    let f = File::open(path).map_err(|e| StoreError::io(db, "open ltx", path, e))?;
-    let mut hb = [0u8; ltx::HEADER_SIZE];
-    f.read_exact_at(&mut hb, 0)
-        .map_err(|e| StoreError::io(db, "read ltx header", path, e))?;
-    let header = Header::from_bytes(&hb).map_err(|e| StoreError::ltx(db, path, e))?;
-    let len = f
-        .metadata()
-        .map_err(|e| StoreError::io(db, "stat ltx", path, e))?
-        .len();
-    if len < (ltx::HEADER_SIZE + ltx::TRAILER_SIZE) as u64 {
-        return Err(StoreError::io(
-            db,
-            "read ltx trailer",
-            path,
-            io::Error::from(io::ErrorKind::UnexpectedEof),
-        ));
-    }
-    let mut tb = [0u8; ltx::TRAILER_SIZE];
-    f.read_exact_at(&mut tb, len - ltx::TRAILER_SIZE as u64)
-        .map_err(|e| StoreError::io(db, "read ltx trailer", path, e))?;
-    Ok((header, ltx::Trailer::from_bytes(&tb)))
 }

@@ -26,6 +26,8 @@ use std::time::Duration;
 
 use tracing::warn;
 
+use super::ltxio::remove_file_if_exists;
+
 /// How many spares the pool keeps ready.
 const TARGET: usize = 256;
 /// The refill thread wakes when the pool falls below this.
@@ -59,10 +61,7 @@ impl Spares {
         // Files a crash left half made: gone (their numbers are not reused below). One
         // may vanish meanwhile (renamed by the thread of a store being dropped).
         for entry in fs::read_dir(&staging)? {
-            match fs::remove_file(entry?.path()) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                _ => {}
-            }
+            remove_file_if_exists(&entry?.path())?;
         }
         let mut st = State::default();
         for entry in fs::read_dir(&dir)? {
@@ -81,10 +80,9 @@ impl Spares {
                     // renamed) is removed: `take` hands out files as they are.
                     match entry.metadata() {
                         Ok(m) if m.len() == 0 => st.free.push(entry.path()),
-                        Ok(_) => match fs::remove_file(entry.path()) {
-                            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                            _ => {}
-                        },
+                        Ok(_) => {
+                            remove_file_if_exists(&entry.path())?;
+                        }
                         // Gone meanwhile (taken by another store on this directory).
                         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                         Err(e) => return Err(e),
